@@ -1,0 +1,71 @@
+"""Parallel configuration: the degrees of each mesh axis and the Ulysses mode.
+
+Pure data, validated on construction; nothing here communicates. Runtime objects (the mesh, process
+groups) are built from a config by ``meshsp.mesh.init_sp_mesh``, never stored on it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+__all__ = ["ParallelConfig", "DiffusionParallelConfig", "ULYSSES_MODES"]
+
+# "default" is the reference guide's spelling of "strict".
+ULYSSES_MODES = ("strict", "default", "advanced_uaa")
+
+
+def _check_degree(name: str, value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(
+            f"{name} must be a positive integer, got {value!r}; use 1 to disable that axis."
+        )
+
+
+@dataclass(frozen=True, kw_only=True)
+class ParallelConfig:
+    """Degrees of the ``("cfg", "ring", "ulysses")`` mesh and the Ulysses mode.
+
+    Example::
+
+        cfg = ParallelConfig(ulysses_degree=2, ring_degree=2)
+        cfg.sequence_parallel_size  # 4
+        ParallelConfig(ulysses_degree=4, ulysses_mode="advanced_uaa")  # 30 heads on 4 ranks
+    """
+
+    ulysses_degree: int = 1
+    ring_degree: int = 1
+    ulysses_mode: str = "strict"
+    cfg_degree: int = 1
+    # Seconds a collective may wait before the process group gives up (see docs: failure behaviour).
+    timeout_s: float = field(default=600.0)
+
+    def __post_init__(self) -> None:
+        _check_degree("ulysses_degree", self.ulysses_degree)
+        _check_degree("ring_degree", self.ring_degree)
+        _check_degree("cfg_degree", self.cfg_degree)
+        if self.cfg_degree > 2:
+            raise ValueError(
+                f"cfg_degree must be 1 or 2 (conditional and unconditional branch), got {self.cfg_degree}."
+            )
+        if self.ulysses_mode not in ULYSSES_MODES:
+            raise ValueError(
+                f"ulysses_mode must be one of {ULYSSES_MODES}, got {self.ulysses_mode!r}."
+            )
+        if isinstance(self.timeout_s, bool) or not isinstance(self.timeout_s, (int, float)) or self.timeout_s <= 0:
+            raise ValueError(f"timeout_s must be a positive number of seconds, got {self.timeout_s!r}.")
+
+    @property
+    def uaa(self) -> bool:
+        """True when Ulysses accepts any head count and sequence length (uneven splits)."""
+        return self.ulysses_mode == "advanced_uaa"
+
+    @property
+    def sequence_parallel_size(self) -> int:
+        return self.ulysses_degree * self.ring_degree
+
+    @property
+    def world_size(self) -> int:
+        return self.cfg_degree * self.sequence_parallel_size
+
+
+DiffusionParallelConfig = ParallelConfig

@@ -1,0 +1,110 @@
+"""Sequence-parallel attention on local shards: Ulysses inside, Ring across, or either alone.
+
+Shape legend: B batch, H / Hk query / key-value heads, s local sequence length, D head dim.
+
+Rank (r, u) of the ``("ring", "ulysses")`` mesh holds every head of its sequence shard. Ulysses
+trades sequence for heads inside the ring row r (``scatter_heads``); Ring then rotates the K/V chunks
+of those heads between rows (``ring_attention``); Ulysses trades back (``gather_heads``). The whole
+thing is one ``torch.library`` custom op, so ``torch.compile`` sees a single opaque node.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch.distributed.distributed_c10d import _resolve_process_group
+
+from meshsp.ops.checks import check_attention_inputs
+from meshsp.ops.kernel import local_attention
+from meshsp.ops.ring import ring_attention
+from meshsp.ops.ulysses import gather_heads, scatter_heads
+from meshsp.placements import HeadSplit, SeqLayout
+
+__all__ = ["sp_attention"]
+
+
+def _group(name: str) -> dist.ProcessGroup | None:
+    return _resolve_process_group(name) if name else None
+
+
+def _grid(flat: list[int], ring: int, ulysses: int) -> SeqLayout:
+    return SeqLayout(tuple(tuple(flat[r * ulysses : (r + 1) * ulysses]) for r in range(ring)))
+
+
+@torch.library.custom_op("meshsp::sp_attention", mutates_args=())
+def _sp_attention_op(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: torch.Tensor | None,
+    ring_group: str,
+    ulysses_group: str,
+    q_lens: list[int],
+    kv_lens: list[int],
+    ring: int,
+    ulysses: int,
+    uaa: bool,
+    scale: float | None,
+) -> torch.Tensor:
+    ring_pg, ulysses_pg = _group(ring_group), _group(ulysses_group)
+    r = dist.get_rank(ring_pg) if ring_pg is not None else 0
+    u = dist.get_rank(ulysses_pg) if ulysses_pg is not None else 0
+    q_layout, kv_layout = _grid(q_lens, ring, ulysses), _grid(kv_lens, ring, ulysses)
+    check_attention_inputs(
+        q, k, v, mask, q_layout=q_layout, kv_layout=kv_layout, ring_rank=r, ulysses_rank=u, uaa=uaa
+    )
+    heads = HeadSplit(q.shape[1], k.shape[1], ulysses)
+    if ulysses > 1:
+        q, k, v, mask = scatter_heads(
+            q, k, v, mask, group=ulysses_pg, heads=heads,
+            q_lens=q_layout.lens[r], kv_lens=kv_layout.lens[r],
+        )
+    if ring > 1:
+        out, _ = ring_attention(q, k, v, mask, group=ring_pg, kv_lens=kv_layout.ring_lens, scale=scale)
+    else:
+        out, _ = local_attention(q, k, v, mask, scale)
+    if ulysses > 1:
+        out = gather_heads(out, group=ulysses_pg, heads=heads, q_lens=q_layout.lens[r])
+    return out
+
+
+@_sp_attention_op.register_fake
+def _(q, k, v, mask, ring_group, ulysses_group, q_lens, kv_lens, ring, ulysses, uaa, scale):
+    return q.new_empty(*q.shape[:-1], v.shape[-1])
+
+
+def sp_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask_BSk: torch.Tensor | None = None,
+    *,
+    ring_group: dist.ProcessGroup | None,
+    ulysses_group: dist.ProcessGroup | None,
+    q_layout: SeqLayout,
+    kv_layout: SeqLayout | None = None,
+    uaa: bool = False,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """Exact attention of this rank's query shard over every rank's keys.
+
+    q [B, H, s_q, D] and k, v [B, Hk, s_kv, D] are this rank's shards of sequences laid out as
+    ``q_layout`` / ``kv_layout`` describe (``kv_layout`` defaults to ``q_layout``); ``mask_BSk`` is
+    the local boolean key-padding mask (True = attend). Returns out [B, H, s_q, Dv], this rank's
+    shard of the single-device result. A group may be None when its degree is 1.
+
+    Example::
+
+        layout = SeqLayout.from_global(4097, ring=2, ulysses=2)
+        out = sp_attention(q, k, v, ring_group=mesh["ring"].get_group(),
+                           ulysses_group=mesh["ulysses"].get_group(), q_layout=layout, uaa=True)
+    """
+    kv_layout = kv_layout or q_layout
+    return _sp_attention_op(
+        q, k, v, mask_BSk,
+        ring_group.group_name if ring_group is not None and q_layout.ring > 1 else "",
+        ulysses_group.group_name if ulysses_group is not None and q_layout.ulysses > 1 else "",
+        [n for row in q_layout.lens for n in row],
+        [n for row in kv_layout.lens for n in row],
+        q_layout.ring, q_layout.ulysses, uaa, scale,
+    )

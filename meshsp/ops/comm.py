@@ -1,0 +1,99 @@
+"""The two communication primitives of sequence parallelism, and their accounting.
+
+``all_to_all`` (Ulysses) goes through functional collectives; ``RingPass`` (Ring) posts one P2P send
+to the next rank and one receive from the previous rank, to be waited on after the current block's
+compute. Both count what they send in the ``CommStats`` of an active ``record_comm()`` scope, so
+tests and benchmarks measure bytes at the one place where tensors leave the process.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+from collections import Counter
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+import torch.distributed._functional_collectives as funcol
+
+__all__ = ["CommStats", "record_comm", "all_to_all", "RingPass"]
+
+
+@dataclass
+class CommStats:
+    """Calls and bytes sent to *other* ranks, per primitive, as seen by this rank."""
+
+    calls: Counter = field(default_factory=Counter)
+    bytes_sent: Counter = field(default_factory=Counter)
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(self.bytes_sent.values())
+
+
+_ACTIVE: contextvars.ContextVar[CommStats | None] = contextvars.ContextVar("meshsp_comm", default=None)
+
+
+@contextlib.contextmanager
+def record_comm() -> Iterator[CommStats]:
+    """Count the communication of meshsp ops run inside the block (this rank only).
+
+    Example::
+
+        with record_comm() as stats:
+            out = ring_attention(q, k, v, group=g, kv_lens=lens)
+        stats.bytes_sent["p2p"]
+    """
+    stats = CommStats()
+    token = _ACTIVE.set(stats)
+    try:
+        yield stats
+    finally:
+        _ACTIVE.reset(token)
+
+
+def _count(kind: str, nbytes: int) -> None:
+    stats = _ACTIVE.get()
+    if stats is not None:
+        stats.calls[kind] += 1
+        stats.bytes_sent[kind] += nbytes
+
+
+def all_to_all(
+    flat: torch.Tensor,
+    send_counts: Sequence[int],
+    recv_counts: Sequence[int],
+    group: dist.ProcessGroup,
+) -> torch.Tensor:
+    """Exchange a flat buffer: ``send_counts[i]`` elements go to group rank ``i``."""
+    me = dist.get_rank(group)
+    _count("all_to_all", (sum(send_counts) - send_counts[me]) * flat.element_size())
+    out = funcol.all_to_all_single(flat, list(recv_counts), list(send_counts), group)
+    return funcol.wait_tensor(out)
+
+
+class RingPass:
+    """One step of a ring: send a buffer to the next rank, receive the previous rank's buffer.
+
+    Sizes are known on both sides (they follow from the global shape), so a zero-length block is
+    neither sent nor received and no sizes travel.
+    """
+
+    def __init__(self, group: dist.ProcessGroup, send: torch.Tensor, recv_numel: int) -> None:
+        size = dist.get_world_size(group)
+        me = dist.get_rank(group)
+        self.recv = send.new_empty(recv_numel)
+        ops = []
+        if send.numel():
+            ops.append(dist.P2POp(dist.isend, send, dist.get_global_rank(group, (me + 1) % size), group))
+            _count("p2p", send.numel() * send.element_size())
+        if recv_numel:
+            ops.append(dist.P2POp(dist.irecv, self.recv, dist.get_global_rank(group, (me - 1) % size), group))
+        self._works = dist.batch_isend_irecv(ops) if ops else []
+
+    def wait(self) -> torch.Tensor:
+        for work in self._works:
+            work.wait()
+        return self.recv

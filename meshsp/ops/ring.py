@@ -1,0 +1,91 @@
+"""Ring attention over the ``ring`` axis: rotate K/V around the ring, merge blocks by log-sum-exp.
+
+Shape legend: B batch, H query heads, Hk key/value heads, Sq local query length, Sk_i the key
+length of ring rank i (uneven lengths allowed: every rank knows them all from the global shape),
+D head dim.
+
+Step t computes attention of the local queries over the K/V block that started on rank
+``me - t``, while the block for step t + 1 is already in flight (one fused P2P buffer of K, V and
+the key mask). Partial results merge in float32 (float64 for float64 inputs):
+``out = sum_i exp(lse_i - lse) * out_i`` with ``lse = logsumexp_i lse_i``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.distributed as dist
+
+from meshsp.ops.comm import RingPass
+from meshsp.ops.kernel import local_attention
+
+__all__ = ["ring_attention", "merge_partials"]
+
+
+def merge_partials(out_a, lse_a, out_b, lse_b):
+    """Merge two attention partials over disjoint key sets. Rows with no keys keep lse = -inf."""
+    lse = torch.logaddexp(lse_a, lse_b)
+    safe = torch.where(torch.isneginf(lse), torch.zeros_like(lse), lse)
+    w_a = torch.exp(lse_a - safe)[..., None]
+    w_b = torch.exp(lse_b - safe)[..., None]
+    return out_a * w_a + out_b.to(out_a.dtype) * w_b, lse
+
+
+def _kv_buffer(k, v, mask_BS):
+    parts = [k.reshape(-1), v.reshape(-1)]
+    if mask_BS is not None:
+        parts.append(mask_BS.to(k.dtype).reshape(-1))
+    return torch.cat(parts)
+
+
+def _unpack(flat, b, hk, sk, d, dv, with_mask):
+    n_k, n_v = b * hk * sk * d, b * hk * sk * dv
+    k = flat[:n_k].view(b, hk, sk, d)
+    v = flat[n_k : n_k + n_v].view(b, hk, sk, dv)
+    mask = flat[n_k + n_v :].view(b, sk) > 0.5 if with_mask else None
+    return k, v, mask
+
+
+def ring_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask_BSk: torch.Tensor | None = None,
+    *,
+    group: dist.ProcessGroup,
+    kv_lens: Sequence[int],
+    scale: float | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """q [B, H, Sq, D] attends over the K/V of every ring rank. Returns (out [B, H, Sq, Dv], lse).
+
+    ``kv_lens[i]`` is the local key length of ring rank ``i``; ``mask_BSk`` [B, Sk] is the local
+    key-padding mask (True = attend), rotated with its keys.
+
+    Example::
+
+        out, lse = ring_attention(q, k, v, group=mesh["ring"].get_group(), kv_lens=(5, 5, 4, 4))
+    """
+    size, me = dist.get_world_size(group), dist.get_rank(group)
+    b, hk, _, d = k.shape
+    dv = v.shape[-1]
+    with_mask = mask_BSk is not None
+    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+
+    def numel(src: int) -> int:
+        return b * hk * kv_lens[src] * (d + dv) + (b * kv_lens[src] if with_mask else 0)
+
+    block = _kv_buffer(k, v, mask_BSk)
+    out = lse = None
+    for step in range(size):
+        src = (me - step) % size
+        pending = RingPass(group, block, numel((src - 1) % size)) if step + 1 < size else None
+        k_i, v_i, m_i = _unpack(block, b, hk, kv_lens[src], d, dv, with_mask)
+        out_i, lse_i = local_attention(q, k_i, v_i, m_i, scale)
+        if out is None:
+            out, lse = out_i.to(acc), lse_i
+        else:
+            out, lse = merge_partials(out, lse, out_i, lse_i)
+        if pending is not None:
+            block = pending.wait()
+    return out.to(q.dtype), lse

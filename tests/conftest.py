@@ -1,0 +1,24 @@
+"""Shared multi-rank pools: gloo ranks are started once per session and reused by every test."""
+
+import os
+
+import pytest
+
+from meshsp.launch import WorkerPool
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+
+@pytest.fixture(scope="session")
+def pools():
+    started: dict[int, WorkerPool] = {}
+
+    def get(world_size: int) -> WorkerPool:
+        pool = started.get(world_size)
+        if pool is None or not pool.alive:
+            pool = started[world_size] = WorkerPool(world_size)
+        return pool
+
+    yield get
+    for pool in started.values():
+        pool.close()
