@@ -81,3 +81,77 @@ def raises(fn_name: str, *args) -> str:
 
 def world_size() -> int:
     return dist.get_world_size()
+
+
+# --- error catalogue: each entry builds bad input on every rank and calls the public API -------
+
+def bad_world_size(ring: int, ulysses: int) -> None:
+    init_sp_mesh(ParallelConfig(ring_degree=ring, ulysses_degree=ulysses))
+
+
+def bad_attention(kind: str, ring: int, ulysses: int) -> None:
+    from torch.distributed.tensor import DTensor, Replicate
+
+    mesh = mesh_for(ring, ulysses)
+    case = dict(B=1, H=8, D=8, Sq=16)
+    kwargs: dict = {}
+    mode = "strict"
+    if kind == "strict_heads":
+        case["H"] = 30
+    elif kind == "strict_seq":
+        case["Sq"] = 18
+    elif kind == "gqa_groups":
+        case.update(H=6, Hk=4)
+        mode = "advanced_uaa"
+    elif kind == "gqa_flag":
+        case.update(H=8, Hk=4)
+    elif kind == "causal":
+        kwargs["is_causal"] = True
+    elif kind == "dropout":
+        kwargs["dropout_p"] = 0.1
+    q, k, v, _ = make_inputs(case)
+    dq, dk, dv = (shard_sequence(t, mesh, seq_dim=2) for t in (q, k, v))
+    if kind == "replicated":
+        dq = DTensor.from_local(q, mesh, [Replicate(), Replicate()], run_check=False)
+    elif kind == "mask_dtype":
+        kwargs["attn_mask"] = torch.zeros(1, 1, 1, 16)
+    elif kind == "mask_full":
+        kwargs["attn_mask"] = torch.ones(16, 16, dtype=torch.bool)
+    elif kind == "mixed":
+        dk = k
+    elif kind == "seq_dim":
+        dq = shard_sequence(q, mesh, seq_dim=3)
+    enable_gqa = kind != "gqa_flag"
+    with meshsp.sequence_parallel_attention(mode):
+        F.scaled_dot_product_attention(dq, dk, dv, enable_gqa=enable_gqa, **kwargs)
+
+
+def bad_local_op(kind: str, ring: int, ulysses: int) -> None:
+    """The local-shard API (no DTensor): wrong layout or mask on every rank."""
+    mesh = mesh_for(ring, ulysses)
+    r, u = mesh.get_local_rank("ring"), mesh.get_local_rank("ulysses")
+    layout = SeqLayout.from_global(16, ring=ring, ulysses=ulysses)
+    n = layout.local(r, u)
+    q = torch.randn(1, 4, n, 8)
+    mask = torch.ones(1, n, dtype=torch.bool)
+    if kind == "wrong_layout":
+        layout = SeqLayout.from_global(20, ring=ring, ulysses=ulysses)
+    elif kind == "mask_shape":
+        mask = torch.ones(1, n + 1, dtype=torch.bool)
+    elif kind == "dtype_mix":
+        q = q.double()
+    meshsp.sp_attention(q, torch.randn(1, 4, n, 8), torch.randn(1, 4, n, 8), mask,
+                        ring_group=mesh["ring"].get_group(), ulysses_group=mesh["ulysses"].get_group(),
+                        q_layout=layout)
+
+
+def funcol_counts() -> dict:
+    """Collectives DTensor's debug mode sees during one hybrid attention call, and meshsp's own."""
+    from torch.distributed.tensor.debug import CommDebugMode
+
+    mesh = mesh_for(2, 2)
+    q, k, v, _ = make_inputs(dict(B=1, H=4, D=8, Sq=16))
+    dq, dk, dv = (shard_sequence(t, mesh, seq_dim=2) for t in (q, k, v))
+    with CommDebugMode() as cdm, record_comm() as stats, meshsp.sequence_parallel_attention():
+        F.scaled_dot_product_attention(dq, dk, dv)
+    return {"dtensor": {str(op): n for op, n in cdm.get_comm_counts().items()}, "meshsp": dict(stats.calls)}

@@ -5,7 +5,8 @@ lengths, D head dim (Dv for values).
 
 Every algorithm (ring merge, hybrid) needs the per-row log-sum-exp of the scores. The fused kernels
 return it: ``_scaled_dot_product_flash_attention_for_cpu`` on CPU, the flash / memory-efficient
-kernels on CUDA; float64 (no fused CUDA kernel) and other devices use the explicit math below.
+kernels on CUDA; float64 on CUDA (no fused kernel), value head dims that differ from the query's,
+and other devices use the explicit math below.
 
 Conventions the merge relies on: a row whose keys are all masked (or an empty key shard) has
 ``lse = -inf`` and ``out = 0``; zero-length query shards give empty outputs without calling a kernel
@@ -103,7 +104,9 @@ def local_attention(
     if sq == 0 or sk == 0 or h == 0:
         out = q.new_zeros(b, h, sq, v.shape[-1])
         return out, torch.full((b, h, sq), _NEG_INF, dtype=lse_dtype, device=q.device)
-    if q.device.type == "cpu":
+    if q.shape[-1] != v.shape[-1]:  # the fused kernels need one head size for q, k and v
+        out, lse = math_attention(q, k, v, mask_BSk, scale)
+    elif q.device.type == "cpu":
         out, lse = _cpu_kernel(q, k, v, mask_BSk, scale)
     elif q.device.type == "cuda" and q.dtype != torch.float64:
         out, lse = _cuda_kernel(q, k, v, mask_BSk, scale)

@@ -1,0 +1,117 @@
+"""Sequence-parallel attention on gloo ranks vs single-device F.scaled_dot_product_attention."""
+
+import itertools
+
+import pytest
+import torch
+
+import rank_tasks
+
+# (ring, ulysses) per world size: U2, R2; U4 (= U4xR1), R4 (= U1xR4), U2xR2.
+DEGREES = {2: [(1, 2), (2, 1)], 4: [(1, 4), (4, 1), (2, 2)]}
+ALL = [(w, r, u) for w, pairs in DEGREES.items() for r, u in pairs]
+
+
+def _strict_cases(ring, ulysses):
+    base = dict(ring=ring, ulysses=ulysses, mode="strict")
+    return [
+        dict(base, B=2, H=8, D=64, Sq=32),
+        dict(base, B=1, H=8, D=16, Sq=32, mask=True, seed=1),
+        dict(base, B=3, H=8, Hk=4, D=8, Sq=16, Skv=8, seed=2),  # GQA, cross-attention lengths
+        dict(base, B=1, H=4, D=8, Sq=16, mode="default", seed=3),  # the guide's alias
+        dict(base, B=2, H=8, D=64, Sq=48, dtype=torch.float32, mask=True, seed=4),
+    ]
+
+
+def _uaa_cases(ring, ulysses):
+    base = dict(ring=ring, ulysses=ulysses, mode="advanced_uaa")
+    return [
+        dict(base, B=1, H=30, D=16, Sq=37, seed=10),  # Z-Image's 30 heads, odd length
+        dict(base, B=2, H=6, Hk=2, D=7, Sq=5, Skv=3, seed=11),  # GQA, odd head dim, empty shards
+        dict(base, B=2, H=5, D=9, Sq=41, Skv=77, mask=True, density=0.3, seed=12),  # 77-token text
+        dict(base, B=1, H=3, D=64, Sq=3, mask=True, seed=13),  # fewer heads and tokens than ranks
+        dict(base, B=1, H=8, Hk=1, D=32, Sq=29, Dv=16, seed=14),  # multi-query, Dv != D
+        dict(base, B=2, H=30, D=16, Sq=67, Skv=19, dtype=torch.float32, mask=True, seed=15),
+    ]
+
+
+@pytest.mark.parametrize("world,ring,ulysses", ALL, ids=[f"R{r}xU{u}" for _, r, u in ALL])
+@pytest.mark.parametrize("mode", ["strict", "advanced_uaa"])
+def test_parity_with_single_device(pools, world, ring, ulysses, mode):
+    cases = _strict_cases(ring, ulysses) if mode == "strict" else _uaa_cases(ring, ulysses)
+    if mode == "strict" and ulysses == 1:
+        # Ring needs no divisibility in any mode: uneven ring chunks, one of them empty.
+        cases.append(dict(ring=ring, ulysses=1, B=1, H=3, D=8, Sq=ring + 1, Skv=ring * 2 + 1, mask=True))
+    per_rank = pools(world).run(rank_tasks.dtensor_parity, cases)
+    assert len(per_rank) == world and all(len(errs) == len(cases) for errs in per_rank)
+
+
+def _theory_bytes(ring, ulysses, b, h, s, d, itemsize):
+    """Closed form for an even self-attention: elements each rank sends, per primitive."""
+    local = b * h * (s // (ring * ulysses)) * d  # one of q, k, v, out on one rank before Ulysses
+    a2a = 4 * local * (ulysses - 1) // ulysses if ulysses > 1 else 0  # q, k, v out; out back
+    chunk_kv = 2 * b * (h // ulysses) * (s // ring) * d  # K and V of one ring chunk, own heads
+    p2p = (ring - 1) * chunk_kv
+    return {k: v * itemsize for k, v in (("all_to_all", a2a), ("p2p", p2p)) if v}
+
+
+@pytest.mark.parametrize("world,ring,ulysses", ALL, ids=[f"R{r}xU{u}" for _, r, u in ALL])
+def test_bytes_sent_equal_theory(pools, world, ring, ulysses):
+    b, h, s, d = 2, 8, 64, 16
+    results = pools(world).run(rank_tasks.comm_bytes, dict(ring=ring, ulysses=ulysses, B=b, H=h, D=d, Sq=s))
+    expected = _theory_bytes(ring, ulysses, b, h, s, d, itemsize=8)
+    for res in results:
+        assert res["bytes"] == expected, (res, expected)
+        assert res["calls"].get("all_to_all", 0) == (2 if ulysses > 1 else 0)
+        assert res["calls"].get("p2p", 0) == ring - 1
+    assert sorted(r["coords"] for r in results) == sorted(itertools.product(range(ring), range(ulysses)))
+
+
+def test_dtensor_does_no_redistribution(pools):
+    """DTensor's own Shard->Shard gathers everything: DTensor itself must issue no collective, and
+    meshsp only its own all-to-all and P2P (whose bytes the test above checks)."""
+    for res in pools(4).run(rank_tasks.funcol_counts):
+        assert res["dtensor"] == {}, res
+        assert res["meshsp"] == {"all_to_all": 2, "p2p": 1}, res
+
+
+ATTENTION_ERRORS = {
+    "strict_heads": "ulysses_degree values that work here",
+    "strict_seq": "advanced_uaa",
+    "gqa_groups": "multiple of key-value heads",
+    "gqa_flag": "enable_gqa=True",
+    "causal": "is_causal=False",
+    "dropout": "dropout_p=0",
+    "replicated": "sharded along its sequence dim",
+    "mask_dtype": "boolean key-padding masks",
+    "mask_full": "boolean key-padding masks",
+    "mixed": "must all be DTensors",
+    "seq_dim": "sharded along its sequence dim",
+}
+
+
+@pytest.mark.parametrize("kind", sorted(ATTENTION_ERRORS))
+def test_attention_errors_on_every_rank(pools, kind):
+    msgs = pools(4).run(rank_tasks.raises, "bad_attention", kind, 1, 4, timeout=60)
+    assert len(set(msgs)) == 1, msgs  # the same message on every rank
+    assert ATTENTION_ERRORS[kind] in msgs[0], msgs[0]
+
+
+@pytest.mark.parametrize("kind,text", [
+    ("wrong_layout", "the layouts give it"),
+    ("mask_shape", "boolean key-padding mask"),
+    ("dtype_mix", "share a dtype"),
+])
+def test_local_op_errors_on_every_rank(pools, kind, text):
+    msgs = pools(4).run(rank_tasks.raises, "bad_local_op", kind, 2, 2, timeout=60)
+    assert all(text in m for m in msgs), msgs
+
+
+def test_strict_error_lists_working_degrees(pools):
+    msg = pools(4).run(rank_tasks.raises, "bad_attention", "strict_heads", 1, 4, timeout=60)[0]
+    assert "30 query / 30 key-value heads" in msg and "[1, 2]" in msg and "advanced_uaa" in msg
+
+
+def test_world_size_mismatch_on_every_rank(pools):
+    msgs = pools(2).run(rank_tasks.raises, "bad_world_size", 2, 2, timeout=60)
+    assert all("world size is 2" in m and "= 4" in m for m in msgs), msgs
