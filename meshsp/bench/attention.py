@@ -1,0 +1,91 @@
+"""``meshsp bench attention``: SP attention on 2 processes vs the same attention in 1 process.
+
+Every rank runs one thread. The single-process time is measured on rank 0 of the same pool while
+the other rank idles, so both numbers come from the same run on the same machine. Bytes are counted
+by ``record_comm`` and compared with the closed form of each algorithm.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+import torch
+import torch.distributed as dist
+
+from meshsp.config import ParallelConfig
+from meshsp.launch import WorkerPool
+from meshsp.ops import local_attention, record_comm, sp_attention
+from meshsp.placements import SeqLayout
+
+_MESHES: dict = {}
+
+
+def _time_single(shape, dtype, repeats):
+    if dist.get_rank() != 0:
+        return None
+    q, k, v = (torch.randn(shape, dtype=dtype) for _ in range(3))
+    local_attention(q, k, v)  # warm-up
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        local_attention(q, k, v)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def _time_sp(shape, dtype, ring, ulysses, repeats):
+    from meshsp.mesh import init_sp_mesh
+
+    key = (ring, ulysses)
+    if key not in _MESHES:
+        _MESHES[key] = init_sp_mesh(ParallelConfig(ring_degree=ring, ulysses_degree=ulysses))
+    mesh = _MESHES[key]
+    b, h, s, d = shape
+    layout = SeqLayout.from_global(s, ring=ring, ulysses=ulysses)
+    r, u = mesh.get_local_rank("ring"), mesh.get_local_rank("ulysses")
+    q, k, v = (torch.randn(b, h, layout.local(r, u), d, dtype=dtype) for _ in range(3))
+
+    def call():
+        return sp_attention(q, k, v, ring_group=mesh["ring"].get_group(),
+                            ulysses_group=mesh["ulysses"].get_group(), q_layout=layout)
+
+    with record_comm() as stats:
+        call()  # warm-up, and one call's bytes
+    times = []
+    for _ in range(repeats):
+        dist.barrier()
+        t0 = time.perf_counter()
+        call()
+        times.append(time.perf_counter() - t0)
+    return {"times": times, "bytes": stats.total_bytes}
+
+
+def theory_bytes(shape, itemsize, ring, ulysses) -> int:
+    """Bytes one rank sends for an even self-attention: Ulysses q,k,v out and o back; Ring K/V."""
+    b, h, s, d = shape
+    local = b * h * (s // (ring * ulysses)) * d
+    a2a = 4 * local * (ulysses - 1) // ulysses
+    p2p = (ring - 1) * 2 * b * (h // ulysses) * (s // ring) * d
+    return (a2a + p2p) * itemsize
+
+
+def run(seq: int = 8192, heads: int = 8, head_dim: int = 64, batch: int = 1, repeats: int = 5) -> list[dict]:
+    """Measure and print; returns the rows."""
+    shape, dtype = (batch, heads, seq, head_dim), torch.float32
+    rows = []
+    with WorkerPool(2, threads=1) as pool:
+        single = pool.run(_time_single, shape, dtype, repeats, timeout=900)[0]
+        for name, ring, ulysses in (("U2", 1, 2), ("R2", 2, 1)):
+            res = pool.run(_time_sp, shape, dtype, ring, ulysses, repeats, timeout=900)
+            per_iter = [max(ts) for ts in zip(*(r["times"] for r in res))]
+            t = statistics.median(per_iter)
+            expected = theory_bytes(shape, 4, ring, ulysses)
+            rows.append({"mode": name, "single_s": single, "sp_s": t, "speedup": single / t,
+                         "bytes": res[0]["bytes"], "theory": expected, "bytes_ratio": res[0]["bytes"] / expected})
+    print(f"attention B={batch} H={heads} S={seq} D={head_dim} fp32, 1 thread per rank, median of {repeats}")
+    print(f"{'mode':<6}{'1 proc (s)':>12}{'SP-2 (s)':>10}{'speedup':>9}{'MB sent/rank':>14}{'theory MB':>11}{'ratio':>7}")
+    for row in rows:
+        print(f"{row['mode']:<6}{row['single_s']:>12.3f}{row['sp_s']:>10.3f}{row['speedup']:>8.2f}x"
+              f"{row['bytes'] / 2**20:>14.2f}{row['theory'] / 2**20:>11.2f}{row['bytes_ratio']:>7.2f}")
+    return rows
