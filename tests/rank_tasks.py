@@ -155,3 +155,25 @@ def funcol_counts() -> dict:
     with CommDebugMode() as cdm, record_comm() as stats, meshsp.sequence_parallel_attention():
         F.scaled_dot_product_attention(dq, dk, dv)
     return {"dtensor": {str(op): n for op, n in cdm.get_comm_counts().items()}, "meshsp": dict(stats.calls)}
+
+
+# --- model plans ------------------------------------------------------------------------------
+
+def model_parity(family: str, ring: int, ulysses: int, mode: str, heads: int | None, inputs: dict,
+                 tol: float = 1e-5, plan_source: str = "shipped") -> float:
+    """Single-device forward vs the same model parallelized with its plan; returns max abs diff."""
+    from meshsp.plans import get_plan, parallelize, plan_from_cp_plan
+    from meshsp.tiny import build_transformer, make_inputs, output_tensor
+
+    mesh = mesh_for(ring, ulysses)
+    model = build_transformer(family, heads=heads)
+    with torch.no_grad():
+        expected = output_tensor(model(**make_inputs(family, model, **inputs)))
+    plan = plan_from_cp_plan(model, ulysses_mode=mode) if plan_source == "cp_plan" else get_plan(model, ulysses_mode=mode)
+    parallelize(model, mesh, plan)
+    with torch.no_grad():
+        out = output_tensor(model(**make_inputs(family, model, **inputs)))
+    scale = expected.abs().max().item()
+    torch.testing.assert_close(out, expected, atol=tol * max(scale, 1.0), rtol=tol,
+                               msg=lambda m: f"{family} R{ring}xU{ulysses} {mode} {inputs}: {m}")
+    return (out - expected).abs().max().item()

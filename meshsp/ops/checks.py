@@ -27,7 +27,7 @@ def working_ulysses_degrees(q_heads: int, kv_heads: int, lengths: tuple[int, ...
 def _check_strict(q, k, q_layout: SeqLayout, kv_layout: SeqLayout) -> None:
     u = q_layout.ulysses
     heads_ok = q.shape[1] % u == 0 and k.shape[1] % u == 0
-    seq_ok = all(c % u == 0 for c in q_layout.ring_lens + kv_layout.ring_lens)
+    seq_ok = all(len(set(row)) == 1 for row in q_layout.lens + kv_layout.lens)
     if heads_ok and seq_ok:
         return
     why = []
@@ -35,8 +35,8 @@ def _check_strict(q, k, q_layout: SeqLayout, kv_layout: SeqLayout) -> None:
         why.append(f"{q.shape[1]} query / {k.shape[1]} key-value heads are not divisible by ulysses_degree={u}")
     if not seq_ok:
         why.append(
-            f"sequence lengths (query {q_layout.total}, key {kv_layout.total}) do not split evenly into "
-            f"ring chunks divisible by ulysses_degree={u}"
+            f"sequence lengths (query {q_layout.total}, key {kv_layout.total}) do not split into equal "
+            f"shards over ulysses_degree={u} (local query lengths {q_layout.lens}, key {kv_layout.lens})"
         )
     works = working_ulysses_degrees(q.shape[1], k.shape[1], (q_layout.total, kv_layout.total), q_layout.ring)
     raise ValueError(

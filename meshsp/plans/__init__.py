@@ -1,0 +1,222 @@
+"""Plans: a model's sequence parallelism as data — module paths mapped to ``ParallelStyle``s.
+
+A plan ships as a YAML file in this folder, one per diffusers transformer class::
+
+    model: FluxTransformer2DModel
+    plan:
+      "":                                  # the root module
+        style: ShardSequence
+        inputs: {hidden_states: 1, encoder_hidden_states: 1, img_ids: 0, txt_ids: 0}
+      transformer_blocks.*.attn: {style: ParallelAttention}
+      proj_out: {style: GatherSequence, outputs: {0: 1}}
+
+Keys are module paths with ``*`` wildcards per path component, as torch's ``parallelize_module``
+takes them. ``optional: true`` on an entry allows it to match nothing (a variant module some configs
+have); any other path that matches no module is an error, never a silent skip.
+"""
+
+from __future__ import annotations
+
+import difflib
+import fnmatch
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch.nn as nn
+import yaml
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor.parallel import parallelize_module
+
+from meshsp.styles import GatherSequence, ParallelAttention, PlanState, SeqDim, ShardSequence
+
+__all__ = ["Plan", "STYLES", "available_plans", "get_plan", "load_plan", "parallelize", "plan_from_cp_plan"]
+
+STYLES = {"ShardSequence": ShardSequence, "ParallelAttention": ParallelAttention, "GatherSequence": GatherSequence}
+_ENTRY_KEYS = {"style", "inputs", "outputs", "optional"}
+_PLAN_DIR = Path(__file__).parent
+
+
+def _style_from_entry(path: str, entry) -> tuple[object, bool]:
+    if not isinstance(entry, Mapping) or "style" not in entry:
+        raise ValueError(f"plan entry '{path}' must be a mapping with a 'style' (one of {sorted(STYLES)}); got {entry!r}.")
+    unknown = set(entry) - _ENTRY_KEYS
+    if unknown:
+        raise ValueError(f"plan entry '{path}' has unknown keys {sorted(unknown)}; valid keys: {sorted(_ENTRY_KEYS)}.")
+    name = entry["style"]
+    if name not in STYLES:
+        raise ValueError(f"plan entry '{path}': unknown style {name!r}; valid styles: {sorted(STYLES)}.")
+    kwargs = {k: entry[k] for k in ("inputs", "outputs") if k in entry}
+    if name == "ParallelAttention" and kwargs:
+        raise ValueError(f"plan entry '{path}': ParallelAttention takes no inputs/outputs.")
+    return STYLES[name](**kwargs), bool(entry.get("optional", False))
+
+
+def _spec_to_yaml(spec: SeqDim):
+    if spec.ndim is None and spec.segments is None:
+        return spec.dim
+    out = {"dim": spec.dim}
+    if spec.ndim is not None:
+        out["ndim"] = spec.ndim
+    if spec.segments is not None:
+        out["segments"] = list(spec.segments)
+    return out
+
+
+class Plan(dict):
+    """``{module_path: ParallelStyle}`` for ``parallelize_module``, whose styles share one state.
+
+    Example::
+
+        plan = meshsp.load_plan("FluxTransformer2DModel", ulysses_mode="advanced_uaa")
+        plan.validate(transformer)
+        parallelize_module(transformer, mesh, plan)
+    """
+
+    def __init__(self, styles: Mapping[str, object], *, ulysses_mode: str = "strict",
+                 model: str | None = None, optional: set[str] | None = None) -> None:
+        super().__init__(styles)
+        self.model = model
+        self.optional = set(optional or ())
+        self.state = PlanState(ulysses_mode)
+        for path, style in self.items():
+            if not hasattr(style, "bind"):
+                raise ValueError(f"plan entry '{path}': {type(style).__name__} is not a meshsp style; valid: {sorted(STYLES)}.")
+            style.bind(self.state, path)
+
+    @property
+    def ulysses_mode(self) -> str:
+        return self.state.ulysses_mode
+
+    @classmethod
+    def from_dict(cls, data: Mapping, *, ulysses_mode: str = "strict") -> Plan:
+        unknown = set(data) - {"model", "plan"}
+        if unknown or "plan" not in data:
+            raise ValueError(f"a plan file has 'model' and 'plan' keys; got {sorted(data)}.")
+        styles, optional = {}, set()
+        for path, entry in (data["plan"] or {}).items():
+            styles[str(path)], opt = _style_from_entry(str(path), entry)
+            if opt:
+                optional.add(str(path))
+        return cls(styles, ulysses_mode=ulysses_mode, model=data.get("model"), optional=optional)
+
+    def to_dict(self) -> dict:
+        entries = {}
+        for path, style in self.items():
+            entry: dict = {"style": type(style).__name__}
+            if isinstance(style, ShardSequence) and style.inputs:
+                entry["inputs"] = {k: _spec_to_yaml(v) for k, v in style.inputs.items()}
+            if isinstance(style, (ShardSequence, GatherSequence)) and style.outputs:
+                entry["outputs"] = {k: _spec_to_yaml(v) for k, v in style.outputs.items()}
+            if path in self.optional:
+                entry["optional"] = True
+            entries[path] = entry
+        return {"model": self.model, "plan": entries}
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    def matches(self, model: nn.Module, path: str) -> list[str]:
+        """Module names of ``model`` that the plan key ``path`` selects."""
+        if path == "":
+            return [""]
+        pattern = path.split(".")
+        return [n for n, _ in model.named_modules() if len(n.split(".")) == len(pattern)
+                and all(fnmatch.fnmatchcase(a, p) for a, p in zip(n.split("."), pattern))]
+
+    def validate(self, model: nn.Module) -> None:
+        """Raise ``ValueError`` for a path that matches no module (naming the nearest ones)."""
+        names = [n for n, _ in model.named_modules()]
+        for path in self:
+            if path in self.optional or self.matches(model, path):
+                continue
+            near = difflib.get_close_matches(path, names, n=5, cutoff=0.5)
+            raise ValueError(
+                f"plan path '{path}' matches no module of {type(model).__name__}; nearest module names: "
+                f"{near or names[1:6]}. Fix the path, or mark the entry 'optional: true' if only some "
+                "configs have it."
+            )
+
+
+def available_plans() -> list[str]:
+    return sorted(p.stem for p in _PLAN_DIR.glob("*.yaml"))
+
+
+def load_plan(name_or_path: str | Path, *, ulysses_mode: str = "strict") -> Plan:
+    """Read a shipped plan by model class name, or a YAML file by path."""
+    path = Path(name_or_path)
+    if not path.suffix:
+        path = _PLAN_DIR / f"{name_or_path}.yaml"
+        if not path.exists():
+            raise ValueError(f"no shipped plan named {str(name_or_path)!r}; shipped plans: {available_plans()}.")
+    with open(path) as f:
+        return Plan.from_dict(yaml.safe_load(f), ulysses_mode=ulysses_mode)
+
+
+def _is_attention(module: nn.Module) -> bool:
+    return hasattr(module, "processor") and not getattr(module, "is_cross_attention", False)
+
+
+def plan_from_cp_plan(model: nn.Module, *, ulysses_mode: str = "strict") -> Plan:
+    """Convert a diffusers ``_cp_plan`` (inputs split, outputs gathered) plus routed self-attention.
+
+    Every attention module (one with a ``processor``) that is not marked cross-attention is routed.
+    """
+    from diffusers.models._modeling_parallel import ContextParallelInput, ContextParallelOutput
+
+    cp_plan = getattr(model, "_cp_plan", None)
+    if not cp_plan:
+        raise ValueError(f"{type(model).__name__} has no _cp_plan to convert.")
+    styles: dict[str, object] = {}
+    for path, value in cp_plan.items():
+        if isinstance(value, (ContextParallelOutput, list, tuple)) and not isinstance(value, Mapping):
+            outs = value if isinstance(value, (list, tuple)) else [value]
+            styles[path] = GatherSequence(outputs={i: SeqDim(o.gather_dim) for i, o in enumerate(outs)})
+            continue
+        inputs, outputs = {}, {}
+        for key, spec in value.items():
+            spec = spec[0] if isinstance(spec, (list, tuple)) else spec
+            assert isinstance(spec, ContextParallelInput), spec
+            target = outputs if spec.split_output else inputs
+            target[key] = SeqDim(spec.split_dim, spec.expected_dims)
+        styles[path] = ShardSequence(inputs=inputs or None, outputs=outputs or None)
+    prefixes = {}
+    for name, module in model.named_modules():
+        if name and _is_attention(module):
+            parts = name.split(".")
+            pattern = ".".join("*" if p.isdigit() else p for p in parts)
+            prefixes[pattern] = True
+    for pattern in prefixes:
+        styles.setdefault(pattern, ParallelAttention())
+    return Plan(styles, ulysses_mode=ulysses_mode, model=type(model).__name__)
+
+
+def get_plan(transformer: nn.Module, *, ulysses_mode: str = "strict") -> Plan:
+    """The shipped plan for this model's class, else one converted from its ``_cp_plan``; validated."""
+    name = type(transformer).__name__
+    if name in available_plans():
+        plan = load_plan(name, ulysses_mode=ulysses_mode)
+    elif getattr(transformer, "_cp_plan", None):
+        plan = plan_from_cp_plan(transformer, ulysses_mode=ulysses_mode)
+    else:
+        raise ValueError(
+            f"no meshsp plan for {name} and it has no diffusers _cp_plan; shipped plans: {available_plans()}. "
+            "Write a YAML plan (see README) and pass it to meshsp.load_plan."
+        )
+    plan.validate(transformer)
+    return plan
+
+
+def parallelize(transformer: nn.Module, mesh: DeviceMesh, plan: Plan | None = None, *,
+                ulysses_mode: str = "strict") -> nn.Module:
+    """Validate ``plan`` (default: ``get_plan(transformer)``) and apply it with ``parallelize_module``.
+
+    Example::
+
+        mesh = meshsp.init_sp_mesh(ParallelConfig(ulysses_degree=2))
+        meshsp.parallelize(transformer, mesh)
+    """
+    plan = plan if plan is not None else get_plan(transformer, ulysses_mode=ulysses_mode)
+    plan.validate(transformer)
+    sp_mesh = mesh["ring", "ulysses"] if mesh.mesh_dim_names and "cfg" in mesh.mesh_dim_names else mesh
+    styles = {path: style for path, style in plan.items() if plan.matches(transformer, path)}
+    return parallelize_module(transformer, sp_mesh, styles)

@@ -1,0 +1,358 @@
+"""``ParallelStyle``s that make a diffusers transformer sequence-parallel without editing it.
+
+In the vocabulary of ``torch.distributed.tensor.parallel.style``:
+
+* ``ShardSequence`` slices named inputs (or outputs) of a module along their sequence dim at the
+  module boundary: each rank keeps its shard (``SeqLayout``: ``torch.chunk`` sizes, ring outer).
+* ``ParallelAttention`` routes ``F.scaled_dot_product_attention`` calls made *inside* one module to
+  ``meshsp::sp_attention``. The module's processor runs unchanged on local shards; the interception
+  is a ``TorchFunctionMode`` entered in a forward pre-hook and left in an always-called forward hook.
+* ``GatherSequence`` all-gathers outputs back to full tensors (``use_local_output``: plain tensors).
+
+The styles of one plan share a ``PlanState``: the global lengths the shard hooks saw in this
+forward, and per-rank local lengths of attention inputs. Model code concatenates shards (text and
+image, say), so a rank cannot compute the others' attention lengths from its own; they are exchanged
+once per (global input shapes, module) and cached, so steady-state forwards exchange nothing.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+import torch.distributed._functional_collectives as funcol
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor.parallel.style import ParallelStyle
+from torch.overrides import TorchFunctionMode
+
+from meshsp.config import ULYSSES_MODES
+from meshsp.ops.attention import sp_attention
+from meshsp.placements import SeqLayout
+
+__all__ = ["GatherSequence", "ParallelAttention", "PlanState", "SeqDim", "ShardSequence"]
+
+_MASK_FLOOR = -1.0e4  # additive masks: 0 keeps a key, <= this drops it (exp underflows to 0 in fp32)
+
+
+@dataclass(frozen=True)
+class SeqDim:
+    """Where the sequence is in one tensor.
+
+    ``dim``: the sequence dim. ``ndim``: shard only tensors of this rank (e.g. a timestep that is
+    ``[B]`` for most models and ``[B, S]`` per token for some); others pass through, by declaration.
+    ``segments``: the tensor is a concatenation along ``dim`` of sequences sharded elsewhere in the
+    plan (keys of ``PlanState.global_lens``; ``None`` = the remainder); each is sharded on its own.
+    """
+
+    dim: int
+    ndim: int | None = None
+    segments: tuple[str | None, ...] | None = None
+
+
+def _as_seqdim(spec) -> SeqDim:
+    if isinstance(spec, SeqDim):
+        return spec
+    if isinstance(spec, int) and not isinstance(spec, bool):
+        return SeqDim(spec)
+    if isinstance(spec, Mapping):
+        unknown = set(spec) - {"dim", "ndim", "segments"}
+        if unknown or "dim" not in spec:
+            raise ValueError(f"a sequence spec needs 'dim' and may have 'ndim', 'segments'; got {dict(spec)}.")
+        seg = spec.get("segments")
+        return SeqDim(int(spec["dim"]), spec.get("ndim"), tuple(seg) if seg is not None else None)
+    raise ValueError(f"a sequence spec is an int dim or a mapping with 'dim'; got {spec!r}.")
+
+
+def _all_gather(t: torch.Tensor, group) -> torch.Tensor:
+    """Concatenate every group rank's ``t`` along dim 0."""
+    return funcol.wait_tensor(funcol.all_gather_single(t.contiguous(), 0, group))
+
+
+class SPMesh:
+    """The SP axes of a mesh: sizes, this rank's coordinates, the axis groups."""
+
+    def __init__(self, mesh: DeviceMesh) -> None:
+        names = mesh.mesh_dim_names or ()
+        if "ring" not in names and "ulysses" not in names:
+            raise ValueError(f"the mesh needs a 'ring' and/or 'ulysses' axis; got axes {names}.")
+        self.mesh = mesh
+        self.device = mesh.device_type
+        self.ring = mesh["ring"].size() if "ring" in names else 1
+        self.ulysses = mesh["ulysses"].size() if "ulysses" in names else 1
+        self.r = mesh.get_local_rank("ring") if "ring" in names else 0
+        self.u = mesh.get_local_rank("ulysses") if "ulysses" in names else 0
+        self.ring_group = mesh["ring"].get_group() if self.ring > 1 else None
+        self.ulysses_group = mesh["ulysses"].get_group() if self.ulysses > 1 else None
+
+    def layout(self, n: int) -> SeqLayout:
+        return SeqLayout.from_global(n, ring=self.ring, ulysses=self.ulysses)
+
+    def shard(self, t: torch.Tensor, dim: int) -> torch.Tensor:
+        layout = self.layout(t.shape[dim])
+        return t.narrow(dim, layout.offset(self.r, self.u), layout.local(self.r, self.u))
+
+    def all_gather(self, t: torch.Tensor, dim: int) -> list[list[torch.Tensor]]:
+        """Everyone's ``t`` (padded to equal shapes by the caller) as ``[ring][ulysses]``."""
+        rows = [t]
+        if self.ulysses_group is not None:
+            rows = list(_all_gather(t, self.ulysses_group).chunk(self.ulysses))
+        row = torch.stack(rows)
+        grid = [row]
+        if self.ring_group is not None:
+            grid = list(_all_gather(row, self.ring_group).chunk(self.ring))
+        return [[g[u] for u in range(self.ulysses)] for g in grid]
+
+
+class PlanState:
+    """What the styles of one plan share (one per plan; nothing global)."""
+
+    def __init__(self, ulysses_mode: str = "strict") -> None:
+        if ulysses_mode not in ULYSSES_MODES:
+            raise ValueError(f"ulysses_mode must be one of {ULYSSES_MODES}, got {ulysses_mode!r}.")
+        self.ulysses_mode = ulysses_mode
+        self.global_lens: dict[str, int] = {}
+        self._lens: dict[tuple, list[list[tuple[int, ...]]]] = {}
+
+    @property
+    def uaa(self) -> bool:
+        return self.ulysses_mode == "advanced_uaa"
+
+    def rank_lens(self, sp: SPMesh, where: str, local: tuple[int, ...]) -> list[list[tuple[int, ...]]]:
+        """Every SP rank's ``local`` tuple, ``[ring][ulysses]``; exchanged once per input shapes.
+
+        The key holds the global lengths every rank recorded in this forward, so all ranks hit or
+        miss the cache together (a miss is a collective).
+        """
+        key = (tuple(sorted(self.global_lens.items())), where, local)
+        if key not in self._lens:
+            if len(self._lens) > 4096:
+                self._lens.clear()
+            mine = torch.tensor(local, dtype=torch.int64, device=sp.device)
+            self._lens[key] = [[tuple(x.tolist()) for x in row] for row in sp.all_gather(mine, 0)]
+        return self._lens[key]
+
+
+class _Bound(ParallelStyle):
+    """A style that knows its plan key and shares its plan's state."""
+
+    def __init__(self) -> None:
+        self.state = PlanState()
+        self.key = "?"
+
+    def bind(self, state: PlanState, key: str) -> None:
+        self.state, self.key = state, key
+
+
+def _positions(module: nn.Module) -> dict[str, int]:
+    params = list(inspect.signature(module.forward).parameters)
+    return {name: i for i, name in enumerate(params)}
+
+
+class ShardSequence(_Bound):
+    """Slice inputs and/or outputs of a module along the sequence; keep this rank's shard.
+
+    ``inputs`` maps a forward argument (name, or positional index) to its sequence dim (or a
+    ``SeqDim``); tuple/list values are sharded element-wise; absent or ``None`` arguments are left
+    alone. ``outputs`` maps an output index (0 for a module that returns one tensor) likewise.
+
+    Example::
+
+        ShardSequence(inputs={"hidden_states": 1, "img_ids": 0})
+        ShardSequence(outputs={0: 1, 1: 1})          # a RoPE module returning (cos, sin)
+    """
+
+    def __init__(self, inputs: Mapping | None = None, outputs: Mapping | None = None) -> None:
+        super().__init__()
+        if not inputs and not outputs:
+            raise ValueError("ShardSequence needs 'inputs' and/or 'outputs' to shard.")
+        self.inputs = {k: _as_seqdim(v) for k, v in (inputs or {}).items()}
+        self.outputs = {int(k): _as_seqdim(v) for k, v in (outputs or {}).items()}
+
+    def _shard_value(self, sp: SPMesh, value, spec: SeqDim, name: str):
+        if value is None:
+            return None
+        if isinstance(value, (list, tuple)):
+            return type(value)(self._shard_value(sp, v, spec, name) for v in value)
+        if not isinstance(value, torch.Tensor):
+            raise ValueError(f"plan '{self.key}': '{name}' is a {type(value).__name__}, not a tensor to shard.")
+        if spec.ndim is not None and value.dim() != spec.ndim:
+            return value  # declared: only tensors of rank `ndim` carry a sequence dim
+        if not -value.dim() <= spec.dim < value.dim():
+            raise ValueError(
+                f"plan '{self.key}': cannot shard '{name}' of shape {tuple(value.shape)} along dim "
+                f"{spec.dim}; fix the plan's dim (or declare 'ndim' if other ranks are expected)."
+            )
+        if spec.segments is None:
+            self.state.global_lens[f"{self.key}:{name}"] = value.shape[spec.dim]
+            return sp.shard(value, spec.dim)
+        return self._shard_segments(sp, value, spec, name)
+
+    def _shard_segments(self, sp: SPMesh, value, spec: SeqDim, name: str):
+        total = value.shape[spec.dim]
+        known = [self.state.global_lens.get(s) if s is not None else None for s in spec.segments]
+        missing = [s for s, n in zip(spec.segments, known) if s is not None and n is None]
+        if missing or known.count(None) > 1:
+            raise ValueError(
+                f"plan '{self.key}': segments {spec.segments} of '{name}' need lengths recorded earlier "
+                f"in the forward (missing: {missing}; recorded: {sorted(self.state.global_lens)}); "
+                "at most one segment may be the remainder (null)."
+            )
+        rest = total - sum(n for n in known if n is not None)
+        sizes = [rest if n is None else n for n in known]
+        if rest < 0:
+            raise ValueError(f"plan '{self.key}': segments {dict(zip(spec.segments, sizes))} exceed '{name}' length {total}.")
+        parts = torch.split(value, sizes, dim=spec.dim)
+        return torch.cat([sp.shard(p, spec.dim) for p in parts], dim=spec.dim)
+
+    def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
+        sp = SPMesh(device_mesh)
+        if self.inputs:
+            positions = _positions(module)
+            for key in self.inputs:
+                if isinstance(key, str) and key not in positions:
+                    raise ValueError(
+                        f"plan '{self.key}': {type(module).__name__}.forward has no argument '{key}'; "
+                        f"its arguments are {list(positions)}."
+                    )
+
+            def pre_hook(mod, args, kwargs):
+                args = list(args)
+                for key, spec in self.inputs.items():
+                    pos = key if isinstance(key, int) else positions[key]
+                    if isinstance(key, str) and key in kwargs:
+                        kwargs[key] = self._shard_value(sp, kwargs[key], spec, key)
+                    elif pos < len(args):
+                        args[pos] = self._shard_value(sp, args[pos], spec, str(key))
+                return tuple(args), kwargs
+
+            module.register_forward_pre_hook(pre_hook, with_kwargs=True)
+        if self.outputs:
+
+            def post_hook(mod, args, output):
+                if isinstance(output, torch.Tensor):
+                    return self._shard_value(sp, output, self.outputs[0], "output 0") if 0 in self.outputs else output
+                out = list(output)
+                for idx, spec in self.outputs.items():
+                    out[idx] = self._shard_value(sp, out[idx], spec, f"output {idx}")
+                return type(output)(out)
+
+            module.register_forward_hook(post_hook)
+        return module
+
+
+class GatherSequence(_Bound):
+    """All-gather outputs of a module along the sequence back to full tensors on every rank.
+
+    Example::
+
+        GatherSequence(outputs={0: 1})   # proj_out: [B, s_local, C] -> [B, S, C]
+    """
+
+    def __init__(self, outputs: Mapping | None = None) -> None:
+        super().__init__()
+        self.outputs = {int(k): _as_seqdim(v) for k, v in (outputs or {0: 1}).items()}
+
+    def _gather(self, sp: SPMesh, t: torch.Tensor, dim: int, idx: int) -> torch.Tensor:
+        lens = self.state.rank_lens(sp, f"{self.key}:gather{idx}", (t.shape[dim],))
+        longest = max(n for row in lens for (n,) in row)
+        pad = [0, 0] * (t.dim() - 1 - dim % t.dim()) + [0, longest - t.shape[dim]]
+        grid = sp.all_gather(F.pad(t, pad), dim)
+        pieces = [grid[r][u].narrow(dim, 0, lens[r][u][0]) for r in range(sp.ring) for u in range(sp.ulysses)]
+        return torch.cat(pieces, dim=dim)
+
+    def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
+        sp = SPMesh(device_mesh)
+
+        def post_hook(mod, args, output):
+            if isinstance(output, torch.Tensor):
+                return self._gather(sp, output, self.outputs[0].dim, 0)
+            out = list(output)
+            for idx, spec in self.outputs.items():
+                out[idx] = self._gather(sp, out[idx], spec.dim, idx)
+            return type(output)(out)
+
+        module.register_forward_hook(post_hook)
+        return module
+
+
+def _key_padding(mask: torch.Tensor | None, q: torch.Tensor, k: torch.Tensor, where: str) -> torch.Tensor | None:
+    """A key-padding mask [B, 1|H, 1, S_k] (bool, or additive 0 / <= -1e4) -> bool [B, S_k]."""
+    if mask is None:
+        return None
+    b, s_k = k.shape[0], k.shape[2]
+    if mask.dim() == 2 and tuple(mask.shape) == (b, s_k):
+        mask = mask[:, None, None, :]
+    ok_shape = mask.dim() == 4 and mask.shape[0] in (1, b) and mask.shape[1] in (1, q.shape[1]) \
+        and mask.shape[2] == 1 and mask.shape[3] == s_k
+    if not ok_shape:
+        raise ValueError(
+            f"{where}: sequence-parallel attention supports key-padding masks [B, 1 or H, 1, S_k] = "
+            f"[{b}, 1, 1, {s_k}]; got shape {tuple(mask.shape)}. Masks over query rows cannot be sharded."
+        )
+    if mask.dtype != torch.bool:
+        if not bool(((mask == 0) | (mask <= _MASK_FLOOR)).all()):
+            raise ValueError(f"{where}: additive masks must hold 0 (keep) or <= {_MASK_FLOOR} (drop) only.")
+        mask = mask == 0
+    if mask.shape[1] > 1 and not bool((mask == mask[:, :1]).all()):
+        raise ValueError(f"{where}: a per-head key mask must be the same for every head.")
+    return mask[:, 0, 0, :].expand(b, s_k)
+
+
+class _RouteAttention(TorchFunctionMode):
+    def __init__(self, style: ParallelAttention, sp: SPMesh) -> None:
+        super().__init__()
+        self.style, self.sp = style, sp
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is not F.scaled_dot_product_attention:
+            return func(*args, **kwargs)
+        return self.style.attention(self.sp, *args, **kwargs)
+
+
+class ParallelAttention(_Bound):
+    """Run every ``F.scaled_dot_product_attention`` inside this module as SP attention.
+
+    q/k/v are the module's local shards ``[B, H, s, D]``; the output is this rank's shard of the
+    exact result. Parameters, buffers and the attention processor are untouched.
+
+    Example::
+
+        {"transformer_blocks.*.attn": ParallelAttention()}
+    """
+
+    def attention(self, sp: SPMesh, query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False,
+                  scale=None, enable_gqa=False):
+        where = f"plan '{self.key}'"
+        if dropout_p != 0.0 or is_causal:
+            raise ValueError(f"{where}: dropout_p={dropout_p}, is_causal={is_causal}; SP attention needs 0 and False.")
+        if query.shape[1] != key.shape[1] and not enable_gqa:
+            raise ValueError(f"{where}: {query.shape[1]} query vs {key.shape[1]} key heads without enable_gqa=True.")
+        mask = _key_padding(attn_mask, query, key, where)
+        lens = self.state.rank_lens(sp, self.key, (query.shape[2], key.shape[2]))
+        q_layout = SeqLayout(tuple(tuple(n[0] for n in row) for row in lens))
+        kv_layout = SeqLayout(tuple(tuple(n[1] for n in row) for row in lens))
+        return sp_attention(
+            query, key, value, mask, ring_group=sp.ring_group, ulysses_group=sp.ulysses_group,
+            q_layout=q_layout, kv_layout=kv_layout, uaa=self.state.uaa, scale=scale,
+        )
+
+    def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
+        sp = SPMesh(device_mesh)
+        modes: list[_RouteAttention] = []
+
+        def enter(mod, args):
+            mode = _RouteAttention(self, sp)
+            mode.__enter__()
+            modes.append(mode)
+
+        def leave(mod, args, output):
+            modes.pop().__exit__(None, None, None)
+
+        module.register_forward_pre_hook(enter)
+        module.register_forward_hook(leave, always_call=True)
+        return module
