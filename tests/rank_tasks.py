@@ -177,3 +177,42 @@ def model_parity(family: str, ring: int, ulysses: int, mode: str, heads: int | N
     torch.testing.assert_close(out, expected, atol=tol * max(scale, 1.0), rtol=tol,
                                msg=lambda m: f"{family} R{ring}xU{ulysses} {mode} {inputs}: {m}")
     return (out - expected).abs().max().item()
+
+
+def untouched_after_parallelize(family: str) -> bool:
+    from meshsp.plans import parallelize
+    from meshsp.tiny import build_transformer
+
+    model = build_transformer(family)
+    before = {k: (v.data_ptr(), v.clone()) for k, v in model.state_dict().items()}
+    procs = {n: type(m.processor) for n, m in model.named_modules() if hasattr(m, "processor")}
+    classes = {n: type(m) for n, m in model.named_modules()}
+    parallelize(model, mesh_for(1, 2))
+    after = model.state_dict()
+    assert before.keys() == after.keys()
+    for k, (ptr, value) in before.items():
+        assert after[k].data_ptr() == ptr and torch.equal(after[k], value), k
+    assert procs == {n: type(m.processor) for n, m in model.named_modules() if hasattr(m, "processor")}
+    assert classes == {n: type(m) for n, m in model.named_modules()}
+    return True
+
+
+def bad_plan_forward(family: str) -> None:
+    """A plan whose dim does not exist for an input: the same error on every rank, before comms."""
+    from meshsp.plans import Plan, parallelize
+    from meshsp.tiny import build_transformer, make_inputs
+
+    model = build_transformer(family)
+    plan = Plan.from_dict({"plan": {"": {"style": "ShardSequence", "inputs": {"img_ids": 2}}}})
+    parallelize(model, mesh_for(1, 2), plan)
+    with torch.no_grad():
+        model(**make_inputs(family, model))
+
+
+def bad_plan_apply(family: str) -> None:
+    from meshsp.plans import Plan, parallelize
+    from meshsp.tiny import build_transformer
+
+    model = build_transformer(family)
+    plan = Plan.from_dict({"plan": {"": {"style": "ShardSequence", "inputs": {"latents": 1}}}})
+    parallelize(model, mesh_for(1, 2), plan)
