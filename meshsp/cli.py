@@ -19,6 +19,12 @@ def _bench(args) -> int:
         from meshsp.bench.attention import run
 
         run(seq=args.seq, heads=args.heads, head_dim=args.head_dim, repeats=args.repeats)
+    else:
+        from meshsp.bench.models import run
+
+        print(f"transformer forward, {args.heads} heads of 16, fp32, 1 thread per rank, UAA plans, "
+              f"median of {args.repeats}")
+        run(args.families.split(","), grid=args.grid, txt=args.txt, heads=args.heads, repeats=args.repeats)
     return 0
 
 
@@ -32,9 +38,12 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(func=_demo)
 
     bench = sub.add_parser("bench", help="benchmarks printed side by side")
-    bench.add_argument("what", choices=["attention"])
-    bench.add_argument("--seq", type=int, default=8192)
+    bench.add_argument("what", choices=["attention", "models"])
+    bench.add_argument("--seq", type=int, default=8192, help="attention: sequence length")
     bench.add_argument("--heads", type=int, default=8)
+    bench.add_argument("--families", default="flux,qwen-image,wan", help="models: comma-separated families")
+    bench.add_argument("--grid", type=int, default=64, help="models: token grid side")
+    bench.add_argument("--txt", type=int, default=256, help="models: text tokens")
     bench.add_argument("--head-dim", type=int, default=64)
     bench.add_argument("--repeats", type=int, default=5)
     bench.set_defaults(func=_bench)
