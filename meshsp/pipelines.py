@@ -25,10 +25,9 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
-import json
 import os
 import shutil
-import tempfile
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -177,7 +176,9 @@ def _check_name(name: str) -> None:
 # --------------------------------------------------------------------------------------------------
 
 
-def _learn_bpe(corpus: list[str], normalizer: Any, pre_tokenizer: Any, end_of_word_suffix: str = "") -> tuple[dict, list]:
+def _learn_bpe(
+    corpus: list[str], normalizer: Any, pre_tokenizer: Any, end_of_word_suffix: str = ""
+) -> tuple[dict[str, int], list[tuple[str, str]]]:
     """Learn byte-level BPE merges until every pre-tokenized corpus word is a single token.
 
     A small deterministic trainer (most frequent pair first, ties broken by the pair itself):
@@ -433,7 +434,8 @@ def tiny_pipeline_path(name: str, cache_dir: str | os.PathLike | None = None) ->
                 return target
             if target.exists():  # not made by us (our renames are atomic): clear the way
                 shutil.rmtree(target)
-            tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=root))
+            tmp = root / f".{target.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+            tmp.mkdir()  # (not mkdtemp: keep the umask's permissions, the cache may be shared)
             try:
                 build_tiny_pipeline(name).save_pretrained(tmp, safe_serialization=True)
                 os.rename(tmp, target)
@@ -451,61 +453,10 @@ def load_tiny_pipeline(
     """Load tiny pipeline ``name`` with ``DiffusionPipeline.from_pretrained`` (building it on first use).
 
     ``torch_dtype`` is forwarded as diffusers' ``dtype`` argument (``torch_dtype`` is deprecated there).
-    Without ``accelerate`` installed, model classes with ``_keep_in_fp32_modules`` (the Wan
-    transformer) need a small workaround, see :func:`_from_pretrained_without_accelerate`.
     """
     from diffusers import DiffusionPipeline
-    from diffusers.utils import is_accelerate_available
 
-    path = tiny_pipeline_path(name, cache_dir)
-    if is_accelerate_available():
-        return DiffusionPipeline.from_pretrained(path, dtype=torch_dtype)
-    return _from_pretrained_without_accelerate(path, torch_dtype)
-
-
-def _from_pretrained_without_accelerate(path: Path, dtype: torch.dtype):
-    """``DiffusionPipeline.from_pretrained`` for environments without ``accelerate``.
-
-    diffusers 0.42 turns ``low_cpu_mem_usage`` off when ``accelerate`` is missing and then refuses to
-    load any model class that sets ``_keep_in_fp32_modules`` (here ``WanTransformer3DModel``):
-    "`low_cpu_mem_usage` cannot be False when `keep_in_fp32_modules` is True". So this clears that
-    class attribute on the pipeline's diffusers component classes for the duration of the (otherwise
-    unchanged) load, restores it, and then does what the loader would have done with it: moves the
-    matching parameters and buffers back to float32 (nothing to do for a float32 load).
-    """
-    import diffusers
-    from diffusers import DiffusionPipeline
-
-    index = json.loads((path / "model_index.json").read_text())
-    keep: dict[str, list[str]] = {}  # component name -> its class's _keep_in_fp32_modules
-    patched: dict[type, tuple[bool, Any]] = {}  # class -> (attribute set on the class itself, value)
-    for component, entry in index.items():
-        if not (isinstance(entry, list) and len(entry) == 2 and entry[0] == "diffusers"):
-            continue
-        cls = getattr(diffusers, entry[1], None)
-        modules = getattr(cls, "_keep_in_fp32_modules", None)
-        if modules is not None:
-            patched[cls] = ("_keep_in_fp32_modules" in cls.__dict__, modules)
-            keep[component] = [modules] if isinstance(modules, str) else list(modules)
-    try:
-        for cls in patched:
-            cls._keep_in_fp32_modules = None
-        pipe = DiffusionPipeline.from_pretrained(path, dtype=dtype)
-    finally:
-        for cls, (own, value) in patched.items():
-            if own:
-                cls._keep_in_fp32_modules = value
-            else:
-                del cls._keep_in_fp32_modules
-    if dtype != torch.float32:
-        for component, modules in keep.items():
-            model = getattr(pipe, component, None)
-            if model is None:
-                continue
-            for key, tensor in [*model.named_parameters(), *model.named_buffers()]:
-                if any(m in key.split(".") for m in modules) and tensor.is_floating_point():
-                    tensor.data = tensor.data.float()
-    return pipe
+    return DiffusionPipeline.from_pretrained(tiny_pipeline_path(name, cache_dir), dtype=torch_dtype)
 
 
 def example_call_kwargs(name: str, seed: int = 0) -> dict[str, Any]:
