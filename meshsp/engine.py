@@ -1,0 +1,186 @@
+"""High-level generation: load a diffusers pipeline, make its transformer sequence-parallel, generate.
+
+``Engine(model=..., parallel_config=...)`` works two ways:
+
+* from a plain ``python`` process it spawns one worker per rank (``WorkerPool``), each loading the
+  pipeline, and returns the images in the calling process;
+* under ``torchrun`` (``WORLD_SIZE`` > 1 in the environment) every process is one rank (SPMD); the
+  images are returned on rank 0 and ``None`` elsewhere.
+
+Text encoding and VAE decoding run as diffusers runs them, on every rank; only the transformer is
+parallelized, with its plan (``meshsp.get_plan``).
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from meshsp.config import ParallelConfig
+from meshsp.launch import WorkerPool
+
+__all__ = ["Engine", "SamplingParams", "resolve_model"]
+
+
+@dataclass(frozen=True, kw_only=True)
+class SamplingParams:
+    """What to generate; ``guidance_scale=None`` keeps the pipeline's default.
+
+    Example::
+
+        SamplingParams(num_inference_steps=30, width=1024, height=1024, seed=42)
+    """
+
+    num_inference_steps: int = 50
+    width: int = 1024
+    height: int = 1024
+    seed: int = 0
+    guidance_scale: float | None = None
+    negative_prompt: str | None = None
+    num_images_per_prompt: int = 1
+    num_frames: int | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("num_inference_steps", "width", "height", "num_images_per_prompt"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}.")
+        if self.num_frames is not None and (not isinstance(self.num_frames, int) or self.num_frames < 1):
+            raise ValueError(f"num_frames must be a positive integer or None, got {self.num_frames!r}.")
+
+
+def resolve_model(model: str) -> str:
+    """A tiny embedded pipeline name (``tiny-qwen-image``, ...) -> its built directory; else as given."""
+    from meshsp.pipelines import TINY_PIPELINES, tiny_pipeline_path
+
+    return str(tiny_pipeline_path(model)) if model in TINY_PIPELINES else model
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+class _Runner:
+    """One rank's pipeline, with its transformer parallelized."""
+
+    def __init__(self, model: str, config: ParallelConfig) -> None:
+        from diffusers import DiffusionPipeline
+
+        from meshsp.mesh import init_sp_mesh
+        from meshsp.plans import parallelize
+
+        self.config = config
+        if _rank() != 0:  # progress bars and loading output on rank 0 only
+            import diffusers.utils.logging as diffusers_logging
+            import transformers.utils.logging as transformers_logging
+
+            diffusers_logging.disable_progress_bar()
+            transformers_logging.disable_progress_bar()
+        self.pipe = DiffusionPipeline.from_pretrained(resolve_model(model), dtype=torch.float32)
+        self.mesh = None
+        if config.world_size > 1:
+            self.mesh = init_sp_mesh(config)
+            parallelize(self.pipe.transformer, self.mesh, ulysses_mode=config.ulysses_mode)
+        self.pipe.set_progress_bar_config(disable=_rank() != 0)
+        self.params = inspect.signature(self.pipe.__call__).parameters
+
+    def _kwargs(self, prompts: list[str], p: SamplingParams) -> dict:
+        kw = dict(prompt=prompts, num_inference_steps=p.num_inference_steps, width=p.width, height=p.height,
+                  generator=torch.Generator().manual_seed(p.seed), output_type="pil")
+        if p.negative_prompt is not None:
+            kw["negative_prompt"] = [p.negative_prompt] * len(prompts)
+        for name in ("num_images_per_prompt", "num_videos_per_prompt"):
+            if name in self.params:
+                kw[name] = p.num_images_per_prompt
+        if p.guidance_scale is not None:
+            # Pipelines with "true" CFG take true_cfg_scale; guidance-distilled ones guidance_scale.
+            name = "true_cfg_scale" if "true_cfg_scale" in self.params else "guidance_scale"
+            kw[name] = p.guidance_scale
+        if p.num_frames is not None:
+            if "num_frames" not in self.params:
+                raise ValueError(f"{type(self.pipe).__name__} generates images; num_frames is for video pipelines.")
+            kw["num_frames"] = p.num_frames
+        return kw
+
+    def generate(self, prompts: list[str], params: SamplingParams):
+        t0 = time.perf_counter()
+        out = self.pipe(**self._kwargs(prompts, params))
+        seconds = time.perf_counter() - t0
+        images = out.frames if hasattr(out, "frames") else out.images
+        return (images, seconds) if _rank() == 0 else None
+
+
+_RUNNER: _Runner | None = None  # the runner of a spawned worker process
+
+
+def _worker_load(model: str, config: ParallelConfig) -> str:
+    global _RUNNER
+    _RUNNER = _Runner(model, config)
+    return type(_RUNNER.pipe).__name__
+
+
+def _worker_generate(prompts: list[str], params: SamplingParams):
+    return _RUNNER.generate(prompts, params)
+
+
+class Engine:
+    """Generate with a diffusers pipeline whose transformer runs sequence-parallel.
+
+    Example::
+
+        engine = Engine(model="tiny-qwen-image", parallel_config=ParallelConfig(ulysses_degree=2))
+        images = engine.generate("a cat on a windowsill", SamplingParams(num_inference_steps=4,
+                                                                        width=256, height=256))
+        engine.close()
+    """
+
+    def __init__(self, model: str, parallel_config: ParallelConfig | None = None) -> None:
+        self.config = parallel_config or ParallelConfig()
+        if self.config.cfg_degree > 1:
+            raise ValueError("cfg_degree > 1 (CFG parallel) is not available in the engine yet; use cfg_degree=1.")
+        self.model = model
+        spmd = int(os.environ.get("WORLD_SIZE", "1")) > 1
+        self._pool: WorkerPool | None = None
+        self._runner: _Runner | None = None
+        self.last_seconds = 0.0
+        if spmd or self.config.world_size == 1:
+            self._runner = _Runner(model, self.config)
+            self.pipeline_class = type(self._runner.pipe).__name__
+        else:
+            self._pool = WorkerPool(self.config.world_size, pg_timeout_s=self.config.timeout_s)
+            try:
+                self.pipeline_class = self._pool.run(_worker_load, model, self.config, timeout=self.config.timeout_s)[0]
+            except BaseException:
+                self._pool.close()
+                raise
+
+    def generate(self, prompt: str | list[str], params: SamplingParams | None = None):
+        """Images (PIL) for the prompt(s); for video pipelines, a list of frame lists. None off rank 0."""
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        if not prompts or any(not isinstance(p, str) or not p.strip() for p in prompts):
+            raise ValueError(f"prompts must be non-empty strings, got {prompt!r}.")
+        params = params or SamplingParams()
+        if self._pool is not None:
+            result = self._pool.run(_worker_generate, prompts, params, timeout=self.config.timeout_s)[0]
+        else:
+            result = self._runner.generate(prompts, params)
+        if result is None:
+            return None
+        images, self.last_seconds = result
+        return images
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.close()
+            self._pool = None
+
+    def __enter__(self) -> Engine:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
