@@ -8,7 +8,9 @@
   images are returned on rank 0 and ``None`` elsewhere.
 
 Text encoding and VAE decoding run as diffusers runs them, on every rank; only the transformer is
-parallelized, with its plan (``meshsp.get_plan``).
+parallelized, with its plan (``meshsp.get_plan``). With ``cfg_degree=2`` the world splits into two
+halves on the ``cfg`` mesh axis that compute the conditional and unconditional branches at the same
+time (``meshsp.cfg``), each half sequence-parallel.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from meshsp.cfg import apply_cfg_parallel
 from meshsp.config import ParallelConfig
 from meshsp.launch import WorkerPool
 
@@ -62,7 +65,7 @@ def resolve_model(model: str) -> str:
 
 
 def _rank() -> int:
-    return dist.get_rank() if dist.is_initialized() else 0
+    return dist.get_rank() if dist.is_initialized() else int(os.environ.get("RANK", "0"))
 
 
 class _Runner:
@@ -83,11 +86,32 @@ class _Runner:
             transformers_logging.disable_progress_bar()
         self.pipe = DiffusionPipeline.from_pretrained(resolve_model(model), dtype=torch.float32)
         self.mesh = None
+        self.cfg_hook = None
         if config.world_size > 1:
             self.mesh = init_sp_mesh(config)
-            parallelize(self.pipe.transformer, self.mesh, ulysses_mode=config.ulysses_mode)
+            for name in ("transformer", "transformer_2"):  # Wan 2.2 has two experts
+                model = getattr(self.pipe, name, None)
+                if model is None:
+                    continue
+                if config.sequence_parallel_size > 1:
+                    parallelize(model, self.mesh, ulysses_mode=config.ulysses_mode)
+                if config.cfg_degree > 1:
+                    hook = apply_cfg_parallel(model, self.mesh["cfg"].get_group())
+                    self.cfg_hook = self.cfg_hook or []
+                    self.cfg_hook.append(hook)
         self.pipe.set_progress_bar_config(disable=_rank() != 0)
         self.params = inspect.signature(self.pipe.__call__).parameters
+
+    def _uses_cfg(self, kw: dict) -> bool:
+        """Whether this call runs a conditional and an unconditional branch per step."""
+        def value(name):
+            return kw.get(name, self.params[name].default)
+
+        if "true_cfg_scale" in self.params:
+            return value("true_cfg_scale") > 1 and kw.get("negative_prompt") is not None
+        if "guidance_scale" in self.params and hasattr(type(self.pipe), "do_classifier_free_guidance"):
+            return value("guidance_scale") > 1
+        return False
 
     def _kwargs(self, prompts: list[str], p: SamplingParams) -> dict:
         kw = dict(prompt=prompts, num_inference_steps=p.num_inference_steps, width=p.width, height=p.height,
@@ -108,8 +132,11 @@ class _Runner:
         return kw
 
     def generate(self, prompts: list[str], params: SamplingParams):
+        kwargs = self._kwargs(prompts, params)
+        for hook in self.cfg_hook or ():
+            hook.enabled = self._uses_cfg(kwargs)
         t0 = time.perf_counter()
-        out = self.pipe(**self._kwargs(prompts, params))
+        out = self.pipe(**kwargs)
         seconds = time.perf_counter() - t0
         images = out.frames if hasattr(out, "frames") else out.images
         return (images, seconds) if _rank() == 0 else None
@@ -141,8 +168,6 @@ class Engine:
 
     def __init__(self, model: str, parallel_config: ParallelConfig | None = None) -> None:
         self.config = parallel_config or ParallelConfig()
-        if self.config.cfg_degree > 1:
-            raise ValueError("cfg_degree > 1 (CFG parallel) is not available in the engine yet; use cfg_degree=1.")
         self.model = model
         spmd = int(os.environ.get("WORLD_SIZE", "1")) > 1
         self._pool: WorkerPool | None = None
@@ -173,6 +198,11 @@ class Engine:
             return None
         images, self.last_seconds = result
         return images
+
+    @property
+    def worker_pids(self) -> list[int]:
+        """Process ids of the spawned workers (empty under torchrun or with one rank)."""
+        return self._pool.pids if self._pool is not None else []
 
     def close(self) -> None:
         if self._pool is not None:

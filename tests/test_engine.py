@@ -22,7 +22,9 @@ def reference():
     ParallelConfig(ulysses_degree=2),
     ParallelConfig(ring_degree=2),
     ParallelConfig(ulysses_degree=2, ring_degree=2, ulysses_mode="advanced_uaa"),
-], ids=["U2", "R2", "U2xR2-uaa"])
+    ParallelConfig(cfg_degree=2),
+    ParallelConfig(cfg_degree=2, ulysses_degree=2, ulysses_mode="advanced_uaa"),
+], ids=["U2", "R2", "U2xR2-uaa", "cfg2", "cfg2xU2-uaa"])
 def test_sp_images_equal_single_process(reference, config):
     with Engine("tiny-qwen-image", config) as engine:
         images = engine.generate(PROMPTS, PARAMS)
@@ -38,8 +40,8 @@ def test_bad_sampling_params_and_prompts():
         SamplingParams(num_inference_steps=0)
     with pytest.raises(ValueError, match="width must be a positive integer"):
         SamplingParams(width=-64)
-    with pytest.raises(ValueError, match="cfg_degree > 1"):
-        Engine("tiny-qwen-image", ParallelConfig(cfg_degree=2))
+    with pytest.raises(ValueError, match="prompts must be non-empty strings"):
+        Engine("tiny-qwen-image").generate(["a cat", " "])
 
 
 @pytest.mark.parametrize("command", [

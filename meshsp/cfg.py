@@ -1,0 +1,103 @@
+"""CFG parallel: the conditional and unconditional branches on the two ranks of the ``cfg`` axis.
+
+diffusers pipelines call the transformer twice per denoising step, inside
+``transformer.cache_context("cond")`` and then ``cache_context("uncond")``, and combine the two
+predictions only after the second call. ``CfgParallelHook`` (a diffusers ``ModelHook``, the hook
+system diffusers' own caches use to replace a forward) exploits that order:
+
+* cfg rank 0 computes the "cond" call; at the "uncond" call it only receives rank 1's result;
+* cfg rank 1 answers the "cond" call at once with an empty tensor, computes the "uncond" call, and
+  then fills that tensor in place with rank 0's result (the pipeline has not read it yet).
+
+So the two branches run at the same time on the two halves of the world, each sequence-parallel on
+its own ``("ring", "ulysses")`` sub-mesh, and one all-gather per step over the ``cfg`` axis swaps
+the predictions. Requests without classifier-free guidance make only "cond" calls; the hook is
+then disabled and both halves compute the same branch.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.distributed._functional_collectives as funcol
+from diffusers.hooks.hooks import BaseState, HookRegistry, ModelHook, StateManager
+
+__all__ = ["CfgParallelHook", "apply_cfg_parallel"]
+
+HOOK_NAME = "meshsp_cfg_parallel"
+
+
+class _Pending(BaseState):
+    def __init__(self) -> None:
+        self.output: torch.Tensor | None = None
+
+    def reset(self) -> None:
+        self.output = None
+
+
+class CfgParallelHook(ModelHook):
+    """Replaces the transformer's forward; see the module docstring."""
+
+    _is_stateful = True  # receives the pipeline's cache_context ("cond" / "uncond")
+
+    def __init__(self, group: dist.ProcessGroup) -> None:
+        super().__init__()
+        self.group = group
+        self.rank = dist.get_rank(group)
+        self.enabled = True
+        self.state = StateManager(_Pending)
+        self._cond: torch.Tensor | None = None  # rank 0: its cond result; rank 1: the placeholder
+
+    def reset_state(self, module):
+        self.state.reset()
+        self._cond = None
+        return module
+
+    def new_forward(self, module, *args, **kwargs):
+        context = self.state._context
+        name = context.name if context is not None else None
+        if not self.enabled or name not in ("cond", "uncond"):
+            return self.fn_ref.original_forward(*args, **kwargs)
+        return_dict = kwargs.get("return_dict", True)
+        if name == "cond":
+            if self.rank == 0:
+                out = self.fn_ref.original_forward(*args, **kwargs)
+                self._cond = _sample(out)
+                return out
+            latents = kwargs.get("hidden_states", args[0] if args else None)
+            self._cond = latents.new_empty(0)  # filled at the "uncond" call, before it is read
+            return _wrap(self._cond, return_dict)
+        if self._cond is None:
+            raise ValueError("CFG parallel needs a 'cond' transformer call before each 'uncond' call.")
+        if self.rank == 1:
+            out = self.fn_ref.original_forward(*args, **kwargs)
+            mine = _sample(out)
+        else:
+            mine = self._cond
+        both = funcol.wait_tensor(funcol.all_gather_single(mine.contiguous(), 0, self.group))
+        cond, uncond = both.chunk(2)
+        if self.rank == 1:
+            self._cond.resize_(cond.shape).copy_(cond)
+        self._cond = None
+        return _wrap(uncond, return_dict)
+
+
+def _sample(out) -> torch.Tensor:
+    return out[0] if isinstance(out, tuple) else out.sample
+
+
+def _wrap(sample: torch.Tensor, return_dict: bool):
+    if return_dict:
+        from diffusers.models.modeling_outputs import Transformer2DModelOutput
+
+        return Transformer2DModelOutput(sample=sample)
+    return (sample,)
+
+
+def apply_cfg_parallel(transformer: torch.nn.Module, cfg_group: dist.ProcessGroup) -> CfgParallelHook:
+    """Register the CFG-parallel hook on ``transformer``; returns it (``hook.enabled`` toggles it)."""
+    if dist.get_world_size(cfg_group) != 2:
+        raise ValueError(f"CFG parallel needs a cfg axis of size 2, got {dist.get_world_size(cfg_group)}.")
+    hook = CfgParallelHook(cfg_group)
+    HookRegistry.check_if_exists_or_initialize(transformer).register_hook(hook, HOOK_NAME)
+    return hook

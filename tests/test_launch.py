@@ -1,0 +1,83 @@
+"""Launching: torchrun (one node, and two nodes on localhost) and a worker killed mid-generation."""
+
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from meshsp import ParallelConfig
+from meshsp.engine import Engine, SamplingParams
+from meshsp.launch import RankFailure, free_port
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+GEN = ["-m", "meshsp.cli", "generate", "--model", "tiny-qwen-image", "--prompt", "a cat", "--width", "64",
+       "--height", "48", "--num-inference-steps", "2", "--seed", "5"]
+
+
+@pytest.fixture(scope="module")
+def single_png(tmp_path_factory):
+    out = tmp_path_factory.mktemp("single") / "single.png"
+    subprocess.run([sys.executable, *GEN, "--output", str(out)], cwd=ROOT, check=True, capture_output=True,
+                   timeout=300)
+    return np.asarray(Image.open(out)).astype(int)
+
+
+def _torchrun(args, **kw):
+    return subprocess.Popen([sys.executable, "-m", "torch.distributed.run", *args], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
+
+
+def test_torchrun_single_node(tmp_path, single_png):
+    out = tmp_path / "tr.png"
+    proc = _torchrun(["--nproc-per-node", "2", "--master-port", str(free_port()), *GEN,
+                      "--ulysses-degree", "2", "--ulysses-mode", "advanced_uaa", "--output", str(out)])
+    stdout, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 0, stderr[-2000:]
+    assert stdout.count("wrote") == 1  # rank 0 only
+    assert np.abs(np.asarray(Image.open(out)).astype(int) - single_png).max() <= 1
+
+
+def test_torchrun_two_nodes_on_localhost(tmp_path, single_png):
+    out = tmp_path / "nodes.png"
+    port = str(free_port())
+    nodes = [_torchrun(["--nnodes", "2", "--node-rank", str(n), "--nproc-per-node", "1", "--master-addr",
+                        "127.0.0.1", "--master-port", port, *GEN, "--ring-degree", "2", "--output", str(out)])
+             for n in (0, 1)]
+    results = [p.communicate(timeout=300) for p in nodes]
+    assert [p.returncode for p in nodes] == [0, 0], [r[1][-1500:] for r in results]
+    assert "mesh (ring=2, ulysses=1" in results[0][0]
+    assert np.abs(np.asarray(Image.open(out)).astype(int) - single_png).max() <= 1
+
+
+def test_killed_worker_makes_the_caller_raise():
+    engine = Engine("tiny-qwen-image", ParallelConfig(ulysses_degree=2, ulysses_mode="advanced_uaa"))
+    pids = engine.worker_pids
+    outcome = {}
+
+    def generate():
+        try:
+            engine.generate("a cat", SamplingParams(num_inference_steps=400, width=256, height=256))
+            outcome["result"] = "finished"
+        except RankFailure as exc:
+            outcome["result"] = exc
+
+    thread = threading.Thread(target=generate)
+    t0 = time.monotonic()
+    thread.start()
+    time.sleep(3)
+    os.kill(pids[1], signal.SIGKILL)
+    thread.join(timeout=60)
+    assert not thread.is_alive(), "the caller hung after a worker was killed"
+    assert isinstance(outcome["result"], RankFailure) and "died" in str(outcome["result"])
+    assert time.monotonic() - t0 < 60
+    engine.close()
+    for pid in pids:  # no orphans
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
