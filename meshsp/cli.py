@@ -57,7 +57,8 @@ def run_generate(args) -> int:
             frames[0].save(args.output, save_all=True, append_images=frames[1:], duration=125, loop=0)
         else:
             images[0].save(args.output)
-        print(f"{engine.pipeline_class} on mesh (ring={config.ring_degree}, ulysses={config.ulysses_degree}, "
+        cfg = f"cfg={config.cfg_degree}, " if config.cfg_degree > 1 else ""
+        print(f"{engine.pipeline_class} on mesh ({cfg}ring={config.ring_degree}, ulysses={config.ulysses_degree}, "
               f"mode={config.ulysses_mode}), {config.world_size} rank(s): load {load_s:.1f} s, "
               f"generate {engine.last_seconds:.2f} s = {engine.last_seconds / params.num_inference_steps * 1e3:.0f} ms "
               f"per step including text encoding and VAE decode ({params.num_inference_steps} steps, "

@@ -177,6 +177,7 @@ class Engine:
             self._runner = _Runner(model, self.config)
             self.pipeline_class = type(self._runner.pipe).__name__
         else:
+            model = resolve_model(model)  # build an embedded pipeline here, before any process group
             self._pool = WorkerPool(self.config.world_size, pg_timeout_s=self.config.timeout_s)
             try:
                 self.pipeline_class = self._pool.run(_worker_load, model, self.config, timeout=self.config.timeout_s)[0]

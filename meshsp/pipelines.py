@@ -427,6 +427,14 @@ def tiny_pipeline_path(name: str, cache_dir: str | os.PathLike | None = None) ->
     if _is_complete(target):
         return target
 
+    import torch.distributed as dist
+
+    if dist.is_initialized() and dist.get_rank() != 0:
+        # transformers' save_pretrained writes weights only on rank 0 of an initialised group.
+        raise ValueError(
+            f"tiny pipeline {name!r} is not built yet and this is rank {dist.get_rank()}; call "
+            "tiny_pipeline_path before initialising the process group (meshsp.Engine does)."
+        )
     root.mkdir(parents=True, exist_ok=True)
     with open(root / f".{target.name}.lock", "a+") as lock:
         fcntl.flock(lock.fileno(), fcntl.LOCK_EX)

@@ -61,3 +61,20 @@ def test_cli_writes_png(tmp_path, command):
                           cwd=root, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "mesh (ring=1, ulysses=2" in proc.stdout and Image.open(out).size == (64, 64)
+
+
+@pytest.mark.parametrize("model,config,params", [
+    ("tiny-flux", ParallelConfig(ring_degree=2), SamplingParams(num_inference_steps=2, width=64, height=48, seed=1)),
+    ("tiny-wan", ParallelConfig(cfg_degree=2, ulysses_degree=2, ulysses_mode="advanced_uaa"),
+     SamplingParams(num_inference_steps=2, width=64, height=48, seed=1, num_frames=5, guidance_scale=5.0,
+                    negative_prompt="blurry")),
+], ids=["flux-R2", "wan-cfg2xU2-uaa"])
+def test_other_families_match_single_process(model, config, params):
+    with Engine(model) as engine:
+        want = engine.generate("a cat in the snow", params)
+    with Engine(model, config) as engine:
+        got = engine.generate("a cat in the snow", params)
+    flat = lambda imgs: [np.asarray(f).astype(int) for im in imgs for f in (im if isinstance(im, list) else [im])]
+    assert len(flat(got)) == len(flat(want)) == (5 if params.num_frames else 1)
+    for g, w in zip(flat(got), flat(want)):
+        assert np.abs(g - w).max() <= 1
