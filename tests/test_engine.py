@@ -44,23 +44,27 @@ def test_bad_sampling_params_and_prompts():
         Engine("tiny-qwen-image").generate(["a cat", " "])
 
 
-@pytest.mark.parametrize("command", [
-    ["meshsp", "generate"],
-    [__import__("sys").executable, "examples/offline_inference/text_to_image/text_to_image.py"],
-], ids=["meshsp-generate", "example-script"])
-def test_cli_writes_png(tmp_path, command):
+@pytest.mark.parametrize("command,name", [
+    (["meshsp", "generate"], "cat.png"),
+    ([__import__("sys").executable, "examples/offline_inference/text_to_image/text_to_image.py"], "cat.png"),
+    ([__import__("sys").executable, "examples/offline_inference/text_to_video/text_to_video.py"], "cat.gif"),
+], ids=["meshsp-generate", "text-to-image", "text-to-video"])
+def test_cli_writes_output(tmp_path, command, name):
     import pathlib
     import subprocess
 
     from PIL import Image
 
     root = pathlib.Path(__file__).resolve().parents[1]
-    out = tmp_path / "cat.png"
-    proc = subprocess.run(command + ["--model", "tiny-qwen-image", "--ulysses-degree", "2", "--width", "64",
-                                     "--height", "64", "--num-inference-steps", "2", "--output", str(out)],
+    out = tmp_path / name
+    model = "tiny-wan" if name.endswith(".gif") else "tiny-qwen-image"
+    proc = subprocess.run(command + ["--model", model, "--ulysses-degree", "2", "--ulysses-mode", "advanced_uaa",
+                                     "--width", "64", "--height", "64", "--num-inference-steps", "2",
+                                     "--output", str(out)],
                           cwd=root, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "mesh (ring=1, ulysses=2" in proc.stdout and Image.open(out).size == (64, 64)
+    assert getattr(Image.open(out), "n_frames", 1) == (5 if name.endswith(".gif") else 1)
 
 
 @pytest.mark.parametrize("model,config,params", [
