@@ -1,4 +1,4 @@
-"""``meshsp`` command line: ``demo``, ``generate``, ``bench``."""
+"""``meshsp`` command line: ``demo``, ``generate``, ``serve``, ``bench``."""
 
 from __future__ import annotations
 
@@ -66,6 +66,23 @@ def run_generate(args) -> int:
     return 0
 
 
+def _serve(args) -> int:
+    import os
+
+    from meshsp.config import ParallelConfig
+    from meshsp.engine import Engine
+    from meshsp.serve import Limits, serve
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise SystemExit("meshsp serve starts its own workers; run it from a plain process, not torchrun.")
+    config = ParallelConfig(ulysses_degree=args.ulysses_degree, ring_degree=args.ring_degree,
+                            ulysses_mode=args.ulysses_mode, cfg_degree=args.cfg_parallel_size)
+    limits = Limits(max_size=args.max_size, max_n=args.max_n, max_steps=args.max_steps,
+                    default_size=args.default_size, default_steps=args.default_steps)
+    serve(Engine(args.model, config), args.model, host=args.host, port=args.port, limits=limits)
+    return 0
+
+
 def _bench(args) -> int:
     if args.what == "attention":
         from meshsp.bench.attention import run
@@ -92,6 +109,21 @@ def build_parser() -> argparse.ArgumentParser:
     gen = sub.add_parser("generate", help="generate an image with a sequence-parallel transformer")
     add_generate_args(gen)
     gen.set_defaults(func=run_generate)
+
+    srv = sub.add_parser("serve", help="OpenAI-compatible image server over sequence-parallel workers")
+    srv.add_argument("model", help="pipeline directory, hub id or tiny-* name; also the served model name")
+    srv.add_argument("--ulysses-degree", "--usp", type=int, default=1)
+    srv.add_argument("--ring-degree", "--ring", type=int, default=1)
+    srv.add_argument("--ulysses-mode", default="strict", choices=["strict", "default", "advanced_uaa"])
+    srv.add_argument("--cfg-parallel-size", type=int, default=1)
+    srv.add_argument("--host", default="127.0.0.1", help="bind address (default: loopback only)")
+    srv.add_argument("--port", type=int, default=8000)
+    srv.add_argument("--max-size", type=int, default=1024, help="largest width or height a request may ask")
+    srv.add_argument("--max-n", type=int, default=4)
+    srv.add_argument("--max-steps", type=int, default=100)
+    srv.add_argument("--default-size", type=int, default=256)
+    srv.add_argument("--default-steps", type=int, default=4)
+    srv.set_defaults(func=_serve)
 
     bench = sub.add_parser("bench", help="benchmarks printed side by side")
     bench.add_argument("what", choices=["attention", "models"])

@@ -102,6 +102,13 @@ class _Runner:
         self.pipe.set_progress_bar_config(disable=_rank() != 0)
         self.params = inspect.signature(self.pipe.__call__).parameters
 
+    def info(self) -> dict:
+        """Pipeline class, whether it makes video, and the multiple its width and height need."""
+        pipe = self.pipe
+        scale = getattr(pipe, "vae_scale_factor_spatial", None) or getattr(pipe, "vae_scale_factor", 8)
+        # Latents are packed (Flux, Qwen-Image) or patchified (Wan) 2x2 after the VAE's downscaling.
+        return {"pipeline": type(pipe).__name__, "video": "num_frames" in self.params, "size_multiple": scale * 2}
+
     def _uses_cfg(self, kw: dict) -> bool:
         """Whether this call runs a conditional and an unconditional branch per step."""
         def value(name):
@@ -145,10 +152,10 @@ class _Runner:
 _RUNNER: _Runner | None = None  # the runner of a spawned worker process
 
 
-def _worker_load(model: str, config: ParallelConfig) -> str:
+def _worker_load(model: str, config: ParallelConfig) -> dict:
     global _RUNNER
     _RUNNER = _Runner(model, config)
-    return type(_RUNNER.pipe).__name__
+    return _RUNNER.info()
 
 
 def _worker_generate(prompts: list[str], params: SamplingParams):
@@ -175,15 +182,18 @@ class Engine:
         self.last_seconds = 0.0
         if spmd or self.config.world_size == 1:
             self._runner = _Runner(model, self.config)
-            self.pipeline_class = type(self._runner.pipe).__name__
+            info = self._runner.info()
         else:
             model = resolve_model(model)  # build an embedded pipeline here, before any process group
             self._pool = WorkerPool(self.config.world_size, pg_timeout_s=self.config.timeout_s)
             try:
-                self.pipeline_class = self._pool.run(_worker_load, model, self.config, timeout=self.config.timeout_s)[0]
+                info = self._pool.run(_worker_load, model, self.config, timeout=self.config.timeout_s)[0]
             except BaseException:
                 self._pool.close()
                 raise
+        self.pipeline_class: str = info["pipeline"]
+        self.is_video: bool = info["video"]
+        self.size_multiple: int = info["size_multiple"]
 
     def generate(self, prompt: str | list[str], params: SamplingParams | None = None):
         """Images (PIL) for the prompt(s); for video pipelines, a list of frame lists. None off rank 0."""

@@ -160,3 +160,6 @@ class WorkerPool:
             if p.is_alive():
                 p.kill()
                 p.join(5)
+        for q in (*self._tasks, self._results):
+            q.close()
+            q.join_thread()
