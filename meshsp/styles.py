@@ -31,9 +31,10 @@ from torch.overrides import TorchFunctionMode
 
 from meshsp.config import ULYSSES_MODES
 from meshsp.ops.attention import sp_attention
+from meshsp.ops.consensus import agree, describe
 from meshsp.placements import SeqLayout
 
-__all__ = ["GatherSequence", "ParallelAttention", "PlanState", "SeqDim", "ShardSequence"]
+__all__ = ["CheckInputs", "GatherSequence", "ParallelAttention", "PlanState", "SeqDim", "ShardSequence"]
 
 _MASK_FLOOR = -1.0e4  # additive masks: 0 keeps a key, <= this drops it (exp underflows to 0 in fp32)
 
@@ -279,6 +280,27 @@ class GatherSequence(_Bound):
         return module
 
 
+class CheckInputs(ParallelStyle):
+    """Before a module's forward, all SP ranks agree that they were given the same inputs.
+
+    One 16-byte all-gather per SP axis and forward (``meshsp.ops.consensus.agree``): inputs that
+    differ between ranks (another sequence length or batch on one rank) raise the same
+    ``ValueError`` on every rank, naming the differing shapes, instead of deadlocking later.
+    ``meshsp.parallelize`` puts it on the model's root, ahead of the plan's own hooks.
+    """
+
+    def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
+        sp = SPMesh(device_mesh)
+        name = type(module).__name__
+
+        def pre_hook(mod, args, kwargs):
+            agree(f"{name}.forward", f"args {describe(args)}; kwargs {describe(kwargs)}", None,
+                  (sp.ulysses_group, sp.ring_group), sp.device)
+
+        module.register_forward_pre_hook(pre_hook, with_kwargs=True, prepend=True)
+        return module
+
+
 def _key_padding(mask: torch.Tensor | None, q: torch.Tensor, k: torch.Tensor, where: str) -> torch.Tensor | None:
     """A key-padding mask [B, 1|H, 1, S_k] (bool, or additive 0 / <= -1e4) -> bool [B, S_k]."""
     if mask is None:
@@ -339,6 +361,7 @@ class ParallelAttention(_Bound):
         return sp_attention(
             query, key, value, mask, ring_group=sp.ring_group, ulysses_group=sp.ulysses_group,
             q_layout=q_layout, kv_layout=kv_layout, uaa=self.state.uaa, scale=scale,
+            validate=False,  # CheckInputs agreed on the model's inputs at the start of the forward
         )
 
     def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:

@@ -52,7 +52,10 @@ def _theory_bytes(ring, ulysses, b, h, s, d, itemsize):
     a2a = 4 * local * (ulysses - 1) // ulysses if ulysses > 1 else 0  # q, k, v out; out back
     chunk_kv = 2 * b * (h // ulysses) * (s // ring) * d  # K and V of one ring chunk, own heads
     p2p = (ring - 1) * chunk_kv
-    return {k: v * itemsize for k, v in (("all_to_all", a2a), ("p2p", p2p)) if v}
+    out = {k: v * itemsize for k, v in (("all_to_all", a2a), ("p2p", p2p)) if v}
+    # The ranks' agreement on inputs: 2 int64 per rank, gathered over ulysses, then over ring.
+    out["consensus"] = 16 * (ulysses - 1) + 16 * ulysses * (ring - 1)
+    return out
 
 
 @pytest.mark.parametrize("world,ring,ulysses", ALL, ids=[f"R{r}xU{u}" for _, r, u in ALL])
@@ -72,7 +75,7 @@ def test_dtensor_does_no_redistribution(pools):
     meshsp only its own all-to-all and P2P (whose bytes the test above checks)."""
     for res in pools(4).run(rank_tasks.funcol_counts):
         assert res["dtensor"] == {}, res
-        assert res["meshsp"] == {"all_to_all": 2, "p2p": 1}, res
+        assert res["meshsp"] == {"all_to_all": 2, "p2p": 1, "consensus": 2}, res
 
 
 ATTENTION_ERRORS = {

@@ -15,6 +15,7 @@ import torch.distributed as dist
 from torch.distributed.distributed_c10d import _resolve_process_group
 
 from meshsp.ops.checks import check_attention_inputs
+from meshsp.ops.consensus import agree
 from meshsp.ops.kernel import local_attention
 from meshsp.ops.ring import ring_attention
 from meshsp.ops.ulysses import gather_heads, scatter_heads
@@ -45,14 +46,25 @@ def _sp_attention_op(
     ulysses: int,
     uaa: bool,
     scale: float | None,
+    validate: bool,
 ) -> torch.Tensor:
     ring_pg, ulysses_pg = _group(ring_group), _group(ulysses_group)
     r = dist.get_rank(ring_pg) if ring_pg is not None else 0
     u = dist.get_rank(ulysses_pg) if ulysses_pg is not None else 0
     q_layout, kv_layout = _grid(q_lens, ring, ulysses), _grid(kv_lens, ring, ulysses)
-    check_attention_inputs(
-        q, k, v, mask, q_layout=q_layout, kv_layout=kv_layout, ring_rank=r, ulysses_rank=u, uaa=uaa
-    )
+    check = dict(q_layout=q_layout, kv_layout=kv_layout, ring_rank=r, ulysses_rank=u, uaa=uaa)
+    if not validate:
+        check_attention_inputs(q, k, v, mask, **check)
+    else:
+        error = None
+        try:
+            check_attention_inputs(q, k, v, mask, **check)
+        except ValueError as exc:
+            error = str(exc)
+        shared = (f"layouts q={q_layout.lens} kv={kv_layout.lens}; batch {q.shape[0]}, heads {q.shape[1]}/"
+                  f"{k.shape[1]}, head dims {q.shape[-1]}/{v.shape[-1]}, {q.dtype}, mask {mask is not None}, "
+                  f"uaa {uaa}, scale {scale}")
+        agree("sp_attention", shared, error, (ulysses_pg, ring_pg), q.device.type)
     heads = HeadSplit(q.shape[1], k.shape[1], ulysses)
     if ulysses > 1:
         q, k, v, mask = scatter_heads(
@@ -69,7 +81,7 @@ def _sp_attention_op(
 
 
 @_sp_attention_op.register_fake
-def _(q, k, v, mask, ring_group, ulysses_group, q_lens, kv_lens, ring, ulysses, uaa, scale):
+def _(q, k, v, mask, ring_group, ulysses_group, q_lens, kv_lens, ring, ulysses, uaa, scale, validate):
     return q.new_empty(*q.shape[:-1], v.shape[-1])
 
 
@@ -85,6 +97,7 @@ def sp_attention(
     kv_layout: SeqLayout | None = None,
     uaa: bool = False,
     scale: float | None = None,
+    validate: bool = True,
 ) -> torch.Tensor:
     """Exact attention of this rank's query shard over every rank's keys.
 
@@ -92,6 +105,11 @@ def sp_attention(
     ``q_layout`` / ``kv_layout`` describe (``kv_layout`` defaults to ``q_layout``); ``mask_BSk`` is
     the local boolean key-padding mask (True = attend). Returns out [B, H, s_q, Dv], this rank's
     shard of the single-device result. A group may be None when its degree is 1.
+
+    With ``validate`` (the default) the ranks first agree that they were given the same layouts,
+    heads and dtypes and that no rank's inputs are invalid (one 16-byte all-gather per SP axis);
+    otherwise every rank raises the same ``ValueError`` instead of waiting in a collective.
+    Model plans pass ``validate=False``: they check the model's inputs once per forward instead.
 
     Example::
 
@@ -106,5 +124,5 @@ def sp_attention(
         ulysses_group.group_name if ulysses_group is not None and q_layout.ulysses > 1 else "",
         [n for row in q_layout.lens for n in row],
         [n for row in kv_layout.lens for n in row],
-        q_layout.ring, q_layout.ulysses, uaa, scale,
+        q_layout.ring, q_layout.ulysses, uaa, scale, validate,
     )

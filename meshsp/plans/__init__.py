@@ -27,7 +27,7 @@ import yaml
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor.parallel import parallelize_module
 
-from meshsp.styles import GatherSequence, ParallelAttention, PlanState, SeqDim, ShardSequence
+from meshsp.styles import CheckInputs, GatherSequence, ParallelAttention, PlanState, SeqDim, ShardSequence
 
 __all__ = ["Plan", "STYLES", "available_plans", "get_plan", "load_plan", "parallelize", "plan_from_cp_plan"]
 
@@ -210,6 +210,8 @@ def parallelize(transformer: nn.Module, mesh: DeviceMesh, plan: Plan | None = No
                 ulysses_mode: str = "strict") -> nn.Module:
     """Validate ``plan`` (default: ``get_plan(transformer)``) and apply it with ``parallelize_module``.
 
+    Also puts ``CheckInputs`` on the root: ranks given different inputs raise, never deadlock.
+
     Example::
 
         mesh = meshsp.init_sp_mesh(ParallelConfig(ulysses_degree=2))
@@ -219,4 +221,5 @@ def parallelize(transformer: nn.Module, mesh: DeviceMesh, plan: Plan | None = No
     plan.validate(transformer)
     sp_mesh = mesh["ring", "ulysses"] if mesh.mesh_dim_names and "cfg" in mesh.mesh_dim_names else mesh
     styles = {path: style for path, style in plan.items() if plan.matches(transformer, path)}
-    return parallelize_module(transformer, sp_mesh, styles)
+    parallelize_module(transformer, sp_mesh, styles)
+    return CheckInputs()._apply(transformer, sp_mesh)
