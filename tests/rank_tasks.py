@@ -204,7 +204,7 @@ def bad_plan_forward(family: str) -> None:
 
     model = build_transformer(family)
     plan = Plan.from_dict({"plan": {"": {"style": "ShardSequence", "inputs": {"img_ids": 2}}}})
-    parallelize(model, mesh_for(1, 2), plan)
+    parallelize(model, mesh_for(1, dist.get_world_size()), plan)
     with torch.no_grad():
         model(**make_inputs(family, model))
 
@@ -215,4 +215,80 @@ def bad_plan_apply(family: str) -> None:
 
     model = build_transformer(family)
     plan = Plan.from_dict({"plan": {"": {"style": "ShardSequence", "inputs": {"latents": 1}}}})
-    parallelize(model, mesh_for(1, 2), plan)
+    parallelize(model, mesh_for(1, dist.get_world_size()), plan)
+
+
+# --- reliability catalogue -----------------------------------------------------------------------
+
+def _flux_forward(h: int, w: int, batch: int = 1, plan=None) -> None:
+    from meshsp.plans import parallelize
+    from meshsp.tiny import build_transformer, make_inputs
+
+    model = build_transformer("flux")
+    parallelize(model, mesh_for(1, dist.get_world_size()), plan)
+    with torch.no_grad():
+        model(**make_inputs("flux", model, h=h, w=w, batch=batch))
+
+
+def catalogue(case: str) -> None:
+    """One bad configuration or input, built the same way on every rank unless the case says so."""
+    from meshsp.plans import Plan, load_plan
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    if case.startswith("config:"):
+        key, value = case.split(":")[1].split("=")
+        ParallelConfig(**{key: eval(value)})
+    elif case == "mesh:world":
+        init_sp_mesh(ParallelConfig(ulysses_degree=world * 2))
+    elif case == "mesh:cfg-world":
+        init_sp_mesh(ParallelConfig(ulysses_degree=world, cfg_degree=2))
+    elif case.startswith("attention:"):
+        bad_attention(case.split(":")[1], 1, world)
+    elif case.startswith("local:"):
+        bad_local_op(case.split(":")[1], 1, world)
+    elif case == "plan:style":
+        Plan.from_dict({"plan": {"x": {"style": "Nope"}}})
+    elif case == "plan:mode":
+        load_plan("FluxTransformer2DModel", ulysses_mode="turbo")
+    elif case == "plan:path":
+        _flux_forward(4, 4, plan=Plan.from_dict({"plan": {"blocks.*.attn": {"style": "ParallelAttention"}}}))
+    elif case == "plan:dim":
+        bad_plan_forward("flux")
+    elif case == "plan:arg":
+        bad_plan_apply("flux")
+    elif case == "model:strict":
+        model_parity("z-image", 1, world, "strict", 2 * world - 1, dict(h=3, w=5, txt=7))
+    elif case == "strict:heads":  # a head count no degree > 1 divides
+        q = shard_sequence(torch.randn(1, 2 * world - 1, 4 * world, 8), mesh_for(1, world), seq_dim=2)
+        with meshsp.sequence_parallel_attention("strict"):
+            F.scaled_dot_product_attention(q, q, q)
+    elif case == "strict:seq":
+        q = shard_sequence(torch.randn(1, 4, 4 * world + 1, 8), mesh_for(1, world), seq_dim=2)
+        with meshsp.sequence_parallel_attention("strict"):
+            F.scaled_dot_product_attention(q, q, q)
+    elif case == "differ:seq":
+        _flux_forward(4, 4 if rank == 0 else 5)
+    elif case == "differ:batch":
+        _flux_forward(4, 4, batch=1 if rank == 0 else 2)
+    elif case == "differ:layout":
+        n = 16 if rank == 0 else 20
+        layout = SeqLayout.from_global(n, ring=1, ulysses=world)
+        q = torch.randn(1, 4, layout.local(0, rank), 8)
+        meshsp.sp_attention(q, q, q, ring_group=None, ulysses_group=mesh_for(1, world)["ulysses"].get_group(),
+                            q_layout=layout)
+    elif case == "differ:local-length":
+        layout = SeqLayout.from_global(16, ring=1, ulysses=world)
+        q = torch.randn(1, 4, layout.local(0, rank) + (rank == world - 1), 8)
+        meshsp.sp_attention(q, q, q, ring_group=None, ulysses_group=mesh_for(1, world)["ulysses"].get_group(),
+                            q_layout=layout)
+    elif case == "differ:heads":
+        layout = SeqLayout.from_global(16, ring=1, ulysses=world)
+        q = torch.randn(1, 4 if rank else 8, layout.local(0, rank), 8)
+        meshsp.sp_attention(q, q, q, ring_group=None, ulysses_group=mesh_for(1, world)["ulysses"].get_group(),
+                            q_layout=layout, uaa=True)
+    elif case == "sampling":
+        from meshsp.engine import SamplingParams
+
+        SamplingParams(height=0)
+    else:
+        raise AssertionError(f"unknown catalogue case {case}")
