@@ -31,6 +31,7 @@ def _uaa_cases(ring, ulysses):
         dict(base, B=2, H=5, D=9, Sq=41, Skv=77, mask=True, density=0.3, seed=12),  # 77-token text
         dict(base, B=1, H=3, D=64, Sq=3, mask=True, seed=13),  # fewer heads and tokens than ranks
         dict(base, B=1, H=8, Hk=1, D=32, Sq=29, Dv=16, seed=14),  # multi-query, Dv != D
+        dict(base, B=1, H=9, Hk=3, D=8, Sq=1, Skv=6, seed=16),  # the head split cuts GQA groups
         dict(base, B=2, H=30, D=16, Sq=67, Skv=19, dtype=torch.float32, mask=True, seed=15),
     ]
 

@@ -116,3 +116,10 @@ def test_merge_of_key_blocks_equals_whole():
     out, lse = merge_partials(*a, *b)
     torch.testing.assert_close(out, whole, atol=1e-12, rtol=1e-12)
     torch.testing.assert_close(lse, lse_whole, atol=1e-12, rtol=1e-12)
+
+
+def test_head_split_kv_index_for_groups_cut_by_the_split():
+    split = HeadSplit(9, 3, 2)  # query heads 0-4 | 5-8, groups of 3
+    assert split.kv_ranges == ((0, 2), (1, 3))
+    assert split.kv_index(0) == [0, 0, 0, 1, 1] and split.kv_index(1) == [0, 1, 1, 1]
+    assert HeadSplit(8, 2, 2).kv_index(0) is None

@@ -71,6 +71,9 @@ def _sp_attention_op(
             q, k, v, mask, group=ulysses_pg, heads=heads,
             q_lens=q_layout.lens[r], kv_lens=kv_layout.lens[r],
         )
+        index = heads.kv_index(u)
+        if index is not None:  # query heads cut through a GQA group: one K/V head per query head
+            k, v = k[:, index], v[:, index]
     if ring > 1:
         out, _ = ring_attention(q, k, v, mask, group=ring_pg, kv_lens=kv_layout.ring_lens, scale=scale)
     else:

@@ -81,7 +81,8 @@ class HeadSplit:
 
     Query heads are split in balanced sizes. With grouped-query attention (``q_heads`` a multiple of
     ``kv_heads``), a rank receives exactly the key/value heads its query heads read; when the split
-    is aligned to the groups (``kv_heads % ulysses == 0``) each K/V head goes to one rank only.
+    is aligned to the groups (``kv_heads % ulysses == 0``) each K/V head goes to one rank only. A rank
+    whose query heads cut through a group expands its K/V heads locally (``kv_index``).
     """
 
     q_heads: int
@@ -99,6 +100,16 @@ class HeadSplit:
         return tuple(
             (lo // group, -(-hi // group)) if hi > lo else (0, 0) for lo, hi in self.q_ranges
         )
+
+    def kv_index(self, rank: int) -> list[int] | None:
+        """For a rank whose query heads do not start and end on group boundaries, the local K/V head
+        each local query head reads (expand K/V with it); None when the heads are group-aligned."""
+        group = self.q_heads // self.kv_heads
+        lo, hi = self.q_ranges[rank]
+        if lo % group == 0 and hi % group == 0:
+            return None
+        kv_lo = self.kv_ranges[rank][0]
+        return [h // group - kv_lo for h in range(lo, hi)]
 
     def q_count(self, rank: int) -> int:
         lo, hi = self.q_ranges[rank]
