@@ -32,6 +32,8 @@ def add_generate_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--num-frames", type=int, default=None, help="video pipelines only")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--output", default="output.png")
+    parser.add_argument("--timeout", type=float, default=600.0,
+                        help="seconds a collective may wait before the process group gives up")
 
 
 def run_generate(args) -> int:
@@ -42,7 +44,7 @@ def run_generate(args) -> int:
     from meshsp.engine import Engine, SamplingParams
 
     config = ParallelConfig(ulysses_degree=args.ulysses_degree, ring_degree=args.ring_degree,
-                            ulysses_mode=args.ulysses_mode, cfg_degree=args.cfg_parallel_size)
+                            ulysses_mode=args.ulysses_mode, cfg_degree=args.cfg_parallel_size, timeout_s=args.timeout)
     params = SamplingParams(num_inference_steps=args.num_inference_steps, width=args.width,
                             height=args.height, seed=args.seed, guidance_scale=args.guidance_scale,
                             negative_prompt=args.negative_prompt, num_frames=args.num_frames)
@@ -76,7 +78,7 @@ def _serve(args) -> int:
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise SystemExit("meshsp serve starts its own workers; run it from a plain process, not torchrun.")
     config = ParallelConfig(ulysses_degree=args.ulysses_degree, ring_degree=args.ring_degree,
-                            ulysses_mode=args.ulysses_mode, cfg_degree=args.cfg_parallel_size)
+                            ulysses_mode=args.ulysses_mode, cfg_degree=args.cfg_parallel_size, timeout_s=args.timeout)
     limits = Limits(max_size=args.max_size, max_n=args.max_n, max_steps=args.max_steps,
                     default_size=args.default_size, default_steps=args.default_steps)
     serve(Engine(args.model, config), args.model, host=args.host, port=args.port, limits=limits)
@@ -123,6 +125,8 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--max-steps", type=int, default=100)
     srv.add_argument("--default-size", type=int, default=256)
     srv.add_argument("--default-steps", type=int, default=4)
+    srv.add_argument("--timeout", type=float, default=600.0,
+                     help="seconds a collective may wait before the process group gives up")
     srv.set_defaults(func=_serve)
 
     bench = sub.add_parser("bench", help="benchmarks printed side by side")

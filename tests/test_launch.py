@@ -81,3 +81,32 @@ def test_killed_worker_makes_the_caller_raise():
     for pid in pids:  # no orphans
         with pytest.raises(ProcessLookupError):
             os.kill(pid, 0)
+
+
+def _children(pid: int) -> list[int]:
+    kids = []
+    for task in pathlib.Path(f"/proc/{pid}/task").iterdir():
+        kids += [int(c) for c in (task / "children").read_text().split()]
+    return kids
+
+
+def test_torchrun_rank_killed_mid_forward_stops_everyone():
+    proc = _torchrun(["--nproc-per-node", "2", "--master-port", str(free_port()), "-m", "meshsp.cli", "generate",
+                      "--model", "tiny-qwen-image", "--ulysses-degree", "2", "--ulysses-mode", "advanced_uaa",
+                      "--width", "256", "--height", "256", "--num-inference-steps", "2000", "--output", "/dev/null"])
+    deadline = time.monotonic() + 120
+    workers = []
+    while time.monotonic() < deadline and len(workers) < 2:
+        time.sleep(0.5)
+        workers = _children(proc.pid)
+    assert len(workers) == 2, workers
+    time.sleep(12)  # loaded and denoising
+    assert proc.poll() is None, "the run ended before the kill"
+    t0 = time.monotonic()
+    os.kill(workers[1], signal.SIGKILL)
+    _, stderr = proc.communicate(timeout=90)
+    assert time.monotonic() - t0 < 60
+    assert proc.returncode != 0 and "Signal 9 (SIGKILL)" in stderr, stderr[-2000:]
+    for pid in workers:  # no orphans
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
