@@ -85,11 +85,64 @@ def _serve(args) -> int:
     return 0
 
 
+def _plan(args) -> int:
+    from meshsp.planner import HARDWARE, recommend, tokens, MODELS
+
+    if args.check:
+        return _check_plan(args)
+    rows = recommend(args.model, args.hardware, args.width, args.height, args.gpus, frames=args.frames,
+                     interconnect=args.interconnect)
+    s = tokens(MODELS[args.model], args.width, args.height, args.frames)
+    print(f"{args.model} {args.width}x{args.height}" + (f"x{args.frames}f" if args.frames > 1 else "")
+          + f" ({s} tokens) on {args.gpus} x {args.hardware} over {args.interconnect}; predicted speedup "
+          f"of a denoising step over 1 GPU (alpha-beta model, see meshsp/planner.py):")
+    for i, r in enumerate(rows):
+        mark = "  <- recommended" if i == 0 else ""
+        print(f"  cfg={r['cfg']} ring={r['ring']} ulysses={r['ulysses']} ({r['ulysses_mode']}): "
+              f"{r['speedup']:.2f}x{mark}")
+    best = rows[0]
+    print(f"meshsp generate --model ... --cfg-parallel-size {best['cfg']} --ring-degree {best['ring']} "
+          f"--ulysses-degree {best['ulysses']} --ulysses-mode {best['ulysses_mode']}")
+    return 0
+
+
+def _check_plan(args) -> int:
+    """Validate a YAML plan against a model (a tiny family or a diffusers model directory), no run."""
+    from meshsp.plans import load_plan
+    from meshsp.tiny import FAMILIES, build_transformer
+
+    plan = load_plan(args.check)
+    if args.model in FAMILIES:
+        model = build_transformer(args.model)
+    else:
+        import diffusers
+        import json
+        import pathlib
+
+        folder = pathlib.Path(args.model)
+        folder = folder / "transformer" if (folder / "transformer").is_dir() else folder
+        config = json.loads((folder / "config.json").read_text())
+        cls = getattr(diffusers, config["_class_name"])
+        import torch
+
+        with torch.device("meta"):
+            model = cls.from_config(config)
+    plan.validate(model)
+    print(f"{args.check}: valid for {type(model).__name__} ({len(plan)} entries)")
+    return 0
+
+
 def _bench(args) -> int:
     if args.what == "attention":
         from meshsp.bench.attention import run
 
         run(seq=args.seq, heads=args.heads, head_dim=args.head_dim, repeats=args.repeats)
+    elif args.what == "perf":
+        from meshsp.bench.perf import run
+
+        print(f"perf: transformer forward, {args.heads} heads of 16, grid {args.grid}, {args.txt} text tokens, "
+              f"fp32, 1 thread per rank, median of {args.repeats} after warm-up")
+        run(args.families.split(","), grid=args.grid, txt=args.txt, heads=args.heads, repeats=args.repeats)
     else:
         from meshsp.bench.models import run
 
@@ -129,8 +182,20 @@ def build_parser() -> argparse.ArgumentParser:
                      help="seconds a collective may wait before the process group gives up")
     srv.set_defaults(func=_serve)
 
+    plan = sub.add_parser("plan", help="recommend ulysses/ring/cfg degrees, or --check a plan file")
+    plan.add_argument("--model", required=True, help="model family (qwen-image, flux, wan, ...), or with "
+                      "--check a tiny family or a diffusers model directory")
+    plan.add_argument("--width", type=int, default=1024)
+    plan.add_argument("--height", type=int, default=1024)
+    plan.add_argument("--frames", type=int, default=1)
+    plan.add_argument("--gpus", type=int, default=8)
+    plan.add_argument("--hardware", default="h100", help="h100, h800, a100, l20")
+    plan.add_argument("--interconnect", default="nvlink", choices=["nvlink", "pcie", "ib"])
+    plan.add_argument("--check", metavar="PLAN.yaml", help="validate this plan against --model; no run")
+    plan.set_defaults(func=_plan)
+
     bench = sub.add_parser("bench", help="benchmarks printed side by side")
-    bench.add_argument("what", choices=["attention", "models"])
+    bench.add_argument("what", choices=["attention", "models", "perf"])
     bench.add_argument("--seq", type=int, default=8192, help="attention: sequence length")
     bench.add_argument("--heads", type=int, default=8)
     bench.add_argument("--families", default="flux,qwen-image,wan", help="models: comma-separated families")

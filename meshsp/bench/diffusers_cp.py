@@ -17,9 +17,17 @@ CPU / gloo caveat: diffusers computes the rank's device as
 on a machine with no accelerator. While setting up and running the parallel model this module
 therefore patches ``torch.accelerator.device_count`` to return 1 (scoped with
 ``unittest.mock.patch``; only where it would otherwise return 0, and only in the calling process).
-The device mesh is built here on the ``cpu`` device type (one per (ring, ulysses) shape, cached for
-the life of the process so repeated calls do not create new gloo groups) and passed as
-``ContextParallelConfig(mesh=...)``.
+The ``("ring", "ulysses")`` device mesh is built here on the current accelerator type (``cpu``
+without one), one per mesh shape, cached for the life of the process so repeated calls do not
+create new gloo groups, and passed as ``ContextParallelConfig(mesh=...)``. Forwards are called
+with ``return_dict=False``: the split hook diffusers puts on the root module of flux and wan
+rejects a ``Transformer2DModelOutput`` (diffusers' pipelines call their transformer that way too).
+
+Observed with diffusers 0.42.1 / torch 2.13 CPU / gloo, 2 ranks: Ulysses runs for flux,
+qwen-image and wan (max |diff| vs one process <= ~4e-7 in fp32); ring fails in the first
+attention with ``ValueError: Native attention does not support return_lse=True`` (the ring
+merge needs a log-sum-exp that the ``native`` SDPA backend, the only CP-capable backend on CPU,
+does not return).
 """
 
 from __future__ import annotations

@@ -1,0 +1,146 @@
+"""``meshsp bench perf``: meshsp vs one process vs diffusers' native context parallelism, one run.
+
+For each family (default Flux, Qwen-Image, Wan; toy width — 8 heads of 16 — at long sequence:
+4096 image tokens plus 256 text tokens), fp32, one thread per rank, medians of ``repeats`` forwards
+after a warm-up:
+
+* 1 process: the plain model, and the model with its plan applied at degree 1 (overhead ratio),
+  in a 1-rank pool;
+* meshsp U2 and R2 on 2 ranks (advanced_uaa plans): time, bytes each rank sends per forward
+  (``record_comm``) against the closed form, and peak activation memory per rank;
+* meshsp U2 under ``torch.compile``;
+* diffusers' ``enable_parallelism(ContextParallelConfig(ulysses_degree=2))`` and ``ring_degree=2``
+  on the same 2 ranks. On CPU diffusers divides by ``torch.accelerator.device_count()``, which is 0:
+  the benchmark patches it to 1 inside its own worker processes (``meshsp.bench.diffusers_cp``).
+
+Peak activation memory is the rise of the process's peak resident set (``VmHWM``, reset through
+``/proc/self/clear_refs``) over its resident set before the forward: large tensors are mmapped and
+returned to the OS when freed, so this tracks live activations.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+import torch
+import torch.distributed as dist
+
+from meshsp.bench.diffusers_cp import time_diffusers_cp
+from meshsp.bench.models import _overrides, _shapes
+from meshsp.config import ParallelConfig
+from meshsp.launch import WorkerPool
+from meshsp.ops.comm import record_comm
+from meshsp.tiny import build_transformer, make_inputs
+
+_MESHES: dict = {}
+
+
+def _rss_kb(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field):
+                return int(line.split()[1])
+    return 0
+
+
+def _peak_activation_mb(fn) -> float:
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # reset the peak resident set
+    except OSError:
+        return float("nan")
+    base = _rss_kb("VmRSS:")
+    fn()
+    return (_rss_kb("VmHWM:") - base) / 1024
+
+
+def _run(family, heads, shapes, repeats, ring, ulysses, *, plan=False, compile=False):
+    """Times (this rank), bytes sent in one forward, peak activation MB. Plan at degree 1 if plan."""
+    from meshsp.mesh import init_sp_mesh
+    from meshsp.plans import parallelize
+
+    model = build_transformer(family, heads=heads, **_overrides(family, shapes))
+    inputs = make_inputs(family, model, **shapes)
+    if plan or ring * ulysses > 1:
+        key = (ring, ulysses)
+        if key not in _MESHES:
+            _MESHES[key] = init_sp_mesh(ParallelConfig(ring_degree=ring, ulysses_degree=ulysses,
+                                                       ulysses_mode="advanced_uaa"))
+        parallelize(model, _MESHES[key], ulysses_mode="advanced_uaa")
+    fn = torch.compile(model) if compile else model
+    with torch.no_grad():
+        fn(**inputs)  # warm-up (and compilation)
+        with record_comm() as stats:
+            memory = _peak_activation_mb(lambda: fn(**inputs))
+        times = []
+        for _ in range(repeats):
+            dist.barrier()
+            t0 = time.perf_counter()
+            fn(**inputs)
+            times.append(time.perf_counter() - t0)
+    return {"times": times, "bytes": dict(stats.bytes_sent), "memory_mb": memory}
+
+
+def _median_max(per_rank: list[dict]) -> float:
+    return statistics.median(max(ts) for ts in zip(*(r["times"] for r in per_rank)))
+
+
+def theory_bytes(family: str, heads: int, shapes: dict, layers: int, ring: int, ulysses: int) -> int:
+    """Closed form per rank and forward for even shards: Ulysses q,k,v,o all-to-alls; Ring K/V steps."""
+    s = shapes["h"] * shapes["w"] * shapes.get("frames", 1) + (shapes["txt"] if family != "wan" else 0)
+    d = heads * 16
+    p = ring * ulysses
+    a2a = 4 * (s // p) * d * (ulysses - 1) // ulysses
+    p2p = (ring - 1) * 2 * (s // p) * d
+    return 4 * layers * (a2a + p2p)
+
+
+def run(families: list[str], grid: int = 64, txt: int = 256, heads: int = 8, repeats: int = 5) -> list[dict]:
+    rows = []
+    for family in families:
+        shapes = _shapes(family, grid, txt)
+        row: dict = {"family": family}
+        with WorkerPool(1) as pool:
+            single = pool.run(_run, family, heads, shapes, repeats, 1, 1, timeout=1800)
+            row["single"] = _median_max(single)
+            row["single_mb"] = single[0]["memory_mb"]
+            row["degree1"] = _median_max(pool.run(_run, family, heads, shapes, repeats, 1, 1, plan=True, timeout=1800))
+        with WorkerPool(2) as pool:
+            for name, ring, ulysses in (("U2", 1, 2), ("R2", 2, 1)):
+                res = pool.run(_run, family, heads, shapes, repeats, ring, ulysses, timeout=1800)
+                row[name] = _median_max(res)
+                row[f"{name}_bytes"] = res[0]["bytes"]
+                row[f"{name}_mb"] = max(r["memory_mb"] for r in res)
+            row["U2_compiled"] = _median_max(pool.run(_run, family, heads, shapes, repeats, 1, 2, compile=True,
+                                                      timeout=1800))
+            for name, mode in (("diffusers_U2", "ulysses"), ("diffusers_R2", "ring")):
+                res = pool.run(time_diffusers_cp, family, heads, shapes, _overrides(family, shapes), repeats, mode,
+                               timeout=1800)
+                ok = res[0]["error"] is None
+                row[name] = statistics.median(max(ts) for ts in zip(*(r["times"] for r in res))) if ok else res[0]["error"]
+        rows.append(row)
+        _print(row)
+    return rows
+
+
+def _fmt(x) -> str:
+    return f"{x:.3f}s" if isinstance(x, float) else "n/a"
+
+
+def _print(row: dict) -> None:
+    s = row["single"]
+    print(f"{row['family']}: 1 proc {s:.3f}s | plan at degree 1 {row['degree1']:.3f}s "
+          f"({row['degree1'] / s:.3f}x) | meshsp U2 {row['U2']:.3f}s ({s / row['U2']:.2f}x) "
+          f"R2 {row['R2']:.3f}s ({s / row['R2']:.2f}x) | U2 compiled {row['U2_compiled']:.3f}s "
+          f"({s / row['U2_compiled']:.2f}x)", flush=True)
+    d = row["diffusers_U2"]
+    ratio = f"meshsp/diffusers {row['U2'] / d:.2f}x" if isinstance(d, float) else ""
+    print(f"    diffusers U2 {_fmt(d)} ({s / d:.2f}x) {ratio}" if isinstance(d, float) else f"    diffusers U2: {d}")
+    r = row["diffusers_R2"]
+    print(f"    diffusers R2 {_fmt(r)} ({s / r:.2f}x) meshsp/diffusers {row['R2'] / r:.2f}x" if isinstance(r, float)
+          else f"    diffusers R2 fails: {r}")
+    print(f"    bytes/rank U2 {row['U2_bytes']} R2 {row['R2_bytes']}")
+    print(f"    peak activation MB: 1 proc {row['single_mb']:.1f}, U2 {row['U2_mb']:.1f} "
+          f"({row['U2_mb'] / row['single_mb']:.2f}x), R2 {row['R2_mb']:.1f} ({row['R2_mb'] / row['single_mb']:.2f}x)",
+          flush=True)
