@@ -210,7 +210,8 @@ def parallelize(transformer: nn.Module, mesh: DeviceMesh, plan: Plan | None = No
                 ulysses_mode: str = "strict") -> nn.Module:
     """Validate ``plan`` (default: ``get_plan(transformer)``) and apply it with ``parallelize_module``.
 
-    Also puts ``CheckInputs`` on the root: ranks given different inputs raise, never deadlock.
+    Also puts ``CheckInputs`` on the root: ranks given different inputs raise, never deadlock. On
+    a mesh of one rank the validated plan is the identity and the model is left untouched.
 
     Example::
 
@@ -220,6 +221,8 @@ def parallelize(transformer: nn.Module, mesh: DeviceMesh, plan: Plan | None = No
     plan = plan if plan is not None else get_plan(transformer, ulysses_mode=ulysses_mode)
     plan.validate(transformer)
     sp_mesh = mesh["ring", "ulysses"] if mesh.mesh_dim_names and "cfg" in mesh.mesh_dim_names else mesh
+    if sp_mesh.size() == 1:
+        return transformer  # a plan at degree 1 is the identity: leave the model as it is
     styles = {path: style for path, style in plan.items() if plan.matches(transformer, path)}
     parallelize_module(transformer, sp_mesh, styles)
     return CheckInputs()._apply(transformer, sp_mesh)

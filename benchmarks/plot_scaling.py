@@ -1,0 +1,75 @@
+"""Plot measured and predicted scaling into docs/scaling.png (needs matplotlib: pip install -e .[bench]).
+
+Left: published speedups of the reference system (Qwen-Image on H800 at 2048x2048 and on A100 at
+1024x1024, FLUX on L20 at 1024x1024) as points, and meshsp's planner predictions for the same
+setups as lines. Right: SP-2 speedups measured on this project's 2-core CPU machine by
+``meshsp bench models`` (numbers passed on the command line, or the README's defaults).
+
+    python benchmarks/plot_scaling.py [--measured flux=1.91,1.95 qwen-image=1.85,1.79 ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import pathlib
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from meshsp.planner import PUBLISHED, predict  # noqa: E402
+
+MEASURED = {  # family: (U2, R2) speedups from the README's `meshsp bench models` table
+    "flux": (1.91, 1.95), "flux2": (1.93, 1.98), "qwen-image": (1.85, 1.79), "z-image": (1.41, 1.44),
+    "wan": (1.42, 1.75), "sd3": (1.86, 1.88), "ltx": (1.78, 1.80), "hunyuan-video": (1.82, 1.86),
+    "cogvideox": (1.82, 1.82),
+}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--measured", nargs="*", default=[], help="family=U2,R2 speedups")
+    parser.add_argument("--out", default=str(pathlib.Path(__file__).resolve().parents[1] / "docs" / "scaling.png"))
+    args = parser.parse_args()
+    measured = dict(MEASURED)
+    for item in args.measured:
+        family, values = item.split("=")
+        measured[family] = tuple(float(v) for v in values.split(","))
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
+    setups = {}
+    for model, hw, size, ring, ulysses, speedup in PUBLISHED:
+        kind = "Ulysses" if ring == 1 else ("Ring" if ulysses == 1 else "U2xR2")
+        setups.setdefault((model, hw, size, kind), []).append((ring * ulysses, speedup))
+    for (model, hw, size, kind), points in setups.items():
+        label = f"{model} {hw.upper()} {size}px {kind}"
+        xs = [p for p, _ in points]
+        line = left.plot(xs, [s for _, s in points], "o", label=f"{label} (published)")[0]
+        grid = sorted({1, *xs})
+        preds = [predict(model, hw, size, size, ring=(g if kind == "Ring" else 2 if kind == "U2xR2" and g > 1 else 1),
+                         ulysses=(g if kind == "Ulysses" else 2 if kind == "U2xR2" and g > 1 else 1)) for g in grid]
+        left.plot(grid, preds, "--", color=line.get_color(), label=f"{label} (meshsp plan)")
+    left.plot([1, 8], [1, 8], ":", color="gray", label="linear")
+    left.set_xlabel("GPUs (sequence-parallel degree)")
+    left.set_ylabel("speedup over 1 GPU")
+    left.set_title("Published measurements vs planner predictions")
+    left.legend(fontsize=6)
+
+    families = list(measured)
+    xs = range(len(families))
+    right.bar([x - 0.2 for x in xs], [measured[f][0] for f in families], width=0.4, label="U2")
+    right.bar([x + 0.2 for x in xs], [measured[f][1] for f in families], width=0.4, label="R2")
+    right.axhline(2.0, color="gray", linestyle=":", label="limit (2x)")
+    right.set_xticks(list(xs), families, rotation=45, ha="right", fontsize=8)
+    right.set_ylabel("speedup over 1 process")
+    right.set_title("meshsp SP-2 measured on 2 CPU cores (gloo)")
+    right.legend(fontsize=8)
+    fig.tight_layout()
+    pathlib.Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(args.out, dpi=110)
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
