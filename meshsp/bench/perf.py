@@ -14,12 +14,14 @@ after a warm-up:
   the benchmark patches it to 1 inside its own worker processes (``meshsp.bench.diffusers_cp``).
 
 Peak activation memory is the rise of the process's peak resident set (``VmHWM``, reset through
-``/proc/self/clear_refs``) over its resident set before the forward: large tensors are mmapped and
-returned to the OS when freed, so this tracks live activations.
+``/proc/self/clear_refs``) over its resident set before the forward. The workers run with
+``MALLOC_MMAP_THRESHOLD_=65536``, so tensors are mmapped and returned to the OS when freed and the
+resident set tracks live activations.
 """
 
 from __future__ import annotations
 
+import os
 import statistics
 import time
 
@@ -97,6 +99,10 @@ def theory_bytes(family: str, heads: int, shapes: dict, layers: int, ring: int, 
 
 
 def run(families: list[str], grid: int = 64, txt: int = 256, heads: int = 8, repeats: int = 5) -> list[dict]:
+    # Workers inherit this: glibc then serves every allocation over 64 KiB with mmap and returns it
+    # on free, so the resident set follows live tensors (its dynamic threshold would keep freed
+    # activations in the heap and hide later peaks).
+    os.environ.setdefault("MALLOC_MMAP_THRESHOLD_", "65536")
     rows = []
     for family in families:
         shapes = _shapes(family, grid, txt)
