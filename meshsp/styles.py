@@ -13,6 +13,10 @@ The styles of one plan share a ``PlanState``: the global lengths the shard hooks
 forward, and per-rank local lengths of attention inputs. Model code concatenates shards (text and
 image, say), so a rank cannot compute the others' attention lengths from its own; they are exchanged
 once per (global input shapes, module) and cached, so steady-state forwards exchange nothing.
+
+Under ``torch.compile`` the hooks and the routing run eagerly (``torch.compiler.disable``): their
+Python bookkeeping would otherwise make dynamo recompile on every new cache entry. The model's own
+layers between them compile as usual, and the attention itself is one opaque custom op.
 """
 
 from __future__ import annotations
@@ -220,6 +224,8 @@ class ShardSequence(_Bound):
                         f"its arguments are {list(positions)}."
                     )
 
+            @torch.compiler.disable  # bookkeeping stays eager: no recompiles under torch.compile
+
             def pre_hook(mod, args, kwargs):
                 args = list(args)
                 for key, spec in self.inputs.items():
@@ -232,6 +238,8 @@ class ShardSequence(_Bound):
 
             module.register_forward_pre_hook(pre_hook, with_kwargs=True)
         if self.outputs:
+
+            @torch.compiler.disable  # bookkeeping stays eager: no recompiles under torch.compile
 
             def post_hook(mod, args, output):
                 if isinstance(output, torch.Tensor):
@@ -268,6 +276,8 @@ class GatherSequence(_Bound):
     def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
         sp = SPMesh(device_mesh)
 
+        @torch.compiler.disable  # bookkeeping stays eager: no recompiles under torch.compile
+
         def post_hook(mod, args, output):
             if isinstance(output, torch.Tensor):
                 return self._gather(sp, output, self.outputs[0].dim, 0)
@@ -292,6 +302,8 @@ class CheckInputs(ParallelStyle):
     def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
         sp = SPMesh(device_mesh)
         name = type(module).__name__
+
+        @torch.compiler.disable  # bookkeeping stays eager: no recompiles under torch.compile
 
         def pre_hook(mod, args, kwargs):
             agree(f"{name}.forward", f"args {describe(args)}; kwargs {describe(kwargs)}", None,
@@ -347,6 +359,7 @@ class ParallelAttention(_Bound):
         {"transformer_blocks.*.attn": ParallelAttention()}
     """
 
+    @torch.compiler.disable
     def attention(self, sp: SPMesh, query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False,
                   scale=None, enable_gqa=False):
         where = f"plan '{self.key}'"
@@ -368,10 +381,14 @@ class ParallelAttention(_Bound):
         sp = SPMesh(device_mesh)
         modes: list[_RouteAttention] = []
 
+        @torch.compiler.disable  # bookkeeping stays eager: no recompiles under torch.compile
+
         def enter(mod, args):
             mode = _RouteAttention(self, sp)
             mode.__enter__()
             modes.append(mode)
+
+        @torch.compiler.disable  # bookkeeping stays eager: no recompiles under torch.compile
 
         def leave(mod, args, output):
             modes.pop().__exit__(None, None, None)
