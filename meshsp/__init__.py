@@ -4,12 +4,19 @@ from meshsp.config import DiffusionParallelConfig, ParallelConfig
 from meshsp.mesh import init_sp_mesh
 from meshsp.ops import record_comm, sequence_parallel_attention, sp_attention
 from meshsp.placements import SeqLayout, shard_sequence
+from meshsp.plans import Plan, get_plan, load_plan, parallelize
 
 __all__ = [
     "DiffusionParallelConfig",
+    "Engine",
     "ParallelConfig",
+    "Plan",
+    "SamplingParams",
     "SeqLayout",
+    "get_plan",
     "init_sp_mesh",
+    "load_plan",
+    "parallelize",
     "record_comm",
     "sequence_parallel_attention",
     "shard_sequence",
@@ -17,3 +24,12 @@ __all__ = [
 ]
 
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    # The engine pulls in diffusers pipelines; import it only when asked for.
+    if name in ("Engine", "SamplingParams"):
+        from meshsp import engine
+
+        return getattr(engine, name)
+    raise AttributeError(f"module 'meshsp' has no attribute {name!r}")
