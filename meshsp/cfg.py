@@ -6,8 +6,10 @@ predictions only after the second call. ``CfgParallelHook`` (a diffusers ``Model
 system diffusers' own caches use to replace a forward) exploits that order:
 
 * cfg rank 0 computes the "cond" call; at the "uncond" call it only receives rank 1's result;
-* cfg rank 1 answers the "cond" call at once with an empty tensor, computes the "uncond" call, and
-  then fills that tensor in place with rank 0's result (the pipeline has not read it yet).
+* cfg rank 1 answers the "cond" call at once with an empty tensor in the latents' shape, computes
+  the "uncond" call, and then fills that tensor in place with rank 0's result (the pipeline has not
+  read it yet). The two ranks first compare their prediction shapes (one tiny all-gather), so a
+  model that predicts in another shape raises the same error on both instead of hanging.
 
 So the two branches run at the same time on the two halves of the world, each sequence-parallel on
 its own ``("ring", "ulysses")`` sub-mesh, and one all-gather per step over the ``cfg`` axis swaps
@@ -27,12 +29,11 @@ __all__ = ["CfgParallelHook", "apply_cfg_parallel"]
 HOOK_NAME = "meshsp_cfg_parallel"
 
 
-class _Pending(BaseState):
-    def __init__(self) -> None:
-        self.output: torch.Tensor | None = None
+class _Context(BaseState):
+    """Per-branch hook state diffusers asks for; the hook only needs the branch name."""
 
     def reset(self) -> None:
-        self.output = None
+        pass
 
 
 class CfgParallelHook(ModelHook):
@@ -45,7 +46,7 @@ class CfgParallelHook(ModelHook):
         self.group = group
         self.rank = dist.get_rank(group)
         self.enabled = True
-        self.state = StateManager(_Pending)
+        self.state = StateManager(_Context)
         self._cond: torch.Tensor | None = None  # rank 0: its cond result; rank 1: the placeholder
 
     def reset_state(self, module):
@@ -65,7 +66,9 @@ class CfgParallelHook(ModelHook):
                 self._cond = _sample(out)
                 return out
             latents = kwargs.get("hidden_states", args[0] if args else None)
-            self._cond = latents.new_empty(0)  # filled at the "uncond" call, before it is read
+            # A denoiser predicts in the latents' shape; filled in place at the "uncond" call,
+            # before the pipeline reads it (views such as noise_pred[:, :n] see the data too).
+            self._cond = torch.empty_like(latents)
             return _wrap(self._cond, return_dict)
         if self._cond is None:
             raise ValueError("CFG parallel needs a 'cond' transformer call before each 'uncond' call.")
@@ -74,10 +77,18 @@ class CfgParallelHook(ModelHook):
             mine = _sample(out)
         else:
             mine = self._cond
+        shapes = funcol.wait_tensor(funcol.all_gather_single(
+            torch.tensor(list(self._cond.shape) + [0] * (8 - self._cond.dim()), dtype=torch.int64,
+                         device=mine.device), 0, self.group))  # rank 0: its prediction; rank 1: placeholder
+        if not bool((shapes[:8] == shapes[8:]).all()):
+            raise ValueError(
+                f"CFG parallel assumes the transformer predicts in the latents' shape; got "
+                f"{shapes[:8].tolist()} for cond vs {shapes[8:].tolist()}; use cfg_degree=1 for this model."
+            )
         both = funcol.wait_tensor(funcol.all_gather_single(mine.contiguous(), 0, self.group))
         cond, uncond = both.chunk(2)
         if self.rank == 1:
-            self._cond.resize_(cond.shape).copy_(cond)
+            self._cond.copy_(cond)
         self._cond = None
         return _wrap(uncond, return_dict)
 

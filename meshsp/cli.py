@@ -86,7 +86,7 @@ def _serve(args) -> int:
 
 
 def _plan(args) -> int:
-    from meshsp.planner import HARDWARE, recommend, tokens, MODELS
+    from meshsp.planner import MODELS, recommend, tokens
 
     if args.check:
         return _check_plan(args)

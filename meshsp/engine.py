@@ -25,7 +25,7 @@ import torch.distributed as dist
 
 from meshsp.cfg import apply_cfg_parallel
 from meshsp.config import ParallelConfig
-from meshsp.launch import WorkerPool
+from meshsp.launch import RankFailure, WorkerPool
 
 __all__ = ["Engine", "SamplingParams", "resolve_model"]
 
@@ -89,6 +89,8 @@ class _Runner:
         self.cfg_hook = None
         if config.world_size > 1:
             self.mesh = init_sp_mesh(config)
+            if self.mesh.device_type == "cuda":
+                self.pipe.to(torch.device("cuda", torch.cuda.current_device()))
             for name in ("transformer", "transformer_2"):  # Wan 2.2 has two experts
                 model = getattr(self.pipe, name, None)
                 if model is None:
@@ -96,6 +98,7 @@ class _Runner:
                 if config.sequence_parallel_size > 1:
                     parallelize(model, self.mesh, ulysses_mode=config.ulysses_mode)
                 if config.cfg_degree > 1:
+                    _check_cfg_pipeline(self.pipe)
                     hook = apply_cfg_parallel(model, self.mesh["cfg"].get_group())
                     self.cfg_hook = self.cfg_hook or []
                     self.cfg_hook.append(hook)
@@ -124,14 +127,17 @@ class _Runner:
         kw = dict(prompt=prompts, num_inference_steps=p.num_inference_steps, width=p.width, height=p.height,
                   generator=torch.Generator().manual_seed(p.seed), output_type="pil")
         if p.negative_prompt is not None:
+            if "negative_prompt" not in self.params:
+                raise ValueError(f"{type(self.pipe).__name__} takes no negative_prompt; leave it unset.")
             kw["negative_prompt"] = [p.negative_prompt] * len(prompts)
         for name in ("num_images_per_prompt", "num_videos_per_prompt"):
             if name in self.params:
                 kw[name] = p.num_images_per_prompt
         if p.guidance_scale is not None:
-            # Pipelines with "true" CFG take true_cfg_scale; guidance-distilled ones guidance_scale.
-            name = "true_cfg_scale" if "true_cfg_scale" in self.params else "guidance_scale"
-            kw[name] = p.guidance_scale
+            # With a negative prompt, pipelines with "true" CFG take true_cfg_scale; otherwise the
+            # value is the pipeline's guidance_scale (CFG, or embedded guidance for distilled models).
+            true_cfg = "true_cfg_scale" in self.params and p.negative_prompt is not None
+            kw["true_cfg_scale" if true_cfg else "guidance_scale"] = p.guidance_scale
         if p.num_frames is not None:
             if "num_frames" not in self.params:
                 raise ValueError(f"{type(self.pipe).__name__} generates images; num_frames is for video pipelines.")
@@ -147,6 +153,16 @@ class _Runner:
         seconds = time.perf_counter() - t0
         images = out.frames if hasattr(out, "frames") else out.images
         return (images, seconds) if _rank() == 0 else None
+
+
+def _check_cfg_pipeline(pipe) -> None:
+    """CFG parallel needs one transformer call per branch, marked with cache_context("uncond")."""
+    source = inspect.getsource(type(pipe).__call__)
+    if 'cache_context("uncond"' not in source:
+        raise ValueError(
+            f"cfg_degree=2 needs a pipeline that calls its transformer once per guidance branch "
+            f"(cache_context('cond') / ('uncond')); {type(pipe).__name__} does not. Use cfg_degree=1."
+        )
 
 
 _RUNNER: _Runner | None = None  # the runner of a spawned worker process
@@ -185,7 +201,8 @@ class Engine:
             info = self._runner.info()
         else:
             model = resolve_model(model)  # build an embedded pipeline here, before any process group
-            self._pool = WorkerPool(self.config.world_size, pg_timeout_s=self.config.timeout_s)
+            backend = "nccl" if torch.cuda.is_available() else "gloo"
+            self._pool = WorkerPool(self.config.world_size, backend=backend, pg_timeout_s=self.config.timeout_s)
             try:
                 info = self._pool.run(_worker_load, model, self.config, timeout=self.config.timeout_s)[0]
             except BaseException:
@@ -202,6 +219,8 @@ class Engine:
             raise ValueError(f"prompts must be non-empty strings, got {prompt!r}.")
         params = params or SamplingParams()
         if self._pool is not None:
+            if not self._pool.alive:
+                raise RankFailure("the engine's workers are gone (an earlier failure); create a new Engine.")
             result = self._pool.run(_worker_generate, prompts, params, timeout=self.config.timeout_s)[0]
         else:
             result = self._runner.generate(prompts, params)

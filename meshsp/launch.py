@@ -16,6 +16,7 @@ from __future__ import annotations
 import datetime
 import multiprocessing as mp
 import os
+import pickle
 import queue
 import socket
 import time
@@ -29,9 +30,11 @@ __all__ = ["WorkerPool", "RankFailure", "free_port"]
 class RankFailure(RuntimeError):
     """A rank raised, died or timed out. ``errors`` maps rank -> message."""
 
-    def __init__(self, message: str, errors: dict[int, str] | None = None) -> None:
+    def __init__(self, message: str, errors: dict[int, str] | None = None,
+                 exceptions: dict[int, BaseException] | None = None) -> None:
         super().__init__(message)
-        self.errors = errors or {}
+        self.errors = errors or {}  # empty when ranks died or timed out rather than raised
+        self.exceptions = exceptions or {}
 
 
 def free_port() -> int:
@@ -59,9 +62,15 @@ def _worker(rank, world, port, backend, threads, pg_timeout_s, env, tasks, resul
             break
         call_id, fn, args, kwargs = task
         try:
-            results.put((rank, call_id, ("ok", fn(*args, **kwargs))))
+            payload = ("ok", fn(*args, **kwargs))
         except BaseException as exc:  # reported to the caller, who decides
-            results.put((rank, call_id, ("error", exc, traceback.format_exc())))
+            payload = ("error", exc, traceback.format_exc())
+        try:
+            pickle.dumps(payload)  # the queue pickles in a thread and would drop it silently
+        except Exception as exc:
+            payload = ("error", RuntimeError(f"rank {rank}: result not picklable: {exc!r}"),
+                       payload[2] if payload[0] == "error" else repr(exc))
+        results.put((rank, call_id, payload))
     dist.destroy_process_group()
 
 
@@ -124,7 +133,8 @@ class WorkerPool:
         errors = {r: rep[2] for r, rep in replies.items() if rep[0] == "error"}
         if errors and not return_exceptions:
             first = min(errors)
-            raise RankFailure(f"rank {first} raised:\n{errors[first]}", errors)
+            raise RankFailure(f"rank {first} raised:\n{errors[first]}", errors,
+                              {r: rep[1] for r, rep in replies.items() if rep[0] == "error"})
         return [replies[r][1] for r in range(self.world_size)]
 
     def _collect(self, call_id, timeout: float) -> dict[int, Any]:

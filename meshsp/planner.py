@@ -9,7 +9,8 @@ P = ring x ulysses sequence-parallel ranks (bf16, 2 bytes per element):
              (U-1)/U of the bytes over the link bandwidth ``beta`` — not overlapped with compute;
 * Ring:      R-1 steps, each moving one K/V block (2·S/P·d elements) over the ring link while the
              previous block's attention runs: a step costs max(compute, transfer) + ``ring_step``;
-* CFG:       the two branches run on the two halves; one all-gather of the latents per step.
+* CFG:       the two branches run on the two halves (the per-step swap of predictions is small
+             next to a step and is not modelled).
 
 All communication uses the one ``interconnect`` given (the slowest link the job spans). This is a
 per-step model: text encoding and VAE decoding, which do not parallelize, are outside it, so it
@@ -53,7 +54,8 @@ class ModelShape:
     text_tokens: int
     latent_scale: int = 16   # pixels per token side (VAE 8x, then 2x2 patches)
     frame_scale: int = 1     # frames per latent frame (video VAEs: 4)
-    cfg: bool = True         # true classifier-free guidance: two transformer calls per step
+    cfg: bool = True         # CFG as two transformer calls per step (what meshsp's cfg axis splits);
+    #                          False: no CFG, embedded guidance, or CFG batched into one call
 
 
 MODELS = {  # published configurations, rounded
@@ -61,11 +63,11 @@ MODELS = {  # published configurations, rounded
     "flux": ModelShape(57, 3072, 12288, 24, 512, cfg=False),
     "flux2": ModelShape(56, 6144, 18432, 48, 512, cfg=False),
     "z-image": ModelShape(30, 3840, 10240, 30, 256, cfg=False),
-    "sd3": ModelShape(24, 1536, 6144, 24, 333),
+    "sd3": ModelShape(24, 1536, 6144, 24, 333, cfg=False),
     "wan": ModelShape(40, 5120, 13824, 40, 512, frame_scale=4),
-    "ltx": ModelShape(28, 2048, 8192, 32, 128, latent_scale=32, frame_scale=8),
-    "hunyuan-video": ModelShape(60, 3072, 12288, 24, 256, frame_scale=4),
-    "cogvideox": ModelShape(42, 3072, 12288, 48, 226, frame_scale=4),
+    "ltx": ModelShape(28, 2048, 8192, 32, 128, latent_scale=32, frame_scale=8, cfg=False),
+    "hunyuan-video": ModelShape(60, 3072, 12288, 24, 256, frame_scale=4, cfg=False),
+    "cogvideox": ModelShape(42, 3072, 12288, 48, 226, frame_scale=4, cfg=False),
 }
 
 
@@ -110,6 +112,8 @@ def recommend(model: str, hardware: str, width: int, height: int, gpus: int, *, 
         raise ValueError(f"unknown model family {model!r}; known: {sorted(MODELS)}.")
     if hardware not in HARDWARE:
         raise ValueError(f"unknown hardware {hardware!r}; known: {sorted(HARDWARE)}.")
+    if gpus < 1:
+        raise ValueError(f"gpus must be a positive integer, got {gpus}.")
     if interconnect not in ("nvlink", "pcie", "ib"):
         raise ValueError(f"interconnect must be nvlink, pcie or ib, got {interconnect!r}.")
     m = MODELS[model]
@@ -118,7 +122,9 @@ def recommend(model: str, hardware: str, width: int, height: int, gpus: int, *, 
         if gpus % (cfg * ring) or (cfg == 2 and not m.cfg):
             continue
         ulysses = gpus // (cfg * ring)
-        mode = "strict" if m.heads % ulysses == 0 else "advanced_uaa"
+        s = tokens(m, width, height, frames)
+        even = (s - m.text_tokens) % (ring * ulysses) == 0 and m.text_tokens % (ring * ulysses) == 0
+        mode = "strict" if m.heads % ulysses == 0 and even else "advanced_uaa"
         rows.append({"cfg": cfg, "ring": ring, "ulysses": ulysses, "ulysses_mode": mode,
                      "speedup": predict(model, hardware, width, height, frames=frames, ring=ring,
                                         ulysses=ulysses, cfg=cfg, interconnect=interconnect)})

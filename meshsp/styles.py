@@ -129,8 +129,10 @@ class PlanState:
     def rank_lens(self, sp: SPMesh, where: str, local: tuple[int, ...]) -> list[list[tuple[int, ...]]]:
         """Every SP rank's ``local`` tuple, ``[ring][ulysses]``; exchanged once per input shapes.
 
-        The key holds the global lengths every rank recorded in this forward, so all ranks hit or
-        miss the cache together (a miss is a collective).
+        The key holds the global lengths the plan's shard hooks recorded (every sharded tensor's
+        full length, segmented ones included); local lengths follow from those and from shapes
+        every rank shares (``CheckInputs`` checks the inputs agree), so all ranks hit or miss the
+        cache together (a miss is a collective).
         """
         key = (tuple(sorted(self.global_lens.items())), where, local)
         if key not in self._lens:
@@ -206,6 +208,7 @@ class ShardSequence(_Bound):
                 f"in the forward (missing: {missing}; recorded: {sorted(self.state.global_lens)}); "
                 "at most one segment may be the remainder (null)."
             )
+        self.state.global_lens[f"{self.key}:{name}"] = total
         rest = total - sum(n for n in known if n is not None)
         sizes = [rest if n is None else n for n in known]
         if rest < 0:
@@ -313,6 +316,15 @@ class CheckInputs(ParallelStyle):
         return module
 
 
+def _plain_key_padding(mask, key) -> bool:
+    """A boolean [B, 1, 1, S_k] or [B, S_k] mask: valid on every rank by its shape alone."""
+    if mask is None:
+        return True
+    shape = tuple(mask.shape)
+    return mask.dtype == torch.bool and (shape in ((key.shape[0], key.shape[2]),)
+                                         or (mask.dim() == 4 and shape[1:3] == (1, 1) and shape[3] == key.shape[2]))
+
+
 def _key_padding(mask: torch.Tensor | None, q: torch.Tensor, k: torch.Tensor, where: str) -> torch.Tensor | None:
     """A key-padding mask [B, 1|H, 1, S_k] (bool, or additive 0 / <= -1e4) -> bool [B, S_k]."""
     if mask is None:
@@ -367,7 +379,17 @@ class ParallelAttention(_Bound):
             raise ValueError(f"{where}: dropout_p={dropout_p}, is_causal={is_causal}; SP attention needs 0 and False.")
         if query.shape[1] != key.shape[1] and not enable_gqa:
             raise ValueError(f"{where}: {query.shape[1]} query vs {key.shape[1]} key heads without enable_gqa=True.")
-        mask = _key_padding(attn_mask, query, key, where)
+        if _plain_key_padding(attn_mask, key):
+            mask = _key_padding(attn_mask, query, key, where)
+        else:
+            # Checks on mask values or query-row shapes depend on each rank's shard: agree on them so
+            # that a failure raises on every rank instead of leaving the others in a collective.
+            mask, error = None, None
+            try:
+                mask = _key_padding(attn_mask, query, key, where)
+            except ValueError as exc:
+                error = str(exc)
+            agree(where, "attention mask", error, (sp.ulysses_group, sp.ring_group), sp.device)
         lens = self.state.rank_lens(sp, self.key, (query.shape[2], key.shape[2]))
         q_layout = SeqLayout(tuple(tuple(n[0] for n in row) for row in lens))
         kv_layout = SeqLayout(tuple(tuple(n[1] for n in row) for row in lens))

@@ -123,3 +123,24 @@ def test_head_split_kv_index_for_groups_cut_by_the_split():
     assert split.kv_ranges == ((0, 2), (1, 3))
     assert split.kv_index(0) == [0, 0, 0, 1, 1] and split.kv_index(1) == [0, 1, 1, 1]
     assert HeadSplit(8, 2, 2).kv_index(0) is None
+
+
+def test_local_api_rejects_missing_groups_and_empty_query_heads():
+    from meshsp import sp_attention
+    from meshsp.ops.checks import check_attention_inputs
+
+    q = torch.randn(1, 2, 4, 8)
+    with pytest.raises(ValueError, match="ulysses_group is None but the layout has degree 2"):
+        sp_attention(q, q, q, ring_group=None, ulysses_group=None, q_layout=SeqLayout.from_global(8, ring=1, ulysses=2))
+    layout = SeqLayout.from_global(4, ring=1, ulysses=1)
+    with pytest.raises(ValueError, match="multiple of key-value heads"):
+        check_attention_inputs(torch.randn(1, 0, 4, 8), q, q, None, q_layout=layout, kv_layout=layout,
+                               ring_rank=0, ulysses_rank=0, uaa=True)
+
+
+def test_planner_picks_uaa_when_text_does_not_split():
+    from meshsp.planner import recommend
+
+    rows = recommend("sd3", "h100", 1024, 1024, 4)  # 333 text tokens
+    assert all(r["ulysses_mode"] == "advanced_uaa" for r in rows if r["ring"] * r["ulysses"] > 1)
+    assert all(r["cfg"] == 1 for r in rows)  # SD3 batches its CFG into one call

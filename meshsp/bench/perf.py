@@ -4,10 +4,10 @@ For each family (default Flux, Qwen-Image, Wan; toy width — 8 heads of 16 — 
 4096 image tokens plus 256 text tokens), fp32, one thread per rank, medians of ``repeats`` forwards
 after a warm-up:
 
-* 1 process: the plain model, and the model with its plan applied at degree 1 (overhead ratio),
-  in a 1-rank pool;
+* 1 process: the plain model, and ``meshsp.parallelize`` on a 1-rank mesh (which validates the plan
+  and leaves the model as it is: the ratio shows the noise floor), in a 1-rank pool;
 * meshsp U2 and R2 on 2 ranks (advanced_uaa plans): time, bytes each rank sends per forward
-  (``record_comm``) against the closed form, and peak activation memory per rank;
+  (``record_comm``) next to the closed form (``theory_bytes``), and peak activation memory per rank;
 * meshsp U2 under ``torch.compile``;
 * diffusers' ``enable_parallelism(ContextParallelConfig(ulysses_degree=2))`` and ``ring_degree=2``
   on the same 2 ranks. On CPU diffusers divides by ``torch.accelerator.device_count()``, which is 0:
@@ -95,7 +95,7 @@ def theory_bytes(family: str, heads: int, shapes: dict, layers: int, ring: int, 
     p = ring * ulysses
     a2a = 4 * (s // p) * d * (ulysses - 1) // ulysses
     p2p = (ring - 1) * 2 * (s // p) * d
-    return 4 * layers * (a2a + p2p)
+    return 4 * layers * (a2a + p2p)  # fp32
 
 
 def run(families: list[str], grid: int = 64, txt: int = 256, heads: int = 8, repeats: int = 5) -> list[dict]:
@@ -117,6 +117,9 @@ def run(families: list[str], grid: int = 64, txt: int = 256, heads: int = 8, rep
                 res = pool.run(_run, family, heads, shapes, repeats, ring, ulysses, timeout=1800)
                 row[name] = _median_max(res)
                 row[f"{name}_bytes"] = res[0]["bytes"]
+                layers = sum(1 for n, m in build_transformer(family, heads=heads, **_overrides(family, shapes)).named_modules()
+                             if n.endswith(("attn", "attn1", "attention")) and hasattr(m, "processor"))
+                row[f"{name}_theory"] = theory_bytes(family, heads, shapes, layers, ring, ulysses)
                 row[f"{name}_mb"] = max(r["memory_mb"] for r in res)
             row["U2_compiled"] = _median_max(pool.run(_run, family, heads, shapes, repeats, 1, 2, compile=True,
                                                       timeout=1800))
@@ -146,7 +149,7 @@ def _print(row: dict) -> None:
     r = row["diffusers_R2"]
     print(f"    diffusers R2 {_fmt(r)} ({s / r:.2f}x) meshsp/diffusers {row['R2'] / r:.2f}x" if isinstance(r, float)
           else f"    diffusers R2 fails: {r}")
-    print(f"    bytes/rank U2 {row['U2_bytes']} R2 {row['R2_bytes']}")
+    print(f"    bytes/rank U2 {row['U2_bytes']} (theory {row['U2_theory']}) R2 {row['R2_bytes']} (theory {row['R2_theory']})")
     print(f"    peak activation MB: 1 proc {row['single_mb']:.1f}, U2 {row['U2_mb']:.1f} "
           f"({row['U2_mb'] / row['single_mb']:.2f}x), R2 {row['R2_mb']:.1f} ({row['R2_mb'] / row['single_mb']:.2f}x)",
           flush=True)

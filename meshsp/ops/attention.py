@@ -59,11 +59,12 @@ def _sp_attention_op(
         error = None
         try:
             check_attention_inputs(q, k, v, mask, **check)
-        except ValueError as exc:
-            error = str(exc)
-        shared = (f"layouts q={q_layout.lens} kv={kv_layout.lens}; batch {q.shape[0]}, heads {q.shape[1]}/"
-                  f"{k.shape[1]}, head dims {q.shape[-1]}/{v.shape[-1]}, {q.dtype}, mask {mask is not None}, "
-                  f"uaa {uaa}, scale {scale}")
+        except Exception as exc:  # any local failure must reach every rank before a collective
+            error = f"{type(exc).__name__}: {exc}" if not isinstance(exc, ValueError) else str(exc)
+        # Everything but the local lengths must match across ranks (local lengths are checked above).
+        shared = (f"layouts q={q_layout.lens} kv={kv_layout.lens}; q {tuple(q.shape[:2])}+{tuple(q.shape[3:])}, "
+                  f"k {tuple(k.shape[:2])}+{tuple(k.shape[3:])}, v {tuple(v.shape[:2])}+{tuple(v.shape[3:])}, "
+                  f"{q.dtype}, mask {mask is not None}, uaa {uaa}, scale {scale}")
         agree("sp_attention", shared, error, (ulysses_pg, ring_pg), q.device.type)
     heads = HeadSplit(q.shape[1], k.shape[1], ulysses)
     if ulysses > 1:
@@ -121,6 +122,9 @@ def sp_attention(
                            ulysses_group=mesh["ulysses"].get_group(), q_layout=layout, uaa=True)
     """
     kv_layout = kv_layout or q_layout
+    for name, group, degree in (("ring_group", ring_group, q_layout.ring), ("ulysses_group", ulysses_group, q_layout.ulysses)):
+        if degree > 1 and group is None:
+            raise ValueError(f"{name} is None but the layout has degree {degree} on that axis; pass the axis group.")
     return _sp_attention_op(
         q, k, v, mask_BSk,
         ring_group.group_name if ring_group is not None and q_layout.ring > 1 else "",

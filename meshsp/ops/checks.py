@@ -71,7 +71,7 @@ def check_attention_inputs(
             f"incompatible q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}: batch, key "
             "heads/length and q/k head dim must agree."
         )
-    if k.shape[1] == 0 or q.shape[1] % k.shape[1]:
+    if k.shape[1] == 0 or q.shape[1] < k.shape[1] or q.shape[1] % k.shape[1]:
         raise ValueError(
             f"{q.shape[1]} query heads cannot be grouped over {k.shape[1]} key-value heads; "
             "grouped-query attention needs query heads to be a multiple of key-value heads."

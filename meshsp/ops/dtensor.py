@@ -82,7 +82,8 @@ class sequence_parallel_attention(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if func is F.scaled_dot_product_attention and any(isinstance(a, DTensor) for a in args[:3]):
+        qkv = list(args[:3]) + [kwargs.get(k) for k in ("query", "key", "value")]
+        if func is F.scaled_dot_product_attention and any(isinstance(a, DTensor) for a in qkv):
             return self._attention(*args, **kwargs)
         return func(*args, **kwargs)
 

@@ -21,7 +21,6 @@ from dataclasses import dataclass
 from typing import Literal
 
 from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -71,7 +70,7 @@ def _error(status: int, message: str, kind: str = "invalid_request_error", param
     return JSONResponse(status_code=status, content={"error": {"message": message, "type": kind, "param": param, "code": None}})
 
 
-def _validation_message(exc: ValidationError | RequestValidationError) -> tuple[str, str | None]:
+def _validation_message(exc: ValidationError) -> tuple[str, str | None]:
     first = exc.errors()[0]
     loc = [str(p) for p in first.get("loc", ()) if p != "body"]
     where = loc[0] if loc else "body"  # the field; deeper parts name pydantic's union branches
@@ -121,6 +120,12 @@ class _Server:
             try:
                 images = await loop.run_in_executor(self.executor, self.engine.generate, prompts, params)
             except RankFailure as exc:
+                if exc.errors:  # the ranks raised (and are alive): this request failed, not the server
+                    first = exc.exceptions.get(min(exc.exceptions)) if exc.exceptions else None
+                    if isinstance(first, ValueError):
+                        return _error(400, str(first))
+                    log.error("request failed on the workers: %s", exc)
+                    return _error(500, f"generation failed: {first!r}", "server_error")
                 self.failure = str(exc).splitlines()[0]
                 log.error("sequence-parallel worker failure, serving 503 from now on: %s", exc)
                 return _error(503, f"the sequence-parallel workers are down: {self.failure}", "server_error")
@@ -143,11 +148,6 @@ def create_app(engine: Engine, model_name: str, limits: Limits | None = None) ->
         engine.close()
 
     app = FastAPI(title="meshsp", lifespan=lifespan)
-
-    @app.exception_handler(RequestValidationError)
-    async def on_validation_error(request: Request, exc: RequestValidationError):
-        message, param = _validation_message(exc)
-        return _error(400, message, param=param)
 
     @app.post("/v1/images/generations")
     async def images_generations(request: Request):
