@@ -115,16 +115,16 @@ def _check_plan(args) -> int:
     if args.model in FAMILIES:
         model = build_transformer(args.model)
     else:
-        import diffusers
         import json
         import pathlib
+
+        import diffusers
+        import torch
 
         folder = pathlib.Path(args.model)
         folder = folder / "transformer" if (folder / "transformer").is_dir() else folder
         config = json.loads((folder / "config.json").read_text())
         cls = getattr(diffusers, config["_class_name"])
-        import torch
-
         with torch.device("meta"):
             model = cls.from_config(config)
     plan.validate(model)

@@ -100,7 +100,7 @@ class SPMesh:
         layout = self.layout(t.shape[dim])
         return t.narrow(dim, layout.offset(self.r, self.u), layout.local(self.r, self.u))
 
-    def all_gather(self, t: torch.Tensor, dim: int) -> list[list[torch.Tensor]]:
+    def all_gather(self, t: torch.Tensor) -> list[list[torch.Tensor]]:
         """Everyone's ``t`` (padded to equal shapes by the caller) as ``[ring][ulysses]``."""
         rows = [t]
         if self.ulysses_group is not None:
@@ -139,7 +139,7 @@ class PlanState:
             if len(self._lens) > 4096:
                 self._lens.clear()
             mine = torch.tensor(local, dtype=torch.int64, device=sp.device)
-            self._lens[key] = [[tuple(x.tolist()) for x in row] for row in sp.all_gather(mine, 0)]
+            self._lens[key] = [[tuple(x.tolist()) for x in row] for row in sp.all_gather(mine)]
         return self._lens[key]
 
 
@@ -272,7 +272,7 @@ class GatherSequence(_Bound):
         lens = self.state.rank_lens(sp, f"{self.key}:gather{idx}", (t.shape[dim],))
         longest = max(n for row in lens for (n,) in row)
         pad = [0, 0] * (t.dim() - 1 - dim % t.dim()) + [0, longest - t.shape[dim]]
-        grid = sp.all_gather(F.pad(t, pad), dim)
+        grid = sp.all_gather(F.pad(t, pad))
         pieces = [grid[r][u].narrow(dim, 0, lens[r][u][0]) for r in range(sp.ring) for u in range(sp.ulysses)]
         return torch.cat(pieces, dim=dim)
 
