@@ -219,8 +219,10 @@ class Engine:
             raise ValueError(f"prompts must be non-empty strings, got {prompt!r}.")
         params = params or SamplingParams()
         if self._pool is not None:
-            if not self._pool.alive:
-                raise RankFailure("the engine's workers are gone (an earlier failure); create a new Engine.")
+            failure = self._pool.failure()
+            if failure is not None:
+                self._pool.close()
+                raise RankFailure(f"the engine's workers are gone: {failure}; create a new Engine.")
             result = self._pool.run(_worker_generate, prompts, params, timeout=self.config.timeout_s)[0]
         else:
             result = self._runner.generate(prompts, params)

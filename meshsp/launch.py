@@ -92,6 +92,7 @@ class WorkerPool:
         self._results = ctx.Queue()
         self._tasks = [ctx.Queue() for _ in range(world_size)]
         self._calls = 0
+        self._failure: str | None = None
         port = free_port()
         self._procs = [
             ctx.Process(
@@ -115,6 +116,14 @@ class WorkerPool:
     @property
     def alive(self) -> bool:
         return all(p.is_alive() for p in self._procs)
+
+    def failure(self) -> str | None:
+        """Why the pool is unusable (a rank died or timed out), or None while every rank is up."""
+        if self._failure is None:
+            dead = [r for r, p in enumerate(self._procs) if not p.is_alive()]
+            if dead:
+                self._failure = f"rank(s) {dead} died (exit codes {[self._procs[r].exitcode for r in dead]})"
+        return self._failure
 
     @property
     def pids(self) -> list[int]:
@@ -146,9 +155,10 @@ class WorkerPool:
             except queue.Empty:
                 dead = [r for r, p in enumerate(self._procs) if not p.is_alive() and r not in replies]
                 if dead or time.monotonic() > deadline:
-                    self.close()
                     why = (f"rank(s) {dead} died (exit codes {[self._procs[r].exitcode for r in dead]})"
                            if dead else f"no answer from rank(s) {sorted(set(range(self.world_size)) - set(replies))} within {timeout:.0f}s")
+                    self._failure = why
+                    self.close()
                     raise RankFailure(why) from None
                 continue
             if cid == call_id:
@@ -157,6 +167,8 @@ class WorkerPool:
 
     def close(self) -> None:
         """Stop every rank: politely first, then by force; leaves no child process behind."""
+        if self.failure() is None:
+            self._failure = "the pool was closed"
         for p, q in zip(self._procs, self._tasks):
             if p.is_alive():
                 try:

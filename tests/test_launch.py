@@ -83,6 +83,22 @@ def test_killed_worker_makes_the_caller_raise():
             os.kill(pid, 0)
 
 
+def test_worker_dead_before_the_call_is_named():
+    engine = Engine("tiny-qwen-image", ParallelConfig(ulysses_degree=2, ulysses_mode="advanced_uaa"))
+    pids = engine.worker_pids
+    os.kill(pids[1], signal.SIGKILL)
+    deadline = time.monotonic() + 30
+    while engine._pool.failure() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    for _ in range(2):  # the first call and every later one name the dead rank
+        with pytest.raises(RankFailure, match=r"rank\(s\) \[1\] died \(exit codes \[-9\]\)"):
+            engine.generate("a cat", SamplingParams(num_inference_steps=2))
+    engine.close()
+    for pid in pids:
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
+
+
 def _children(pid: int) -> list[int]:
     kids = []
     for task in pathlib.Path(f"/proc/{pid}/task").iterdir():
