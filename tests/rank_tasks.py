@@ -70,6 +70,48 @@ def comm_bytes(case: dict) -> dict:
             "coords": (mesh.get_local_rank("ring"), mesh.get_local_rank("ulysses"))}
 
 
+_COPIES = {"copy_", "cat", "clone", "_to_copy", "index", "stack", "constant_pad_nd", "_unsafe_view"}
+
+
+def ulysses_copies(b: int, h: int, s: int, d: int) -> dict:
+    """Elements written by copy-like ops in the Ulysses exchange of a diffusers-style call.
+
+    q, k, v come as diffusers makes them: [B, S, H, D] memory seen as [B, H, S, D].
+    """
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from meshsp.ops.kernel import local_attention
+    from meshsp.ops.ulysses import gather_heads, scatter_heads
+    from meshsp.placements import HeadSplit
+
+    class Count(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.elements = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if func.__name__.split(".")[0] in _COPIES:
+                self.elements += out.numel()
+            return out
+
+    group = mesh_for(1, dist.get_world_size())["ulysses"].get_group()
+    size, me = dist.get_world_size(group), dist.get_rank(group)
+    g = torch.Generator().manual_seed(0)
+    full = [torch.randn(b, s * size, h, d, generator=g) for _ in range(3)]
+    q, k, v = (t[:, me * s : (me + 1) * s].clone().transpose(1, 2) for t in full)
+    heads = HeadSplit(h, h, size)
+    with Count() as scatter:
+        qh, kh, vh, _ = scatter_heads(q, k, v, None, group=group, heads=heads, q_lens=[s] * size, kv_lens=[s] * size)
+    out, _ = local_attention(qh, kh, vh)
+    with Count() as gather:
+        result = gather_heads(out, group=group, heads=heads, q_lens=[s] * size)
+    expected = reference(*(t.transpose(1, 2) for t in full), None)[:, :, me * s : (me + 1) * s]
+    torch.testing.assert_close(result, expected, atol=2e-6, rtol=2e-6)
+    return {"scatter": scatter.elements, "gather": gather.elements, "local": q.numel(),
+            "flatten_is_free": result.transpose(1, 2).is_contiguous()}
+
+
 def raises(fn_name: str, *args) -> str:
     """Call ``fn_name`` from this module; return the ValueError text, or fail."""
     try:

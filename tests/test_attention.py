@@ -71,6 +71,17 @@ def test_bytes_sent_equal_theory(pools, world, ring, ulysses):
     assert sorted(r["coords"] for r in results) == sorted(itertools.product(range(ring), range(ulysses)))
 
 
+@pytest.mark.parametrize("batch", [1, 2])
+def test_ulysses_copies_each_element_once(pools, batch):
+    """q, k, v are copied once on the way out (the head split) and not at all on the way in; the
+    kernel writes the output token-major, so it leaves as it lies and is copied once on the way
+    back, into the [B, s, H, D] layout that the model's transpose-and-flatten reads for free."""
+    for res in pools(2).run(rank_tasks.ulysses_copies, batch, 4, 24, 8):
+        assert res["scatter"] == 3 * res["local"], res
+        assert res["gather"] == res["local"], res
+        assert res["flatten_is_free"], res
+
+
 def test_dtensor_does_no_redistribution(pools):
     """DTensor's own Shard->Shard gathers everything: DTensor itself must issue no collective, and
     meshsp only its own all-to-all and P2P (whose bytes the test above checks)."""

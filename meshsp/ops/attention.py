@@ -80,13 +80,16 @@ def _sp_attention_op(
     else:
         out, _ = local_attention(q, k, v, mask, scale)
     if ulysses > 1:
-        out = gather_heads(out, group=ulysses_pg, heads=heads, q_lens=q_layout.lens[r])
+        return gather_heads(out, group=ulysses_pg, heads=heads, q_lens=q_layout.lens[r])
+    if not out.transpose(1, 2).is_contiguous():
+        out = out.transpose(1, 2).contiguous().transpose(1, 2)
     return out
 
 
 @_sp_attention_op.register_fake
 def _(q, k, v, mask, ring_group, ulysses_group, q_lens, kv_lens, ring, ulysses, uaa, scale, validate):
-    return q.new_empty(*q.shape[:-1], v.shape[-1])
+    # Token-major [B, s, H, Dv] memory seen as [B, H, s, Dv], as the real op returns it.
+    return q.new_empty(q.shape[0], q.shape[2], q.shape[1], v.shape[-1]).transpose(1, 2)
 
 
 def sp_attention(
@@ -108,7 +111,9 @@ def sp_attention(
     q [B, H, s_q, D] and k, v [B, Hk, s_kv, D] are this rank's shards of sequences laid out as
     ``q_layout`` / ``kv_layout`` describe (``kv_layout`` defaults to ``q_layout``); ``mask_BSk`` is
     the local boolean key-padding mask (True = attend). Returns out [B, H, s_q, Dv], this rank's
-    shard of the single-device result. A group may be None when its degree is 1.
+    shard of the single-device result, laid out token-major (a ``[B, s_q, H, Dv]`` tensor seen
+    through ``transpose(1, 2)``, so that the usual ``transpose(1, 2).flatten(2)`` copies nothing).
+    A group may be None when its degree is 1.
 
     With ``validate`` (the default) the ranks first agree that they were given the same layouts,
     heads and dtypes and that no rank's inputs are invalid (one 16-byte all-gather per SP axis);

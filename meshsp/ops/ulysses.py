@@ -1,12 +1,22 @@
 """Ulysses: all-to-all between sequence shards and head shards over the ``ulysses`` axis.
 
 Shape legend: B batch, H query heads, Hk key/value heads, s local sequence length of one rank,
-S the concatenation of the group's shards (the ring chunk), D head dim, U the group size.
+S the concatenation of the group's shards (the ring chunk), D head dim (Dv for values), U the
+group size; h / hk the heads one rank owns after the exchange.
 
 Before attention each rank holds every head of its sequence shard; after ``scatter_heads`` it holds
 its own heads (``HeadSplit``) of the whole chunk. Q, K, V and the key-padding mask travel in one
 fused collective; split sizes may differ per rank (uneven heads or lengths: ``advanced_uaa``), so
 nothing is padded and no padded compute happens. ``gather_heads`` is the inverse for the output.
+
+The wire format is token-major: what a rank sends to rank ``dst`` is ``[s, B, W_dst]``, where a
+token's row holds, side by side, its ``h_dst`` query heads, ``hk_dst`` key heads, ``hk_dst`` value
+heads (and its mask bit). ``W_dst`` depends only on the receiver, so the receive buffer of rank
+``dst`` is one ``[S, B, W_dst]`` tensor across all sources and q, k, v are strided *views* of it:
+each element is copied once on the way out (the head split itself) and never on the way in. The
+output goes back the same way: the attention kernel writes it token-major, so for B = 1 it is sent
+as it lies, and the receiver writes each source's heads once, straight into the ``[B, s, H, Dv]``
+memory that the model's ``transpose(1, 2).flatten(2)`` reads without a copy.
 """
 
 from __future__ import annotations
@@ -22,13 +32,6 @@ from meshsp.placements import HeadSplit
 __all__ = ["scatter_heads", "gather_heads"]
 
 
-def _pack(parts: list[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
-    """One contiguous send buffer in ``like``'s dtype and device."""
-    if not parts:
-        return like.new_empty(0)
-    return torch.cat([p.reshape(-1).to(like.dtype) for p in parts])
-
-
 def scatter_heads(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -42,63 +45,67 @@ def scatter_heads(
 ):
     """q [B, H, s_q, D], k/v [B, Hk, s_kv, D] -> this rank's heads of the whole chunk.
 
-    Returns (q [B, h, S_q, D], k [B, hk, S_kv, D], v [B, hk, S_kv, Dv], mask [B, S_kv] or None).
+    Returns (q [B, h, S_q, D], k [B, hk, S_kv, D], v [B, hk, S_kv, Dv], mask [B, S_kv] or None);
+    q, k and v are views of the receive buffer. Queries and keys laid out alike (self-attention)
+    share one exchange; otherwise queries go in a second one.
     """
-    me = dist.get_rank(group)
-    size = len(q_lens)
-    b, dq, dv = q.shape[0], q.shape[-1], v.shape[-1]
-    mask_flat = None if mask_Bs is None else mask_Bs.to(q.dtype)
+    kv = [k, v]
+    kv_ranges = [heads.kv_ranges, heads.kv_ranges]
+    if mask_Bs is not None:  # the mask bit rides along as one more "head" of size 1
+        kv.append(mask_Bs.to(q.dtype)[:, None, :, None])
+        kv_ranges.append(((0, 1),) * len(kv_lens))
+    if list(q_lens) == list(kv_lens):
+        q_out, k_out, v_out, *mask_out = _exchange([q, *kv], [heads.q_ranges, *kv_ranges], q_lens, group)
+    else:
+        (q_out,) = _exchange([q], [heads.q_ranges], q_lens, group)
+        k_out, v_out, *mask_out = _exchange(kv, kv_ranges, kv_lens, group)
+    return q_out, k_out, v_out, (mask_out[0][:, 0, :, 0] > 0.5) if mask_out else None
 
-    sends, send_counts = [], []
-    for dst in range(size):
-        (q_lo, q_hi), (kv_lo, kv_hi) = heads.q_ranges[dst], heads.kv_ranges[dst]
-        parts = [q[:, q_lo:q_hi], k[:, kv_lo:kv_hi], v[:, kv_lo:kv_hi]]
-        if mask_flat is not None:
-            parts.append(mask_flat)
-        sends.extend(parts)
-        send_counts.append(sum(p.numel() for p in parts))
 
-    h, hk = heads.q_count(me), heads.kv_count(me)
-    shapes = []  # per source rank: the shapes of its q, k, v (and mask) pieces
-    for src in range(size):
-        piece = [(b, h, q_lens[src], dq), (b, hk, kv_lens[src], dq), (b, hk, kv_lens[src], dv)]
-        if mask_flat is not None:
-            piece.append((b, kv_lens[src]))
-        shapes.append(piece)
-    recv_counts = [sum(_numel(s) for s in piece) for piece in shapes]
+def _exchange(tensors, ranges, lens, group) -> list[torch.Tensor]:
+    """Token-major all-to-all of head slices: ``tensors[i]`` is [B, H_i, s, D_i], ``ranges[i][dst]``
+    the heads it sends to ``dst``. Returns each tensor's own heads of the chunk, [B, h_i, S, D_i],
+    as views of the one receive buffer."""
+    me, size = dist.get_rank(group), len(lens)
+    b, s = tensors[0].shape[0], tensors[0].shape[2]
 
-    flat = all_to_all(_pack(sends, q), send_counts, recv_counts, group)
+    def width(rank: int) -> int:
+        return sum((r[rank][1] - r[rank][0]) * t.shape[-1] for t, r in zip(tensors, ranges))
 
-    received = [[] for _ in shapes[0]]
-    offset = 0
-    for piece in shapes:
-        for i, shape in enumerate(piece):
-            n = _numel(shape)
-            received[i].append(flat[offset : offset + n].view(shape))
-            offset += n
-    q_out = torch.cat(received[0], dim=2)
-    k_out = torch.cat(received[1], dim=2)
-    v_out = torch.cat(received[2], dim=2)
-    mask_out = None if mask_flat is None else torch.cat(received[3], dim=1) > 0.5
-    return q_out, k_out, v_out, mask_out
+    def columns(row: torch.Tensor, rank: int, tokens: int):
+        """Each tensor's heads inside a token-major ``row`` [tokens, B, width(rank)]."""
+        col = 0
+        for t, r in zip(tensors, ranges):
+            lo, hi = r[rank]
+            n = (hi - lo) * t.shape[-1]
+            yield t, lo, hi, row[..., col : col + n].view(tokens, b, hi - lo, t.shape[-1])
+            col += n
+
+    send_counts = [s * b * width(dst) for dst in range(size)]
+    send = tensors[0].new_empty(sum(send_counts))
+    for dst, piece in enumerate(send.split(send_counts)):
+        for t, lo, hi, view in columns(piece.view(s, b, width(dst)), dst, s):
+            view.copy_(t[:, lo:hi].permute(2, 0, 1, 3))
+    total = sum(lens)
+    buf = all_to_all(send, send_counts, [n * b * width(me) for n in lens], group)
+    return [view.permute(1, 2, 0, 3) for *_, view in columns(buf.view(total, b, width(me)), me, total)]
 
 
 def gather_heads(
     out: torch.Tensor, *, group: dist.ProcessGroup, heads: HeadSplit, q_lens: Sequence[int]
 ) -> torch.Tensor:
-    """out [B, h, S_q, Dv] (own heads, whole chunk) -> [B, H, s_q, Dv] (all heads, own shard)."""
+    """out [B, h, S_q, Dv] (own heads, whole chunk) -> [B, H, s_q, Dv] (all heads, own shard).
+
+    The result is a ``[B, s_q, H, Dv]`` tensor seen through ``transpose(1, 2)``.
+    """
     me = dist.get_rank(group)
-    b, dv = out.shape[0], out.shape[-1]
-    pieces = list(torch.split(out, list(q_lens), dim=2))
-    send_counts = [p.numel() for p in pieces]
-    recv_shapes = [(b, heads.q_count(src), q_lens[me], dv) for src in range(len(q_lens))]
-    recv_counts = [_numel(s) for s in recv_shapes]
-    flat = all_to_all(_pack(pieces, out), send_counts, recv_counts, group)
-    return torch.cat([t.view(s) for t, s in zip(flat.split(recv_counts), recv_shapes)], dim=1)
-
-
-def _numel(shape: Sequence[int]) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n
+    b, h, _, dv = out.shape
+    s = q_lens[me]
+    send = out.permute(2, 0, 1, 3).reshape(-1)  # token-major; a view when the kernel wrote it so
+    recv_counts = [s * b * heads.q_count(src) * dv for src in range(len(q_lens))]
+    flat = all_to_all(send, [n * b * h * dv for n in q_lens], recv_counts, group)
+    result = out.new_empty(b, s, heads.q_heads, dv)
+    for src, piece in enumerate(flat.split(recv_counts)):
+        lo, hi = heads.q_ranges[src]
+        result[:, :, lo:hi].copy_(piece.view(s, b, hi - lo, dv).transpose(0, 1))
+    return result.transpose(1, 2)
