@@ -18,7 +18,7 @@ from meshsp.ops.checks import check_attention_inputs
 from meshsp.ops.consensus import agree
 from meshsp.ops.kernel import local_attention
 from meshsp.ops.ring import ring_attention
-from meshsp.ops.ulysses import gather_heads, scatter_heads
+from meshsp.ops.ulysses import CHUNKS, ulysses_attention
 from meshsp.placements import HeadSplit, SeqLayout
 
 __all__ = ["sp_attention"]
@@ -67,20 +67,20 @@ def _sp_attention_op(
                   f"{q.dtype}, mask {mask is not None}, uaa {uaa}, scale {scale}")
         agree("sp_attention", shared, error, (ulysses_pg, ring_pg), q.device.type)
     heads = HeadSplit(q.shape[1], k.shape[1], ulysses)
-    if ulysses > 1:
-        q, k, v, mask = scatter_heads(
-            q, k, v, mask, group=ulysses_pg, heads=heads,
-            q_lens=q_layout.lens[r], kv_lens=kv_layout.lens[r],
-        )
-        index = heads.kv_index(u)
+    index = heads.kv_index(u) if ulysses > 1 else None
+
+    def attend(q, k, v, mask):
         if index is not None:  # query heads cut through a GQA group: one K/V head per query head
             k, v = k[:, index], v[:, index]
-    if ring > 1:
-        out, _ = ring_attention(q, k, v, mask, group=ring_pg, kv_lens=kv_layout.ring_lens, scale=scale)
-    else:
-        out, _ = local_attention(q, k, v, mask, scale)
+        if ring > 1:
+            return ring_attention(q, k, v, mask, group=ring_pg, kv_lens=kv_layout.ring_lens, scale=scale)[0]
+        return local_attention(q, k, v, mask, scale)[0]
+
     if ulysses > 1:
-        return gather_heads(out, group=ulysses_pg, heads=heads, q_lens=q_layout.lens[r])
+        # Pipelined head chunks on Ulysses alone; the hybrid runs one ring over all own heads.
+        return ulysses_attention(q, k, v, mask, group=ulysses_pg, heads=heads, q_lens=q_layout.lens[r],
+                                 kv_lens=kv_layout.lens[r], attend=attend, chunks=CHUNKS if ring == 1 else 1)
+    out = attend(q, k, v, mask)
     if not out.transpose(1, 2).is_contiguous():
         out = out.transpose(1, 2).contiguous().transpose(1, 2)
     return out

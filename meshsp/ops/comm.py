@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed._functional_collectives as funcol
 
-__all__ = ["CommStats", "record_comm", "all_to_all", "RingPass"]
+__all__ = ["CommStats", "record_comm", "all_to_all", "wait", "RingPass"]
 
 
 @dataclass
@@ -66,12 +66,22 @@ def all_to_all(
     send_counts: Sequence[int],
     recv_counts: Sequence[int],
     group: dist.ProcessGroup,
+    *,
+    wait: bool = True,
 ) -> torch.Tensor:
-    """Exchange a flat buffer: ``send_counts[i]`` elements go to group rank ``i``."""
+    """Exchange a flat buffer: ``send_counts[i]`` elements go to group rank ``i``.
+
+    With ``wait=False`` the exchange is only posted: pass the result to ``wait`` before reading it.
+    """
     me = dist.get_rank(group)
     _count("all_to_all", (sum(send_counts) - send_counts[me]) * flat.element_size())
     out = funcol.all_to_all_single(flat, list(recv_counts), list(send_counts), group)
-    return funcol.wait_tensor(out)
+    return funcol.wait_tensor(out) if wait else out
+
+
+def wait(tensor: torch.Tensor) -> torch.Tensor:
+    """The result of a posted ``all_to_all(..., wait=False)``, once it has arrived."""
+    return funcol.wait_tensor(tensor)
 
 
 class RingPass:

@@ -21,15 +21,79 @@ memory that the model's ``transpose(1, 2).flatten(2)`` reads without a copy.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.distributed as dist
 
-from meshsp.ops.comm import all_to_all
+from meshsp.ops.comm import all_to_all, wait
 from meshsp.placements import HeadSplit
+from meshsp.placements.sequence import balanced_sizes
 
-__all__ = ["scatter_heads", "gather_heads"]
+__all__ = ["scatter_heads", "gather_heads", "ulysses_attention", "head_chunks"]
+
+
+CHUNKS = 2  # head chunks of the pipelined exchange (ulysses_attention)
+
+
+def head_chunks(heads: HeadSplit, chunks: int = CHUNKS) -> list[tuple[tuple, tuple]]:
+    """(q_ranges, kv_ranges) per chunk: every rank's heads cut into ``chunks`` balanced parts.
+
+    One chunk (the whole split) when a rank owns fewer than ``chunks`` K/V heads or when the split
+    cuts through a GQA group (``HeadSplit.kv_index``).
+    """
+    ranks = range(heads.ulysses)
+    if chunks < 2 or any(heads.kv_index(r) is not None or heads.kv_count(r) < chunks for r in ranks):
+        return [(heads.q_ranges, heads.kv_ranges)]
+    group = heads.q_heads // heads.kv_heads
+    out = []
+    for c in range(chunks):
+        kv = []
+        for lo, hi in heads.kv_ranges:
+            sizes = balanced_sizes(hi - lo, chunks)
+            start = lo + sum(sizes[:c])
+            kv.append((start, start + sizes[c]))
+        out.append((tuple((group * lo, group * hi) for lo, hi in kv), tuple(kv)))
+    return out
+
+
+def ulysses_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask_Bs: torch.Tensor | None,
+    *,
+    group: dist.ProcessGroup,
+    heads: HeadSplit,
+    q_lens: Sequence[int],
+    kv_lens: Sequence[int],
+    attend: Callable,
+    chunks: int = CHUNKS,
+) -> torch.Tensor:
+    """Ulysses around ``attend(q, k, v, mask) -> out`` (own heads, whole chunk), pipelined over
+    head chunks: chunk c+1's exchange and chunk c-1's return travel while chunk c is computed.
+
+    Shapes as ``scatter_heads`` in and ``gather_heads`` out; the mask travels once, with chunk 0.
+    """
+    plan = head_chunks(heads, chunks)
+    me = dist.get_rank(group)
+    result = q.new_empty(q.shape[0], q_lens[me], heads.q_heads, v.shape[-1])
+
+    def post(c: int, mask):
+        q_ranges, kv_ranges = plan[c]
+        return _scatter(q, k, v, mask, group=group, q_ranges=q_ranges, kv_ranges=kv_ranges,
+                        q_lens=q_lens, kv_lens=kv_lens)
+
+    pending, returns, mask_out = post(0, mask_Bs), [], None
+    for c in range(len(plan)):
+        following = post(c + 1, None) if c + 1 < len(plan) else None
+        q_c, k_c, v_c, m = pending()
+        mask_out = m if c == 0 else mask_out
+        returns.append(_gather(attend(q_c, k_c, v_c, mask_out), group, plan[c][0], q_lens, result))
+        pending = following
+    for finish in returns:
+        finish()
+    return result.transpose(1, 2)
 
 
 def scatter_heads(
@@ -49,23 +113,34 @@ def scatter_heads(
     q, k and v are views of the receive buffer. Queries and keys laid out alike (self-attention)
     share one exchange; otherwise queries go in a second one.
     """
-    kv = [k, v]
-    kv_ranges = [heads.kv_ranges, heads.kv_ranges]
+    return _scatter(q, k, v, mask_Bs, group=group, q_ranges=heads.q_ranges, kv_ranges=heads.kv_ranges,
+                    q_lens=q_lens, kv_lens=kv_lens)()
+
+
+def _scatter(q, k, v, mask_Bs, *, group, q_ranges, kv_ranges, q_lens, kv_lens) -> Callable:
+    """Post the exchange of ``scatter_heads`` for the given head ranges; returns its ``finish()``."""
+    kv, kv_r = [k, v], [kv_ranges, kv_ranges]
     if mask_Bs is not None:  # the mask bit rides along as one more "head" of size 1
         kv.append(mask_Bs.to(q.dtype)[:, None, :, None])
-        kv_ranges.append(((0, 1),) * len(kv_lens))
+        kv_r.append(((0, 1),) * len(kv_lens))
     if list(q_lens) == list(kv_lens):
-        q_out, k_out, v_out, *mask_out = _exchange([q, *kv], [heads.q_ranges, *kv_ranges], q_lens, group)
+        both = _exchange([q, *kv], [q_ranges, *kv_r], q_lens, group)
+        parts = lambda: both()  # noqa: E731
     else:
-        (q_out,) = _exchange([q], [heads.q_ranges], q_lens, group)
-        k_out, v_out, *mask_out = _exchange(kv, kv_ranges, kv_lens, group)
-    return q_out, k_out, v_out, (mask_out[0][:, 0, :, 0] > 0.5) if mask_out else None
+        q_only, kv_only = _exchange([q], [q_ranges], q_lens, group), _exchange(kv, kv_r, kv_lens, group)
+        parts = lambda: q_only() + kv_only()  # noqa: E731
+
+    def finish():
+        q_out, k_out, v_out, *mask_out = parts()
+        return q_out, k_out, v_out, (mask_out[0][:, 0, :, 0] > 0.5) if mask_out else None
+
+    return finish
 
 
-def _exchange(tensors, ranges, lens, group) -> list[torch.Tensor]:
+def _exchange(tensors, ranges, lens, group) -> Callable[[], list[torch.Tensor]]:
     """Token-major all-to-all of head slices: ``tensors[i]`` is [B, H_i, s, D_i], ``ranges[i][dst]``
-    the heads it sends to ``dst``. Returns each tensor's own heads of the chunk, [B, h_i, S, D_i],
-    as views of the one receive buffer."""
+    the heads it sends to ``dst``. Posts the exchange; ``finish()`` returns each tensor's own heads
+    of the chunk, [B, h_i, S, D_i], as views of the one receive buffer."""
     me, size = dist.get_rank(group), len(lens)
     b, s = tensors[0].shape[0], tensors[0].shape[2]
 
@@ -87,8 +162,13 @@ def _exchange(tensors, ranges, lens, group) -> list[torch.Tensor]:
         for t, lo, hi, view in columns(piece.view(s, b, width(dst)), dst, s):
             view.copy_(t[:, lo:hi].permute(2, 0, 1, 3))
     total = sum(lens)
-    buf = all_to_all(send, send_counts, [n * b * width(me) for n in lens], group)
-    return [view.permute(1, 2, 0, 3) for *_, view in columns(buf.view(total, b, width(me)), me, total)]
+    buf = all_to_all(send, send_counts, [n * b * width(me) for n in lens], group, wait=False)
+
+    def finish():
+        received = wait(buf).view(total, b, width(me))
+        return [view.permute(1, 2, 0, 3) for *_, view in columns(received, me, total)]
+
+    return finish
 
 
 def gather_heads(
@@ -98,14 +178,24 @@ def gather_heads(
 
     The result is a ``[B, s_q, H, Dv]`` tensor seen through ``transpose(1, 2)``.
     """
+    s = q_lens[dist.get_rank(group)]
+    result = out.new_empty(out.shape[0], s, heads.q_heads, out.shape[-1])
+    _gather(out, group, heads.q_ranges, q_lens, result)()
+    return result.transpose(1, 2)
+
+
+def _gather(out, group, q_ranges, q_lens, result) -> Callable[[], None]:
+    """Post the return of ``out`` [B, h, S_q, Dv]; ``finish()`` writes every source's heads
+    (``q_ranges[src]``) into ``result`` [B, s_q, H, Dv]."""
     me = dist.get_rank(group)
     b, h, _, dv = out.shape
     s = q_lens[me]
     send = out.permute(2, 0, 1, 3).reshape(-1)  # token-major; a view when the kernel wrote it so
-    recv_counts = [s * b * heads.q_count(src) * dv for src in range(len(q_lens))]
-    flat = all_to_all(send, [n * b * h * dv for n in q_lens], recv_counts, group)
-    result = out.new_empty(b, s, heads.q_heads, dv)
-    for src, piece in enumerate(flat.split(recv_counts)):
-        lo, hi = heads.q_ranges[src]
-        result[:, :, lo:hi].copy_(piece.view(s, b, hi - lo, dv).transpose(0, 1))
-    return result.transpose(1, 2)
+    recv_counts = [s * b * (hi - lo) * dv for lo, hi in q_ranges]
+    flat = all_to_all(send, [n * b * h * dv for n in q_lens], recv_counts, group, wait=False)
+
+    def finish():
+        for (lo, hi), piece in zip(q_ranges, wait(flat).split(recv_counts)):
+            result[:, :, lo:hi].copy_(piece.view(s, b, hi - lo, dv).transpose(0, 1))
+
+    return finish
