@@ -14,13 +14,15 @@ after a warm-up:
   the benchmark patches it to 1 inside its own worker processes (``meshsp.bench.diffusers_cp``).
 
 Peak activation memory is the rise of the process's peak resident set (``VmHWM``, reset through
-``/proc/self/clear_refs``) over its resident set before the forward. The workers run with
-``MALLOC_MMAP_THRESHOLD_=65536``, so tensors are mmapped and returned to the OS when freed and the
-resident set tracks live activations.
+``/proc/self/clear_refs``) over its resident set before the forward. It is measured in workers of
+their own, started with ``MALLOC_MMAP_THRESHOLD_=65536``, so tensors are mmapped and returned to
+the OS when freed and the resident set tracks live activations; timings come from workers with the
+default allocator (mmapping every tensor would add page faults to every forward).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import statistics
 import time
@@ -57,8 +59,9 @@ def _peak_activation_mb(fn) -> float:
     return (_rss_kb("VmHWM:") - base) / 1024
 
 
-def _run(family, heads, shapes, repeats, ring, ulysses, *, plan=False, compile=False):
-    """Times (this rank), bytes sent in one forward, peak activation MB. Plan at degree 1 if plan."""
+def _run(family, heads, shapes, repeats, ring, ulysses, *, plan=False, compile=False, memory=False):
+    """Times (this rank) and bytes sent in one forward, or with ``memory`` the peak activation MB
+    of one forward. Plan at degree 1 if plan."""
     from meshsp.mesh import init_sp_mesh
     from meshsp.plans import parallelize
 
@@ -73,15 +76,33 @@ def _run(family, heads, shapes, repeats, ring, ulysses, *, plan=False, compile=F
     fn = torch.compile(model) if compile else model
     with torch.no_grad():
         fn(**inputs)  # warm-up (and compilation)
+        if memory:
+            return {"memory_mb": _peak_activation_mb(lambda: fn(**inputs))}
         with record_comm() as stats:
-            memory = _peak_activation_mb(lambda: fn(**inputs))
+            fn(**inputs)
         times = []
         for _ in range(repeats):
             dist.barrier()
             t0 = time.perf_counter()
             fn(**inputs)
             times.append(time.perf_counter() - t0)
-    return {"times": times, "bytes": dict(stats.bytes_sent), "memory_mb": memory}
+    return {"times": times, "bytes": dict(stats.bytes_sent)}
+
+
+@contextlib.contextmanager
+def _mmap_pool(world: int):
+    """Workers whose allocator mmaps every tensor over 64 KiB (glibc reads this at start-up)."""
+    old = os.environ.get("MALLOC_MMAP_THRESHOLD_")
+    os.environ["MALLOC_MMAP_THRESHOLD_"] = "65536"
+    try:
+        pool = WorkerPool(world)
+    finally:
+        if old is None:
+            del os.environ["MALLOC_MMAP_THRESHOLD_"]
+        else:
+            os.environ["MALLOC_MMAP_THRESHOLD_"] = old
+    with pool:
+        yield pool
 
 
 def _median_max(per_rank: list[dict]) -> float:
@@ -99,10 +120,6 @@ def theory_bytes(family: str, heads: int, shapes: dict, layers: int, ring: int, 
 
 
 def run(families: list[str], grid: int = 64, txt: int = 256, heads: int = 8, repeats: int = 5) -> list[dict]:
-    # Workers inherit this: glibc then serves every allocation over 64 KiB with mmap and returns it
-    # on free, so the resident set follows live tensors (its dynamic threshold would keep freed
-    # activations in the heap and hide later peaks).
-    os.environ.setdefault("MALLOC_MMAP_THRESHOLD_", "65536")
     rows = []
     for family in families:
         shapes = _shapes(family, grid, txt)
@@ -110,7 +127,6 @@ def run(families: list[str], grid: int = 64, txt: int = 256, heads: int = 8, rep
         with WorkerPool(1) as pool:
             single = pool.run(_run, family, heads, shapes, repeats, 1, 1, timeout=1800)
             row["single"] = _median_max(single)
-            row["single_mb"] = single[0]["memory_mb"]
             row["degree1"] = _median_max(pool.run(_run, family, heads, shapes, repeats, 1, 1, plan=True, timeout=1800))
         with WorkerPool(2) as pool:
             for name, ring, ulysses in (("U2", 1, 2), ("R2", 2, 1)):
@@ -120,7 +136,6 @@ def run(families: list[str], grid: int = 64, txt: int = 256, heads: int = 8, rep
                 layers = sum(1 for n, m in build_transformer(family, heads=heads, **_overrides(family, shapes)).named_modules()
                              if n.endswith(("attn", "attn1", "attention")) and hasattr(m, "processor"))
                 row[f"{name}_theory"] = theory_bytes(family, heads, shapes, layers, ring, ulysses)
-                row[f"{name}_mb"] = max(r["memory_mb"] for r in res)
             row["U2_compiled"] = _median_max(pool.run(_run, family, heads, shapes, repeats, 1, 2, compile=True,
                                                       timeout=1800))
             for name, mode in (("diffusers_U2", "ulysses"), ("diffusers_R2", "ring")):
@@ -128,6 +143,13 @@ def run(families: list[str], grid: int = 64, txt: int = 256, heads: int = 8, rep
                                timeout=1800)
                 ok = res[0]["error"] is None
                 row[name] = statistics.median(max(ts) for ts in zip(*(r["times"] for r in res))) if ok else res[0]["error"]
+        # glibc's dynamic mmap threshold would keep freed activations in the heap and hide peaks.
+        with _mmap_pool(1) as pool:
+            row["single_mb"] = pool.run(_run, family, heads, shapes, repeats, 1, 1, memory=True)[0]["memory_mb"]
+        with _mmap_pool(2) as pool:
+            for name, ring, ulysses in (("U2", 1, 2), ("R2", 2, 1)):
+                res = pool.run(_run, family, heads, shapes, repeats, ring, ulysses, memory=True, timeout=1800)
+                row[f"{name}_mb"] = max(r["memory_mb"] for r in res)
         rows.append(row)
         _print(row)
     return rows
