@@ -21,9 +21,9 @@ import matplotlib.pyplot as plt  # noqa: E402
 from meshsp.planner import PUBLISHED, predict  # noqa: E402
 
 MEASURED = {  # family: (U2, R2) speedups from the README's `meshsp bench models` table
-    "flux": (1.91, 1.95), "flux2": (1.93, 1.98), "qwen-image": (1.85, 1.79), "z-image": (1.41, 1.44),
-    "wan": (1.42, 1.75), "sd3": (1.86, 1.88), "ltx": (1.78, 1.80), "hunyuan-video": (1.82, 1.86),
-    "cogvideox": (1.82, 1.82),
+    "flux": (1.77, 1.86), "flux2": (1.81, 1.88), "qwen-image": (1.82, 1.87), "z-image": (1.42, 1.43),
+    "wan": (1.72, 1.85), "sd3": (1.83, 1.84), "ltx": (1.86, 1.80), "hunyuan-video": (1.90, 1.87),
+    "cogvideox": (1.84, 1.84),
 }
 
 
