@@ -124,8 +124,7 @@ def _scatter(q, k, v, mask_Bs, *, group, q_ranges, kv_ranges, q_lens, kv_lens) -
         kv.append(mask_Bs.to(q.dtype)[:, None, :, None])
         kv_r.append(((0, 1),) * len(kv_lens))
     if list(q_lens) == list(kv_lens):
-        both = _exchange([q, *kv], [q_ranges, *kv_r], q_lens, group)
-        parts = lambda: both()  # noqa: E731
+        parts = _exchange([q, *kv], [q_ranges, *kv_r], q_lens, group)
     else:
         q_only, kv_only = _exchange([q], [q_ranges], q_lens, group), _exchange(kv, kv_r, kv_lens, group)
         parts = lambda: q_only() + kv_only()  # noqa: E731
