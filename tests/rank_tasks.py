@@ -202,23 +202,24 @@ def funcol_counts() -> dict:
 # --- model plans ------------------------------------------------------------------------------
 
 def model_parity(family: str, ring: int, ulysses: int, mode: str, heads: int | None, inputs: dict,
-                 tol: float = 1e-5, plan_source: str = "shipped") -> float:
-    """Single-device forward vs the same model parallelized with its plan; returns max abs diff."""
+                 tol: float = 1e-5, plan_source: str = "shipped", config: dict | None = None) -> dict:
+    """Single-device forward vs the same model parallelized with its plan (``config`` overrides the
+    tiny config); returns the max abs diff and the parallel forward's communication calls."""
     from meshsp.plans import get_plan, parallelize, plan_from_cp_plan
     from meshsp.tiny import build_transformer, make_inputs, output_tensor
 
     mesh = mesh_for(ring, ulysses)
-    model = build_transformer(family, heads=heads)
+    model = build_transformer(family, heads=heads, **(config or {}))
     with torch.no_grad():
         expected = output_tensor(model(**make_inputs(family, model, **inputs)))
     plan = plan_from_cp_plan(model, ulysses_mode=mode) if plan_source == "cp_plan" else get_plan(model, ulysses_mode=mode)
     parallelize(model, mesh, plan)
-    with torch.no_grad():
+    with torch.no_grad(), record_comm() as stats:
         out = output_tensor(model(**make_inputs(family, model, **inputs)))
     scale = expected.abs().max().item()
     torch.testing.assert_close(out, expected, atol=tol * max(scale, 1.0), rtol=tol,
                                msg=lambda m: f"{family} R{ring}xU{ulysses} {mode} {inputs}: {m}")
-    return (out - expected).abs().max().item()
+    return {"diff": (out - expected).abs().max().item(), "calls": dict(stats.calls)}
 
 
 def untouched_after_parallelize(family: str) -> bool:

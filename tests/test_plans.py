@@ -44,6 +44,18 @@ def test_z_image_30_heads_on_u4(pools):
     pools(4).run(rank_tasks.model_parity, "z-image", 1, 4, "advanced_uaa", 30, dict(h=3, w=5, txt=7))
 
 
+@pytest.mark.parametrize("config", ["U2xR2-uaa", "R2"])
+def test_z_image_refiners_are_sequence_parallel(pools, config):
+    """The real model's 2 image refiner layers run sharded and are gathered after the last one:
+    every attention (2 refiner + 2 main layers) goes through SP attention, the caption refiner not."""
+    world, ring, ulysses, mode, heads, shapes = CONFIGS[config]
+    results = pools(world).run(rank_tasks.model_parity, "z-image", ring, ulysses, mode, heads, shapes("z-image"),
+                               config=dict(n_refiner_layers=2, n_layers=2))
+    for res in results:
+        assert res["calls"].get("p2p", 0) == 4 * (ring - 1), res  # one ring step per SP attention
+        assert res["calls"].get("all_to_all", 0) == (8 if ulysses > 1 else 0), res
+
+
 def test_strict_mode_refuses_30_heads_on_u4(pools):
     msgs = pools(4).run(rank_tasks.raises, "model_parity", "z-image", 1, 4, "strict", 30, dict(h=3, w=5, txt=7))
     assert all("ulysses_mode='advanced_uaa'" in m for m in msgs), msgs[0]
@@ -91,6 +103,7 @@ PLAN_ERRORS = [
     ({"plan": {"proj_out": {"style": "ShardSequence", "inputs": {"x": {"dims": 1}}}}}, "needs 'dim'"),
     ({"plan": {"proj_out": {"style": "ParallelAttention", "inputs": {"x": 1}}}}, "takes no inputs"),
     ({"plans": {}}, "has 'model' and 'plan' keys"),
+    ({"plan": {"proj_out.-1": {"style": "GatherSequence"}}}, "nearest module names"),  # not a ModuleList
 ]
 
 
@@ -99,6 +112,14 @@ def test_plan_errors(data, text):
     model = build_transformer("flux")
     with pytest.raises(ValueError, match=text.replace("[", r"\[").replace("*", r"\*")):
         Plan.from_dict(data).validate(model)
+
+
+def test_last_child_path():
+    model = build_transformer("z-image", heads=2)
+    plan = Plan.from_dict({"plan": {"noise_refiner.-1": {"style": "GatherSequence"}}})
+    assert plan.matches(model, "noise_refiner.-1") == [f"noise_refiner.{len(model.noise_refiner) - 1}"]
+    assert plan.matches(model, "layers.-1.attention") == [f"layers.{len(model.layers) - 1}.attention"]
+    assert plan.matches(model, "layers.*.attention") == [f"layers.{i}.attention" for i in range(len(model.layers))]
 
 
 def test_unknown_plan_name_and_model_without_plan():

@@ -11,7 +11,8 @@ A plan ships as a YAML file in this folder, one per diffusers transformer class:
       proj_out: {style: GatherSequence, outputs: {0: 1}}
 
 Keys are module paths with ``*`` wildcards per path component, as torch's ``parallelize_module``
-takes them. ``optional: true`` on an entry allows it to match nothing (a variant module some configs
+takes them, and ``-1`` for the last child of a ``ModuleList`` (a gather after a loop's last layer,
+whatever the depth of the config). ``optional: true`` on an entry allows it to match nothing (a variant module some configs
 have); any other path that matches no module is an error, never a silent skip.
 """
 
@@ -119,9 +120,17 @@ class Plan(dict):
         """Module names of ``model`` that the plan key ``path`` selects."""
         if path == "":
             return [""]
-        pattern = path.split(".")
-        return [n for n, _ in model.named_modules() if len(n.split(".")) == len(pattern)
-                and all(fnmatch.fnmatchcase(a, p) for a, p in zip(n.split("."), pattern))]
+        selected = [("", model)]
+        for part in path.split("."):
+            found = []
+            for name, module in selected:
+                children = list(module.named_children())
+                if part == "-1":
+                    children = children[-1:] if isinstance(module, nn.ModuleList) else []
+                found += [(f"{name}.{child}" if name else child, sub) for child, sub in children
+                          if part == "-1" or fnmatch.fnmatchcase(child, part)]
+            selected = found
+        return [name for name, _ in selected]
 
     def validate(self, model: nn.Module) -> None:
         """Raise ``ValueError`` for a path that matches no module (naming the nearest ones)."""
@@ -223,6 +232,7 @@ def parallelize(transformer: nn.Module, mesh: DeviceMesh, plan: Plan | None = No
     sp_mesh = mesh["ring", "ulysses"] if mesh.mesh_dim_names and "cfg" in mesh.mesh_dim_names else mesh
     if sp_mesh.size() == 1:
         return transformer  # a plan at degree 1 is the identity: leave the model as it is
-    styles = {path: style for path, style in plan.items() if plan.matches(transformer, path)}
-    parallelize_module(transformer, sp_mesh, styles)
+    for path, style in plan.items():  # concrete names, in plan order: torch never sees "-1"
+        for name in plan.matches(transformer, path):
+            parallelize_module(transformer.get_submodule(name), sp_mesh, style)
     return CheckInputs()._apply(transformer, sp_mesh)
