@@ -72,6 +72,8 @@ def ulysses_attention(
 ) -> torch.Tensor:
     """Ulysses around ``attend(q, k, v, mask) -> out`` (own heads, whole chunk), pipelined over
     head chunks: chunk c+1's exchange and chunk c-1's return travel while chunk c is computed.
+    At most two chunks' exchanges are alive at a time, so the pipeline holds less than one
+    unchunked exchange.
 
     Shapes as ``scatter_heads`` in and ``gather_heads`` out; the mask travels once, with chunk 0.
     """
@@ -86,11 +88,11 @@ def ulysses_attention(
 
     pending, returns, mask_out = post(0, mask_Bs), [], None
     for c in range(len(plan)):
-        following = post(c + 1, None) if c + 1 < len(plan) else None
-        q_c, k_c, v_c, m = pending()
+        q_c, k_c, v_c, m = pending()  # chunk c has arrived and its send buffer is free ...
         mask_out = m if c == 0 else mask_out
+        pending = post(c + 1, None) if c + 1 < len(plan) else None  # ... before chunk c+1's is made
         returns.append(_gather(attend(q_c, k_c, v_c, mask_out), group, plan[c][0], q_lens, result))
-        pending = following
+        del q_c, k_c, v_c
     for finish in returns:
         finish()
     return result.transpose(1, 2)
