@@ -1,10 +1,10 @@
 """Model plans: each of the 9 transformers, parallelized with its plan, equals the single-device output."""
 
 import pytest
+import rank_tasks
 import torch
 
-import rank_tasks
-from meshsp.plans import Plan, available_plans, get_plan, load_plan, plan_from_cp_plan
+from meshsp.plans import Plan, available_plans, get_plan, load_plan
 from meshsp.tiny import FAMILIES, build_transformer
 
 MODELS = sorted(FAMILIES)

@@ -13,12 +13,10 @@ import time
 import torch
 import torch.distributed as dist
 
-from meshsp.config import ParallelConfig
+from meshsp.bench import sp_mesh
 from meshsp.launch import WorkerPool
 from meshsp.ops import local_attention, record_comm, sp_attention
 from meshsp.placements import SeqLayout
-
-_MESHES: dict = {}
 
 
 def _time_local(shape, dtype, repeats, ranks):
@@ -38,12 +36,7 @@ def _time_local(shape, dtype, repeats, ranks):
 
 
 def _time_sp(shape, dtype, ring, ulysses, repeats):
-    from meshsp.mesh import init_sp_mesh
-
-    key = (ring, ulysses)
-    if key not in _MESHES:
-        _MESHES[key] = init_sp_mesh(ParallelConfig(ring_degree=ring, ulysses_degree=ulysses))
-    mesh = _MESHES[key]
+    mesh = sp_mesh(ring, ulysses)
     b, h, s, d = shape
     layout = SeqLayout.from_global(s, ring=ring, ulysses=ulysses)
     r, u = mesh.get_local_rank("ring"), mesh.get_local_rank("ulysses")

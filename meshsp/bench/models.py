@@ -2,7 +2,8 @@
 
 Each family is built at toy width but long sequence (default: a 64x64 token grid — 64x32 x 2 frames
 for video — and 256 text tokens), 8 heads of 16, fp32, one thread per rank. The 1-process time is
-taken on rank 0 of the same pool while the other rank idles.
+taken in a 1-rank pool, the SP times in a 2-rank pool started alongside it (so the 1-process
+forward runs while the other two workers idle).
 """
 
 from __future__ import annotations
@@ -13,8 +14,9 @@ import time
 import torch
 import torch.distributed as dist
 
-from meshsp.config import ParallelConfig
+from meshsp.bench import sp_mesh
 from meshsp.launch import WorkerPool
+from meshsp.ops.comm import record_comm
 from meshsp.tiny import FAMILIES, build_transformer, make_inputs
 
 VIDEO = {"wan", "ltx", "hunyuan-video", "cogvideox"}
@@ -30,55 +32,74 @@ def _overrides(family: str, shapes: dict) -> dict:
         "cogvideox": dict(max_text_seq_length=shapes["txt"], sample_height=2 * shapes["h"],
                           sample_width=2 * shapes["w"], sample_frames=4 * shapes.get("frames", 1) - 3),
     }.get(family, {})
-_MESHES: dict = {}
-
-
 def _shapes(family: str, grid: int, txt: int) -> dict:
     if family in VIDEO:
         return dict(h=grid, w=grid // 2, frames=2, txt=txt)
     return dict(h=grid, w=grid, txt=txt)
 
 
-def _forward_times(family, heads, shapes, repeats, ring, ulysses):
-    from meshsp.mesh import init_sp_mesh
+def _rss_kb(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field):
+                return int(line.split()[1])
+    return 0
+
+
+def peak_activation_mb(fn) -> float:
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # reset the peak resident set
+    except OSError:
+        return float("nan")
+    base = _rss_kb("VmRSS:")
+    fn()
+    return (_rss_kb("VmHWM:") - base) / 1024
+
+
+def forward_stats(family, heads, shapes, repeats, ring, ulysses, *, plan=False, compile=False, memory=False):
+    """Times (this rank) and bytes sent in one forward, or with ``memory`` the peak activation MB
+    of one forward. Plan at degree 1 if plan."""
     from meshsp.plans import parallelize
 
     model = build_transformer(family, heads=heads, **_overrides(family, shapes))
     inputs = make_inputs(family, model, **shapes)
-    active = True
-    if ring * ulysses > 1:
-        key = (ring, ulysses)
-        if key not in _MESHES:
-            _MESHES[key] = init_sp_mesh(ParallelConfig(ring_degree=ring, ulysses_degree=ulysses, ulysses_mode="advanced_uaa"))
-        parallelize(model, _MESHES[key], ulysses_mode="advanced_uaa")
-    else:
-        active = dist.get_rank() == 0
-    times = []
+    if plan or ring * ulysses > 1:
+        parallelize(model, sp_mesh(ring, ulysses), ulysses_mode="advanced_uaa")
+    fn = torch.compile(model) if compile else model
     with torch.no_grad():
-        if active:
-            model(**inputs)  # warm-up
+        fn(**inputs)  # warm-up (and compilation)
+        if memory:
+            return {"memory_mb": peak_activation_mb(lambda: fn(**inputs))}
+        with record_comm() as stats:
+            fn(**inputs)
+        times = []
         for _ in range(repeats):
             dist.barrier()
             t0 = time.perf_counter()
-            if active:
-                model(**inputs)
+            fn(**inputs)
             times.append(time.perf_counter() - t0)
-    return times if active else None
+    return {"times": times, "bytes": dict(stats.bytes_sent)}
+
+
+def median_max(per_rank: list[dict]) -> float:
+    return statistics.median(max(ts) for ts in zip(*(r["times"] for r in per_rank)))
 
 
 def run(families: list[str], grid: int = 64, txt: int = 256, heads: int = 8, repeats: int = 3) -> list[dict]:
+    for family in families:
+        if family not in FAMILIES:
+            raise ValueError(f"unknown family {family!r}; known: {sorted(FAMILIES)}")
     rows = []
-    with WorkerPool(2, threads=1) as pool:
+    with WorkerPool(1) as single_pool, WorkerPool(2) as pool:
         for family in families:
-            if family not in FAMILIES:
-                raise ValueError(f"unknown family {family!r}; known: {sorted(FAMILIES)}")
             shapes = _shapes(family, grid, txt)
-            single = statistics.median(pool.run(_forward_times, family, heads, shapes, repeats, 1, 1, timeout=1800)[0])
+            single = median_max(single_pool.run(forward_stats, family, heads, shapes, repeats, 1, 1, timeout=1800))
             row = {"family": family, "tokens": shapes["h"] * shapes["w"] * shapes.get("frames", 1) if family in VIDEO
                    else shapes["h"] * shapes["w"], "single_s": single}
             for name, ring, ulysses in (("U2", 1, 2), ("R2", 2, 1)):
-                per_rank = pool.run(_forward_times, family, heads, shapes, repeats, ring, ulysses, timeout=1800)
-                row[name] = statistics.median(max(ts) for ts in zip(*per_rank))
+                row[name] = median_max(pool.run(forward_stats, family, heads, shapes, repeats, ring, ulysses,
+                                                timeout=1800))
             rows.append(row)
             print(f"{family:<14} {row['tokens']:>6} img tokens  1 proc {single:7.3f} s   "
                   f"U2 {row['U2']:7.3f} s ({single / row['U2']:.2f}x)   R2 {row['R2']:7.3f} s ({single / row['R2']:.2f}x)",

@@ -25,68 +25,11 @@ from __future__ import annotations
 import contextlib
 import os
 import statistics
-import time
-
-import torch
-import torch.distributed as dist
 
 from meshsp.bench.diffusers_cp import time_diffusers_cp
-from meshsp.bench.models import _overrides, _shapes
-from meshsp.config import ParallelConfig
+from meshsp.bench.models import _overrides, _shapes, forward_stats, median_max
 from meshsp.launch import WorkerPool
-from meshsp.ops.comm import record_comm
-from meshsp.tiny import build_transformer, make_inputs
-
-_MESHES: dict = {}
-
-
-def _rss_kb(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field):
-                return int(line.split()[1])
-    return 0
-
-
-def _peak_activation_mb(fn) -> float:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # reset the peak resident set
-    except OSError:
-        return float("nan")
-    base = _rss_kb("VmRSS:")
-    fn()
-    return (_rss_kb("VmHWM:") - base) / 1024
-
-
-def _run(family, heads, shapes, repeats, ring, ulysses, *, plan=False, compile=False, memory=False):
-    """Times (this rank) and bytes sent in one forward, or with ``memory`` the peak activation MB
-    of one forward. Plan at degree 1 if plan."""
-    from meshsp.mesh import init_sp_mesh
-    from meshsp.plans import parallelize
-
-    model = build_transformer(family, heads=heads, **_overrides(family, shapes))
-    inputs = make_inputs(family, model, **shapes)
-    if plan or ring * ulysses > 1:
-        key = (ring, ulysses)
-        if key not in _MESHES:
-            _MESHES[key] = init_sp_mesh(ParallelConfig(ring_degree=ring, ulysses_degree=ulysses,
-                                                       ulysses_mode="advanced_uaa"))
-        parallelize(model, _MESHES[key], ulysses_mode="advanced_uaa")
-    fn = torch.compile(model) if compile else model
-    with torch.no_grad():
-        fn(**inputs)  # warm-up (and compilation)
-        if memory:
-            return {"memory_mb": _peak_activation_mb(lambda: fn(**inputs))}
-        with record_comm() as stats:
-            fn(**inputs)
-        times = []
-        for _ in range(repeats):
-            dist.barrier()
-            t0 = time.perf_counter()
-            fn(**inputs)
-            times.append(time.perf_counter() - t0)
-    return {"times": times, "bytes": dict(stats.bytes_sent)}
+from meshsp.tiny import build_transformer
 
 
 @contextlib.contextmanager
@@ -105,10 +48,6 @@ def _mmap_pool(world: int):
         yield pool
 
 
-def _median_max(per_rank: list[dict]) -> float:
-    return statistics.median(max(ts) for ts in zip(*(r["times"] for r in per_rank)))
-
-
 def theory_bytes(family: str, heads: int, shapes: dict, layers: int, ring: int, ulysses: int) -> int:
     """Closed form per rank and forward for even shards: Ulysses q,k,v,o all-to-alls; Ring K/V steps."""
     s = shapes["h"] * shapes["w"] * shapes.get("frames", 1) + (shapes["txt"] if family != "wan" else 0)
@@ -125,18 +64,18 @@ def run(families: list[str], grid: int = 64, txt: int = 256, heads: int = 8, rep
         shapes = _shapes(family, grid, txt)
         row: dict = {"family": family}
         with WorkerPool(1) as pool:
-            single = pool.run(_run, family, heads, shapes, repeats, 1, 1, timeout=1800)
-            row["single"] = _median_max(single)
-            row["degree1"] = _median_max(pool.run(_run, family, heads, shapes, repeats, 1, 1, plan=True, timeout=1800))
+            single = pool.run(forward_stats, family, heads, shapes, repeats, 1, 1, timeout=1800)
+            row["single"] = median_max(single)
+            row["degree1"] = median_max(pool.run(forward_stats, family, heads, shapes, repeats, 1, 1, plan=True, timeout=1800))
         with WorkerPool(2) as pool:
             for name, ring, ulysses in (("U2", 1, 2), ("R2", 2, 1)):
-                res = pool.run(_run, family, heads, shapes, repeats, ring, ulysses, timeout=1800)
-                row[name] = _median_max(res)
+                res = pool.run(forward_stats, family, heads, shapes, repeats, ring, ulysses, timeout=1800)
+                row[name] = median_max(res)
                 row[f"{name}_bytes"] = res[0]["bytes"]
                 layers = sum(1 for n, m in build_transformer(family, heads=heads, **_overrides(family, shapes)).named_modules()
                              if n.endswith(("attn", "attn1", "attention")) and hasattr(m, "processor"))
                 row[f"{name}_theory"] = theory_bytes(family, heads, shapes, layers, ring, ulysses)
-            row["U2_compiled"] = _median_max(pool.run(_run, family, heads, shapes, repeats, 1, 2, compile=True,
+            row["U2_compiled"] = median_max(pool.run(forward_stats, family, heads, shapes, repeats, 1, 2, compile=True,
                                                       timeout=1800))
             for name, mode in (("diffusers_U2", "ulysses"), ("diffusers_R2", "ring")):
                 res = pool.run(time_diffusers_cp, family, heads, shapes, _overrides(family, shapes), repeats, mode,
@@ -145,10 +84,10 @@ def run(families: list[str], grid: int = 64, txt: int = 256, heads: int = 8, rep
                 row[name] = statistics.median(max(ts) for ts in zip(*(r["times"] for r in res))) if ok else res[0]["error"]
         # glibc's dynamic mmap threshold would keep freed activations in the heap and hide peaks.
         with _mmap_pool(1) as pool:
-            row["single_mb"] = pool.run(_run, family, heads, shapes, repeats, 1, 1, memory=True)[0]["memory_mb"]
+            row["single_mb"] = pool.run(forward_stats, family, heads, shapes, repeats, 1, 1, memory=True)[0]["memory_mb"]
         with _mmap_pool(2) as pool:
             for name, ring, ulysses in (("U2", 1, 2), ("R2", 2, 1)):
-                res = pool.run(_run, family, heads, shapes, repeats, ring, ulysses, memory=True, timeout=1800)
+                res = pool.run(forward_stats, family, heads, shapes, repeats, ring, ulysses, memory=True, timeout=1800)
                 row[f"{name}_mb"] = max(r["memory_mb"] for r in res)
         rows.append(row)
         _print(row)
