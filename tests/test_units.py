@@ -116,6 +116,10 @@ def test_merge_of_key_blocks_equals_whole():
     out, lse = merge_partials(*a, *b)
     torch.testing.assert_close(out, whole, atol=1e-12, rtol=1e-12)
     torch.testing.assert_close(lse, lse_whole, atol=1e-12, rtol=1e-12)
+    acc = a[0].clone()
+    merged, _ = merge_partials(acc, a[1], b[0].clone(), b[1], into_a=True)
+    assert merged.data_ptr() == acc.data_ptr()
+    torch.testing.assert_close(merged, whole, atol=1e-12, rtol=1e-12)
 
 
 def test_head_split_kv_index_for_groups_cut_by_the_split():

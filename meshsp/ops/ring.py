@@ -23,12 +23,18 @@ from meshsp.ops.kernel import local_attention
 __all__ = ["ring_attention", "merge_partials"]
 
 
-def merge_partials(out_a, lse_a, out_b, lse_b):
-    """Merge two attention partials over disjoint key sets. Rows with no keys keep lse = -inf."""
+def merge_partials(out_a, lse_a, out_b, lse_b, *, into_a: bool = False):
+    """Merge two attention partials over disjoint key sets. Rows with no keys keep lse = -inf.
+
+    With ``into_a`` the result is written into ``out_a`` (an accumulator) and ``out_b`` is used as
+    scratch, saving two temporaries of the output's size.
+    """
     lse = torch.logaddexp(lse_a, lse_b)
     safe = torch.where(torch.isneginf(lse), torch.zeros_like(lse), lse)
     w_a = torch.exp(lse_a - safe)[..., None]
     w_b = torch.exp(lse_b - safe)[..., None]
+    if into_a:
+        return out_a.mul_(w_a).add_(out_b.to(out_a.dtype).mul_(w_b)), lse
     return out_a * w_a + out_b.to(out_a.dtype) * w_b, lse
 
 
@@ -76,6 +82,7 @@ def ring_attention(
         return b * hk * kv_lens[src] * (d + dv) + (b * kv_lens[src] if with_mask else 0)
 
     block = _kv_buffer(k, v, mask_BSk)
+    q = q.contiguous()  # once, not at every step (the kernels want head-major queries)
     out = lse = None
     for step in range(size):
         src = (me - step) % size
@@ -83,9 +90,9 @@ def ring_attention(
         k_i, v_i, m_i = _unpack(block, b, hk, kv_lens[src], d, dv, with_mask)
         out_i, lse_i = local_attention(q, k_i, v_i, m_i, scale)
         if out is None:
-            out, lse = out_i.to(acc), lse_i
+            out, lse = out_i.to(acc), lse_i  # a fresh tensor the merges may write into
         else:
-            out, lse = merge_partials(out, lse, out_i, lse_i)
+            out, lse = merge_partials(out, lse, out_i, lse_i, into_a=True)
         if pending is not None:
             block = pending.wait()
     return out.to(q.dtype), lse
