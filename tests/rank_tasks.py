@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -40,23 +42,43 @@ def reference(q, k, v, mask):
     return F.scaled_dot_product_attention(q, k, v, attn_mask=m, enable_gqa=q.shape[1] != k.shape[1])
 
 
+@contextlib.contextmanager
+def pipelined(on: bool):
+    """Force Ulysses' pipelined head-chunk exchange on (any size) for the block, or leave the default."""
+    from meshsp.ops import ulysses
+
+    saved = ulysses.PIPELINE_MIN_BYTES
+    ulysses.PIPELINE_MIN_BYTES = 0 if on else saved
+    try:
+        yield
+    finally:
+        ulysses.PIPELINE_MIN_BYTES = saved
+
+
 def dtensor_parity(cases: list[dict]) -> list[float]:
-    """Run every case through F.scaled_dot_product_attention on DTensors; return max abs errors."""
+    """Run every case through F.scaled_dot_product_attention on DTensors; return max abs errors.
+
+    ``case["pipeline"]`` forces the pipelined Ulysses exchange whatever the size."""
     errors = []
     for case in cases:
-        mesh = mesh_for(case["ring"], case["ulysses"])
-        q, k, v, mask = make_inputs(case)
-        expected = reference(q, k, v, mask)
-        dq, dk, dv = (shard_sequence(t, mesh, seq_dim=2) for t in (q, k, v))
-        dmask = None if mask is None else shard_sequence(mask[:, None, None, :], mesh, seq_dim=3)
-        with meshsp.sequence_parallel_attention(case.get("mode", "strict")):
-            out = F.scaled_dot_product_attention(dq, dk, dv, attn_mask=dmask, enable_gqa=True)
-        assert out.placements == dq.placements and out.shape == expected.shape, (out.placements, out.shape)
-        local_expected = shard_sequence(expected, mesh, seq_dim=2).to_local()
-        tol = 1e-12 if q.dtype == torch.float64 else 2e-6
-        torch.testing.assert_close(out.to_local(), local_expected, atol=tol, rtol=tol, msg=lambda m: f"{case}: {m}")
-        errors.append((out.to_local() - local_expected).abs().max().item() if local_expected.numel() else 0.0)
+        with pipelined(case.get("pipeline", False)):
+            errors.append(_dtensor_parity(case))
     return errors
+
+
+def _dtensor_parity(case: dict) -> float:
+    mesh = mesh_for(case["ring"], case["ulysses"])
+    q, k, v, mask = make_inputs(case)
+    expected = reference(q, k, v, mask)
+    dq, dk, dv = (shard_sequence(t, mesh, seq_dim=2) for t in (q, k, v))
+    dmask = None if mask is None else shard_sequence(mask[:, None, None, :], mesh, seq_dim=3)
+    with meshsp.sequence_parallel_attention(case.get("mode", "strict")):
+        out = F.scaled_dot_product_attention(dq, dk, dv, attn_mask=dmask, enable_gqa=True)
+    assert out.placements == dq.placements and out.shape == expected.shape, (out.placements, out.shape)
+    local_expected = shard_sequence(expected, mesh, seq_dim=2).to_local()
+    tol = 1e-12 if q.dtype == torch.float64 else 2e-6
+    torch.testing.assert_close(out.to_local(), local_expected, atol=tol, rtol=tol, msg=lambda m: f"{case}: {m}")
+    return (out.to_local() - local_expected).abs().max().item() if local_expected.numel() else 0.0
 
 
 def comm_bytes(case: dict) -> dict:
@@ -64,7 +86,8 @@ def comm_bytes(case: dict) -> dict:
     mesh = mesh_for(case["ring"], case["ulysses"])
     q, k, v, mask = make_inputs(case)
     dq, dk, dv = (shard_sequence(t, mesh, seq_dim=2) for t in (q, k, v))
-    with record_comm() as stats, meshsp.sequence_parallel_attention(case.get("mode", "strict")):
+    with record_comm() as stats, meshsp.sequence_parallel_attention(case.get("mode", "strict")), \
+            pipelined(case.get("pipeline", False)):
         F.scaled_dot_product_attention(dq, dk, dv)
     return {"bytes": dict(stats.bytes_sent), "calls": dict(stats.calls),
             "coords": (mesh.get_local_rank("ring"), mesh.get_local_rank("ulysses"))}

@@ -25,7 +25,8 @@ def _strict_cases(ring, ulysses):
 
 
 def _uaa_cases(ring, ulysses):
-    base = dict(ring=ring, ulysses=ulysses, mode="advanced_uaa")
+    # These also run Ulysses' pipelined head-chunk exchange (forced on at any size).
+    base = dict(ring=ring, ulysses=ulysses, mode="advanced_uaa", pipeline=True)
     return [
         dict(base, B=1, H=30, D=16, Sq=37, seed=10),  # Z-Image's 30 heads, odd length
         dict(base, B=2, H=6, Hk=2, D=7, Sq=5, Skv=3, seed=11),  # GQA, odd head dim, empty shards
@@ -60,15 +61,17 @@ def _theory_bytes(ring, ulysses, b, h, s, d, itemsize):
     return out
 
 
+@pytest.mark.parametrize("pipeline", [False, True], ids=["whole", "pipelined"])
 @pytest.mark.parametrize("world,ring,ulysses", ALL, ids=[f"R{r}xU{u}" for _, r, u in ALL])
-def test_bytes_sent_equal_theory(pools, world, ring, ulysses):
+def test_bytes_sent_equal_theory(pools, world, ring, ulysses, pipeline):
     b, h, s, d = 2, 8, 64, 16
-    results = pools(world).run(rank_tasks.comm_bytes, dict(ring=ring, ulysses=ulysses, B=b, H=h, D=d, Sq=s))
+    results = pools(world).run(rank_tasks.comm_bytes, dict(ring=ring, ulysses=ulysses, B=b, H=h, D=d, Sq=s,
+                                                           pipeline=pipeline))
     expected = _theory_bytes(ring, ulysses, b, h, s, d, itemsize=8)
     for res in results:
         assert res["bytes"] == expected, (res, expected)
-        # Ulysses alone pipelines CHUNKS head chunks (each rank owns >= 2 of the 8 heads here).
-        chunks = CHUNKS if ring == 1 else 1
+        # Pipelined Ulysses alone exchanges CHUNKS head chunks (each rank owns >= 2 of the 8 heads).
+        chunks = CHUNKS if ring == 1 and pipeline else 1
         assert res["calls"].get("all_to_all", 0) == (2 * chunks if ulysses > 1 else 0)
         assert res["calls"].get("p2p", 0) == ring - 1
     assert sorted(r["coords"] for r in results) == sorted(itertools.product(range(ring), range(ulysses)))

@@ -27,7 +27,8 @@ def cases(draw):
     mode = draw(st.sampled_from(["strict", "advanced_uaa"])) if strict_ok else "advanced_uaa"
     return dict(ring=ring, ulysses=ulysses, mode=mode, B=draw(st.integers(1, 3)), H=heads, Hk=kv_heads,
                 D=draw(st.sampled_from([1, 3, 7, 8, 16, 33, 64])), Sq=sq, Skv=skv,
-                mask=density is not None, density=density or 0.5, seed=draw(st.integers(0, 2**16)))
+                mask=density is not None, density=density or 0.5, seed=draw(st.integers(0, 2**16)),
+                pipeline=draw(st.booleans()))
 
 
 @settings(max_examples=220, deadline=None, derandomize=True,
@@ -43,6 +44,7 @@ def test_generated_cases_match_single_device(pools, case):
     STATS["uneven heads"] += case["H"] % case["ulysses"] != 0
     STATS["empty shards"] += min(case["Sq"], case["Skv"]) < world
     STATS["gqa"] += case["H"] != case["Hk"]
+    STATS["pipelined"] += case["pipeline"] and case["ring"] == 1
     STATS["max error"] = max(STATS["max error"], max(e for errs in errors for e in errs) * 1e15)
 
 

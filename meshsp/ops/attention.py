@@ -18,7 +18,7 @@ from meshsp.ops.checks import check_attention_inputs
 from meshsp.ops.consensus import agree
 from meshsp.ops.kernel import local_attention
 from meshsp.ops.ring import ring_attention
-from meshsp.ops.ulysses import CHUNKS, ulysses_attention
+from meshsp.ops import ulysses as _ulysses
 from meshsp.placements import HeadSplit, SeqLayout
 
 __all__ = ["sp_attention"]
@@ -77,9 +77,16 @@ def _sp_attention_op(
         return local_attention(q, k, v, mask, scale)[0]
 
     if ulysses > 1:
-        # Pipelined head chunks on Ulysses alone; the hybrid runs one ring over all own heads.
-        return ulysses_attention(q, k, v, mask, group=ulysses_pg, heads=heads, q_lens=q_layout.lens[r],
-                                 kv_lens=kv_layout.lens[r], attend=attend, chunks=CHUNKS if ring == 1 else 1)
+        # Pipelined head chunks on Ulysses alone, for exchanges big enough to gain from it; the
+        # hybrid runs one ring over all own heads.
+        # Decided from what every rank of the group knows alike (never from uneven local sizes),
+        # so that all of them issue the same collectives: the group's mean q, k, v bytes per rank.
+        tokens_q, tokens_kv = sum(q_layout.lens[r]), sum(kv_layout.lens[r])
+        per_rank = (tokens_q * q.shape[1] * q.shape[3] + tokens_kv * k.shape[1] * (k.shape[3] + v.shape[3]))
+        pipelined = ring == 1 and q.shape[0] * per_rank * q.element_size() // ulysses >= _ulysses.PIPELINE_MIN_BYTES
+        return _ulysses.ulysses_attention(q, k, v, mask, group=ulysses_pg, heads=heads, q_lens=q_layout.lens[r],
+                                          kv_lens=kv_layout.lens[r], attend=attend,
+                                          chunks=_ulysses.CHUNKS if pipelined else 1)
     out = attend(q, k, v, mask)
     if not out.transpose(1, 2).is_contiguous():
         out = out.transpose(1, 2).contiguous().transpose(1, 2)
