@@ -21,9 +21,9 @@ import matplotlib.pyplot as plt  # noqa: E402
 from meshsp.planner import PUBLISHED, predict  # noqa: E402
 
 MEASURED = {  # family: (U2, R2) speedups from the README's `meshsp bench models` table
-    "flux": (1.81, 1.87), "flux2": (1.82, 1.83), "qwen-image": (1.79, 1.83), "z-image": (1.88, 1.88),
-    "wan": (1.79, 1.82), "sd3": (1.77, 1.71), "ltx": (1.75, 1.76), "hunyuan-video": (1.83, 1.86),
-    "cogvideox": (1.80, 1.79),
+    "flux": (1.87, 1.99), "flux2": (1.87, 1.89), "qwen-image": (1.81, 1.86), "z-image": (1.79, 1.81),
+    "wan": (1.79, 1.85), "sd3": (1.86, 1.89), "ltx": (1.79, 1.78), "hunyuan-video": (1.75, 1.85),
+    "cogvideox": (1.75, 1.81),
 }
 
 
