@@ -13,10 +13,12 @@ The wire format is token-major: what a rank sends to rank ``dst`` is ``[s, B, W_
 token's row holds, side by side, its ``h_dst`` query heads, ``hk_dst`` key heads, ``hk_dst`` value
 heads (and its mask bit). ``W_dst`` depends only on the receiver, so the receive buffer of rank
 ``dst`` is one ``[S, B, W_dst]`` tensor across all sources and q, k, v are strided *views* of it:
-each element is copied once on the way out (the head split itself) and never on the way in. The
-output goes back the same way: the attention kernel writes it token-major, so for B = 1 it is sent
-as it lies, and the receiver writes each source's heads once, straight into the ``[B, s, H, Dv]``
-memory that the model's ``transpose(1, 2).flatten(2)`` reads without a copy.
+each element is copied once on the way out (the head split itself) and not by the exchange on the
+way in. (``ulysses_attention`` then copies each arrived chunk head-major, the layout the kernels
+run fastest on, and frees the receive buffer before the kernel runs.) The output goes back the same
+way: it is sent token-major (as it lies when the kernel wrote it so, else after one copy), and the
+receiver writes each source's heads once, straight into the ``[B, s, H, Dv]`` memory that the
+model's ``transpose(1, 2).flatten(2)`` reads without a copy.
 """
 
 from __future__ import annotations
