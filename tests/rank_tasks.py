@@ -75,6 +75,9 @@ def _dtensor_parity(case: dict) -> float:
     with meshsp.sequence_parallel_attention(case.get("mode", "strict")):
         out = F.scaled_dot_product_attention(dq, dk, dv, attn_mask=dmask, enable_gqa=True)
     assert out.placements == dq.placements and out.shape == expected.shape, (out.placements, out.shape)
+    b, h, s, dv = expected.shape  # token-major memory, globally and locally, as the model flattens it
+    assert out.stride() == torch.empty(b, s, h, dv, device="meta").transpose(1, 2).stride(), out.stride()
+    assert out.to_local().transpose(1, 2).is_contiguous() or out.to_local().numel() == 0
     local_expected = shard_sequence(expected, mesh, seq_dim=2).to_local()
     tol = 1e-12 if q.dtype == torch.float64 else 2e-6
     torch.testing.assert_close(out.to_local(), local_expected, atol=tol, rtol=tol, msg=lambda m: f"{case}: {m}")

@@ -20,7 +20,7 @@ def test_bench_models_and_perf_run(capsys):
     for name in ("U2", "R2"):
         sent = sum(v for k, v in row[f"{name}_bytes"].items() if k != "consensus")
         assert sent == row[f"{name}_theory"] > 0, row
-        assert row[f"{name}_mb"] >= 0
+        assert not row[f"{name}_mb"] < 0  # NaN where /proc/self/clear_refs cannot be written
     # diffusers' Ulysses runs here; its ring refuses CPU attention with a message, reported as such
     assert isinstance(row["diffusers_U2"], float)
     assert isinstance(row["diffusers_R2"], float) or "return_lse" in row["diffusers_R2"]

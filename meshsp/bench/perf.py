@@ -84,7 +84,8 @@ def run(families: list[str], grid: int = 64, txt: int = 256, heads: int = 8, rep
                 row[name] = statistics.median(max(ts) for ts in zip(*(r["times"] for r in res))) if ok else res[0]["error"]
         # glibc's dynamic mmap threshold would keep freed activations in the heap and hide peaks.
         with _mmap_pool(1) as pool:
-            row["single_mb"] = pool.run(forward_stats, family, heads, shapes, repeats, 1, 1, memory=True)[0]["memory_mb"]
+            row["single_mb"] = pool.run(forward_stats, family, heads, shapes, repeats, 1, 1, memory=True,
+                                       timeout=1800)[0]["memory_mb"]
         with _mmap_pool(2) as pool:
             for name, ring, ulysses in (("U2", 1, 2), ("R2", 2, 1)):
                 res = pool.run(forward_stats, family, heads, shapes, repeats, ring, ulysses, memory=True, timeout=1800)
@@ -111,6 +112,9 @@ def _print(row: dict) -> None:
     print(f"    diffusers R2 {_fmt(r)} ({s / r:.2f}x) meshsp/diffusers {row['R2'] / r:.2f}x" if isinstance(r, float)
           else f"    diffusers R2 fails: {r}")
     print(f"    bytes/rank U2 {row['U2_bytes']} (theory {row['U2_theory']}) R2 {row['R2_bytes']} (theory {row['R2_theory']})")
+    def ratio(mb: float) -> float:
+        return mb / row["single_mb"] if row["single_mb"] > 0 else float("nan")
+
     print(f"    peak activation MB: 1 proc {row['single_mb']:.1f}, U2 {row['U2_mb']:.1f} "
-          f"({row['U2_mb'] / row['single_mb']:.2f}x), R2 {row['R2_mb']:.1f} ({row['R2_mb'] / row['single_mb']:.2f}x)",
+          f"({ratio(row['U2_mb']):.2f}x), R2 {row['R2_mb']:.1f} ({ratio(row['R2_mb']):.2f}x)",
           flush=True)

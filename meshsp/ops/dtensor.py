@@ -120,5 +120,6 @@ class sequence_parallel_attention(TorchFunctionMode):
             q_layout=q_layout, kv_layout=kv_layout, uaa=self.uaa, scale=scale,
         )
         shape = (*query.shape[:3], value.shape[-1])
+        b, h, s, dv = shape  # sp_attention returns token-major memory: [B, S, H, Dv] seen as [B, H, S, Dv]
         return DTensor.from_local(out, mesh, query.placements, run_check=False, shape=torch.Size(shape),
-                                  stride=torch.empty(shape, device="meta").stride())
+                                  stride=torch.empty(b, s, h, dv, device="meta").transpose(1, 2).stride())
