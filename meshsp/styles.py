@@ -179,11 +179,13 @@ class ShardSequence(_Bound):
         self.inputs = {k: _as_seqdim(v) for k, v in (inputs or {}).items()}
         self.outputs = {int(k): _as_seqdim(v) for k, v in (outputs or {}).items()}
 
-    def _shard_value(self, sp: SPMesh, value, spec: SeqDim, name: str):
+    def _shard_value(self, sp: SPMesh, value, spec: SeqDim, name: str, copy: bool = False):
+        """This rank's shard of ``value``: a view, or with ``copy`` a tensor of its own (so that a
+        module output nobody else holds, such as a RoPE table, is freed whole)."""
         if value is None:
             return None
         if isinstance(value, (list, tuple)):
-            return type(value)(self._shard_value(sp, v, spec, name) for v in value)
+            return type(value)(self._shard_value(sp, v, spec, name, copy) for v in value)
         if not isinstance(value, torch.Tensor):
             raise ValueError(f"plan '{self.key}': '{name}' is a {type(value).__name__}, not a tensor to shard.")
         if spec.ndim is not None and value.dim() != spec.ndim:
@@ -195,8 +197,9 @@ class ShardSequence(_Bound):
             )
         if spec.segments is None:
             self.state.global_lens[f"{self.key}:{name}"] = value.shape[spec.dim]
-            return sp.shard(value, spec.dim)
-        return self._shard_segments(sp, value, spec, name)
+            shard = sp.shard(value, spec.dim)
+            return shard.clone() if copy else shard
+        return self._shard_segments(sp, value, spec, name)  # a new tensor already
 
     def _shard_segments(self, sp: SPMesh, value, spec: SeqDim, name: str):
         total = value.shape[spec.dim]
@@ -246,10 +249,11 @@ class ShardSequence(_Bound):
 
             def post_hook(mod, args, output):
                 if isinstance(output, torch.Tensor):
-                    return self._shard_value(sp, output, self.outputs[0], "output 0") if 0 in self.outputs else output
+                    return (self._shard_value(sp, output, self.outputs[0], "output 0", copy=True)
+                            if 0 in self.outputs else output)
                 out = list(output)
                 for idx, spec in self.outputs.items():
-                    out[idx] = self._shard_value(sp, out[idx], spec, f"output {idx}")
+                    out[idx] = self._shard_value(sp, out[idx], spec, f"output {idx}", copy=True)
                 return type(output)(out)
 
             module.register_forward_hook(post_hook)
