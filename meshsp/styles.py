@@ -51,11 +51,15 @@ class SeqDim:
     ``[B]`` for most models and ``[B, S]`` per token for some); others pass through, by declaration.
     ``segments``: the tensor is a concatenation along ``dim`` of sequences sharded elsewhere in the
     plan (keys of ``PlanState.global_lens``; ``None`` = the remainder); each is sharded on its own.
+    ``flatten``: the sequence is dims ``dim`` to the last, flattened in order (a patch-embedding
+    conv's ``[B, C, F, H, W]``); the shard comes back as ``[B, C, 1, 1, s]``, which the model's own
+    ``flatten(dim)`` turns into this rank's tokens.
     """
 
     dim: int
     ndim: int | None = None
     segments: tuple[str | None, ...] | None = None
+    flatten: bool = False
 
 
 def _as_seqdim(spec) -> SeqDim:
@@ -64,11 +68,14 @@ def _as_seqdim(spec) -> SeqDim:
     if isinstance(spec, int) and not isinstance(spec, bool):
         return SeqDim(spec)
     if isinstance(spec, Mapping):
-        unknown = set(spec) - {"dim", "ndim", "segments"}
+        unknown = set(spec) - {"dim", "ndim", "segments", "flatten"}
         if unknown or "dim" not in spec:
-            raise ValueError(f"a sequence spec needs 'dim' and may have 'ndim', 'segments'; got {dict(spec)}.")
+            raise ValueError(f"a sequence spec needs 'dim' and may have 'ndim', 'segments', 'flatten'; got {dict(spec)}.")
         seg = spec.get("segments")
-        return SeqDim(int(spec["dim"]), spec.get("ndim"), tuple(seg) if seg is not None else None)
+        if seg is not None and spec.get("flatten"):
+            raise ValueError(f"a sequence spec takes 'segments' or 'flatten', not both; got {dict(spec)}.")
+        return SeqDim(int(spec["dim"]), spec.get("ndim"), tuple(seg) if seg is not None else None,
+                      bool(spec.get("flatten", False)))
     raise ValueError(f"a sequence spec is an int dim or a mapping with 'dim'; got {spec!r}.")
 
 
@@ -195,6 +202,13 @@ class ShardSequence(_Bound):
                 f"plan '{self.key}': cannot shard '{name}' of shape {tuple(value.shape)} along dim "
                 f"{spec.dim}; fix the plan's dim (or declare 'ndim' if other ranks are expected)."
             )
+        if spec.flatten:
+            dim = spec.dim % value.dim()
+            flat = value.flatten(dim)
+            self.state.global_lens[f"{self.key}:{name}"] = flat.shape[dim]
+            shard = sp.shard(flat, dim)
+            shard = shard.reshape(*shard.shape[:dim], *[1] * (value.dim() - dim - 1), shard.shape[dim])
+            return shard.clone() if copy else shard
         if spec.segments is None:
             self.state.global_lens[f"{self.key}:{name}"] = value.shape[spec.dim]
             shard = sp.shard(value, spec.dim)

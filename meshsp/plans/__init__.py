@@ -53,9 +53,11 @@ def _style_from_entry(path: str, entry) -> tuple[object, bool]:
 
 
 def _spec_to_yaml(spec: SeqDim):
-    if spec.ndim is None and spec.segments is None:
+    if spec.ndim is None and spec.segments is None and not spec.flatten:
         return spec.dim
     out = {"dim": spec.dim}
+    if spec.flatten:
+        out["flatten"] = True
     if spec.ndim is not None:
         out["ndim"] = spec.ndim
     if spec.segments is not None:
