@@ -104,6 +104,8 @@ PLAN_ERRORS = [
     ({"plan": {"proj_out": {"style": "ParallelAttention", "inputs": {"x": 1}}}}, "takes no inputs"),
     ({"plans": {}}, "has 'model' and 'plan' keys"),
     ({"plan": {"proj_out.-1": {"style": "GatherSequence"}}}, "nearest module names"),  # not a ModuleList
+    ({"plan": {"proj_out": {"style": "ShardSequence", "outputs": {0: {"dim": 1, "flatten": True, "segments": [None]}}}}},
+     "'segments' or 'flatten', not both"),
 ]
 
 
