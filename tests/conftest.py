@@ -9,6 +9,13 @@ from meshsp.launch import WorkerPool
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
+def assert_gone(pids) -> None:
+    """No orphans: every process id is gone."""
+    for pid in pids:
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
+
+
 @pytest.fixture(scope="session")
 def pools():
     started: dict[int, WorkerPool] = {}

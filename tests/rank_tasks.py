@@ -245,6 +245,8 @@ def model_parity(family: str, ring: int, ulysses: int, mode: str, heads: int | N
     scale = expected.abs().max().item()
     torch.testing.assert_close(out, expected, atol=tol * max(scale, 1.0), rtol=tol,
                                msg=lambda m: f"{family} R{ring}xU{ulysses} {mode} {inputs}: {m}")
+    # The forward really ran sequence-parallel (an untouched model would match the reference too).
+    assert (stats.calls["all_to_all"] > 0) == (ulysses > 1) and (stats.calls["p2p"] > 0) == (ring > 1), stats.calls
     return {"diff": (out - expected).abs().max().item(), "calls": dict(stats.calls)}
 
 

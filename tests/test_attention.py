@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import rank_tasks
+from meshsp.bench.attention import theory_bytes
 from meshsp.ops.ulysses import CHUNKS
 
 # (ring, ulysses) per world size: U2, R2; U4 (= U4xR1), R4 (= U1xR4), U2xR2.
@@ -50,13 +51,12 @@ def test_parity_with_single_device(pools, world, ring, ulysses, mode):
 
 
 def _theory_bytes(ring, ulysses, b, h, s, d, itemsize):
-    """Closed form for an even self-attention: elements each rank sends, per primitive."""
-    local = b * h * (s // (ring * ulysses)) * d  # one of q, k, v, out on one rank before Ulysses
-    a2a = 4 * local * (ulysses - 1) // ulysses if ulysses > 1 else 0  # q, k, v out; out back
-    chunk_kv = 2 * b * (h // ulysses) * (s // ring) * d  # K and V of one ring chunk, own heads
-    p2p = (ring - 1) * chunk_kv
-    out = {k: v * itemsize for k, v in (("all_to_all", a2a), ("p2p", p2p)) if v}
-    # The ranks' agreement on inputs: 2 int64 per rank, gathered over ulysses, then over ring.
+    """The benchmark's closed form per primitive, plus the ranks' agreement on inputs (2 int64 per
+    rank, gathered over ulysses, then over ring)."""
+    local = b * h * (s // (ring * ulysses)) * d * itemsize  # one of q, k, v, out on one rank
+    a2a = 4 * local * (ulysses - 1) // ulysses
+    total = theory_bytes((b, h, s, d), itemsize, ring, ulysses)
+    out = {k: v for k, v in (("all_to_all", a2a), ("p2p", total - a2a)) if v}
     out["consensus"] = 16 * (ulysses - 1) + 16 * ulysses * (ring - 1)
     return out
 

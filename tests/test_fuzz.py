@@ -7,7 +7,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import rank_tasks
-from meshsp.placements import SeqLayout
+from meshsp.ops.ulysses import head_chunks
+from meshsp.placements import HeadSplit, SeqLayout
 
 DEGREES = [(1, 2), (2, 1), (1, 3), (3, 1), (1, 4), (4, 1), (2, 2)]  # (ring, ulysses), world <= 4
 LENGTHS = st.one_of(st.sampled_from([1, 2, 3, 5, 7, 11, 13, 17, 31, 37, 61]), st.integers(1, 72))
@@ -44,7 +45,9 @@ def test_generated_cases_match_single_device(pools, case):
     STATS["uneven heads"] += case["H"] % case["ulysses"] != 0
     STATS["empty shards"] += min(case["Sq"], case["Skv"]) < world
     STATS["gqa"] += case["H"] != case["Hk"]
-    STATS["pipelined"] += case["pipeline"] and case["ring"] == 1
+    # the pipelined exchange really ran: Ulysses alone, and a head split that yields several chunks
+    STATS["pipelined"] += (case["pipeline"] and case["ring"] == 1
+                           and len(head_chunks(HeadSplit(case["H"], case["Hk"], case["ulysses"]))) > 1)
     STATS["max error"] = max(STATS["max error"], max(e for errs in errors for e in errs) * 1e15)
 
 
@@ -55,3 +58,5 @@ def test_fuzz_ran_enough_cases():
     assert STATS["cases"] >= 200
     assert all(STATS[f"R{r}xU{u}"] > 0 for r, u in DEGREES)
     assert STATS["strict"] > 0 and STATS["advanced_uaa"] > 0 and STATS["masked"] > 0
+    assert all(STATS[k] > 0 for k in ("uneven heads", "empty shards", "gqa", "pipelined")), dict(STATS)
+    assert STATS["max error"] < 1000  # 1e-12 in float64
