@@ -318,6 +318,12 @@ def _build_qwen_image(spec: dict[str, Any]):
     )
 
 
+def _t5_style_config(config_cls, fields: dict[str, Any], tokenizer):
+    """A T5 / UMT5 encoder config whose vocabulary and special ids are the tokenizer's."""
+    return config_cls(**fields, vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
+                      eos_token_id=tokenizer.eos_token_id, decoder_start_token_id=tokenizer.pad_token_id)
+
+
 def _build_flux(spec: dict[str, Any]):
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
     from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
@@ -327,9 +333,7 @@ def _build_flux(spec: dict[str, Any]):
     clip_config = CLIPTextConfig(
         **spec["clip"], vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-    t5_config = T5Config(
-        **spec["t5"], vocab_size=len(tokenizer_2), pad_token_id=tokenizer_2.pad_token_id,
-        eos_token_id=tokenizer_2.eos_token_id, decoder_start_token_id=tokenizer_2.pad_token_id)
+    t5_config = _t5_style_config(T5Config, spec["t5"], tokenizer_2)
     return FluxPipeline(
         transformer=_seeded(lambda: FluxTransformer2DModel(**spec["transformer"])),
         vae=_seeded(lambda: AutoencoderKL(**spec["vae"])),
@@ -346,9 +350,7 @@ def _build_wan(spec: dict[str, Any]):
     from transformers import UMT5Config, UMT5EncoderModel
 
     tokenizer = _t5_tokenizer(spec["tokenizer"]["t5_max_length"])
-    umt5_config = UMT5Config(
-        **spec["umt5"], vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id, decoder_start_token_id=tokenizer.pad_token_id)
+    umt5_config = _t5_style_config(UMT5Config, spec["umt5"], tokenizer)
     return WanPipeline(
         transformer=_seeded(lambda: WanTransformer3DModel(**spec["transformer"])),
         vae=_seeded(lambda: AutoencoderKLWan(**spec["vae"])),

@@ -202,18 +202,15 @@ class ShardSequence(_Bound):
                 f"plan '{self.key}': cannot shard '{name}' of shape {tuple(value.shape)} along dim "
                 f"{spec.dim}; fix the plan's dim (or declare 'ndim' if other ranks are expected)."
             )
-        if spec.flatten:
-            dim = spec.dim % value.dim()
-            flat = value.flatten(dim)
-            self.state.global_lens[f"{self.key}:{name}"] = flat.shape[dim]
-            shard = sp.shard(flat, dim)
+        if spec.segments is not None:
+            return self._shard_segments(sp, value, spec, name)  # a new tensor already
+        dim = spec.dim % value.dim()
+        seq = value.flatten(dim) if spec.flatten else value
+        self.state.global_lens[f"{self.key}:{name}"] = seq.shape[dim]
+        shard = sp.shard(seq, dim)
+        if spec.flatten:  # back to the tensor's rank: [B, C, 1, 1, s]
             shard = shard.reshape(*shard.shape[:dim], *[1] * (value.dim() - dim - 1), shard.shape[dim])
-            return shard.clone() if copy else shard
-        if spec.segments is None:
-            self.state.global_lens[f"{self.key}:{name}"] = value.shape[spec.dim]
-            shard = sp.shard(value, spec.dim)
-            return shard.clone() if copy else shard
-        return self._shard_segments(sp, value, spec, name)  # a new tensor already
+        return shard.clone() if copy else shard
 
     def _shard_segments(self, sp: SPMesh, value, spec: SeqDim, name: str):
         total = value.shape[spec.dim]
@@ -289,8 +286,9 @@ class GatherSequence(_Bound):
     def _gather(self, sp: SPMesh, t: torch.Tensor, dim: int, idx: int) -> torch.Tensor:
         lens = self.state.rank_lens(sp, f"{self.key}:gather{idx}", (t.shape[dim],))
         longest = max(n for row in lens for (n,) in row)
-        pad = [0, 0] * (t.dim() - 1 - dim % t.dim()) + [0, longest - t.shape[dim]]
-        grid = sp.all_gather(F.pad(t, pad))
+        if longest > t.shape[dim]:  # uneven shards: pad to the longest for the all-gather
+            t = F.pad(t, [0, 0] * (t.dim() - 1 - dim % t.dim()) + [0, longest - t.shape[dim]])
+        grid = sp.all_gather(t)
         pieces = [grid[r][u].narrow(dim, 0, lens[r][u][0]) for r in range(sp.ring) for u in range(sp.ulysses)]
         return torch.cat(pieces, dim=dim)
 

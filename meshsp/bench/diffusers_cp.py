@@ -17,9 +17,9 @@ CPU / gloo caveat: diffusers computes the rank's device as
 on a machine with no accelerator. While setting up and running the parallel model this module
 therefore patches ``torch.accelerator.device_count`` to return 1 (scoped with
 ``unittest.mock.patch``; only where it would otherwise return 0, and only in the calling process).
-The ``("ring", "ulysses")`` device mesh is built here on the current accelerator type (``cpu``
-without one), one per mesh shape, cached for the life of the process so repeated calls do not
-create new gloo groups, and passed as ``ContextParallelConfig(mesh=...)``. Forwards are called
+The ``("ring", "ulysses")`` device mesh is the benchmarks' shared one (``meshsp.bench.sp_mesh``:
+one per mesh shape for the life of the worker, so meshsp and diffusers run on the same groups),
+passed as ``ContextParallelConfig(mesh=...)``. Forwards are called
 with ``return_dict=False``: the split hook diffusers puts on the root module of flux and wan
 rejects a ``Transformer2DModelOutput`` (diffusers' pipelines call their transformer that way too).
 
@@ -40,26 +40,13 @@ import torch
 import torch.distributed as dist
 from torch.distributed._functional_collectives import AsyncCollectiveTensor
 
+from meshsp.bench import sp_mesh
 from meshsp.tiny import build_transformer, make_inputs, output_tensor
 
 __all__ = ["MODES", "time_diffusers_cp"]
 
 #: Supported ``mode`` values and the ContextParallelConfig degree each one sets to the world size.
 MODES = {"ulysses": "ulysses_degree", "ring": "ring_degree"}
-
-_MESHES: dict[tuple[int, int], object] = {}
-
-
-def _cp_mesh(ring: int, ulysses: int):
-    """A ``("ring", "ulysses")`` device mesh over the default group, created once per shape."""
-    from torch.distributed.device_mesh import init_device_mesh
-
-    key = (ring, ulysses)
-    if key not in _MESHES:
-        device_type = torch._C._get_accelerator().type
-        _MESHES[key] = init_device_mesh(device_type, (ring, ulysses), mesh_dim_names=("ring", "ulysses"))
-    return _MESHES[key]
-
 
 def _accelerator_count_at_least_one():
     """Patch ``torch.accelerator.device_count`` to 1 if there is no accelerator, else do nothing."""
@@ -127,7 +114,7 @@ def time_diffusers_cp(family: str, heads: int, shapes: dict, overrides: dict, re
     error = None
     with _accelerator_count_at_least_one():
         try:
-            config = ContextParallelConfig(**{MODES[mode]: world}, mesh=_cp_mesh(ring, ulysses))
+            config = ContextParallelConfig(**{MODES[mode]: world}, mesh=sp_mesh(ring, ulysses))
             model.enable_parallelism(config=config)
             with torch.no_grad():
                 out = _forward(model, inputs)  # warm-up, also the accuracy check

@@ -95,8 +95,7 @@ def run(families: list[str], grid: int = 64, txt: int = 256, heads: int = 8, rep
         for family in families:
             shapes = _shapes(family, grid, txt)
             single = median_max(single_pool.run(forward_stats, family, heads, shapes, repeats, 1, 1, timeout=1800))
-            row = {"family": family, "tokens": shapes["h"] * shapes["w"] * shapes.get("frames", 1) if family in VIDEO
-                   else shapes["h"] * shapes["w"], "single_s": single}
+            row = {"family": family, "tokens": shapes["h"] * shapes["w"] * shapes.get("frames", 1), "single_s": single}
             for name, ring, ulysses in (("U2", 1, 2), ("R2", 2, 1)):
                 row[name] = median_max(pool.run(forward_stats, family, heads, shapes, repeats, ring, ulysses,
                                                 timeout=1800))

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import statistics
 
 from meshsp.bench.diffusers_cp import time_diffusers_cp
 from meshsp.bench.models import _overrides, _shapes, forward_stats, median_max
@@ -63,6 +62,8 @@ def run(families: list[str], grid: int = 64, txt: int = 256, heads: int = 8, rep
     for family in families:
         shapes = _shapes(family, grid, txt)
         row: dict = {"family": family}
+        layers = sum(1 for n, m in build_transformer(family, heads=heads, **_overrides(family, shapes)).named_modules()
+                     if n.endswith(("attn", "attn1", "attention")) and hasattr(m, "processor"))
         with WorkerPool(1) as pool:
             single = pool.run(forward_stats, family, heads, shapes, repeats, 1, 1, timeout=1800)
             row["single"] = median_max(single)
@@ -72,16 +73,13 @@ def run(families: list[str], grid: int = 64, txt: int = 256, heads: int = 8, rep
                 res = pool.run(forward_stats, family, heads, shapes, repeats, ring, ulysses, timeout=1800)
                 row[name] = median_max(res)
                 row[f"{name}_bytes"] = res[0]["bytes"]
-                layers = sum(1 for n, m in build_transformer(family, heads=heads, **_overrides(family, shapes)).named_modules()
-                             if n.endswith(("attn", "attn1", "attention")) and hasattr(m, "processor"))
                 row[f"{name}_theory"] = theory_bytes(family, heads, shapes, layers, ring, ulysses)
             row["U2_compiled"] = median_max(pool.run(forward_stats, family, heads, shapes, repeats, 1, 2, compile=True,
                                                       timeout=1800))
             for name, mode in (("diffusers_U2", "ulysses"), ("diffusers_R2", "ring")):
                 res = pool.run(time_diffusers_cp, family, heads, shapes, _overrides(family, shapes), repeats, mode,
                                timeout=1800)
-                ok = res[0]["error"] is None
-                row[name] = statistics.median(max(ts) for ts in zip(*(r["times"] for r in res))) if ok else res[0]["error"]
+                row[name] = median_max(res) if res[0]["error"] is None else res[0]["error"]
         # glibc's dynamic mmap threshold would keep freed activations in the heap and hide peaks.
         with _mmap_pool(1) as pool:
             row["single_mb"] = pool.run(forward_stats, family, heads, shapes, repeats, 1, 1, memory=True,
@@ -95,10 +93,6 @@ def run(families: list[str], grid: int = 64, txt: int = 256, heads: int = 8, rep
     return rows
 
 
-def _fmt(x) -> str:
-    return f"{x:.3f}s" if isinstance(x, float) else "n/a"
-
-
 def _print(row: dict) -> None:
     s = row["single"]
     print(f"{row['family']}: 1 proc {s:.3f}s | plan at degree 1 {row['degree1']:.3f}s "
@@ -107,9 +101,9 @@ def _print(row: dict) -> None:
           f"({s / row['U2_compiled']:.2f}x)", flush=True)
     d = row["diffusers_U2"]
     ratio = f"meshsp/diffusers {row['U2'] / d:.2f}x" if isinstance(d, float) else ""
-    print(f"    diffusers U2 {_fmt(d)} ({s / d:.2f}x) {ratio}" if isinstance(d, float) else f"    diffusers U2: {d}")
+    print(f"    diffusers U2 {d:.3f}s ({s / d:.2f}x) {ratio}" if isinstance(d, float) else f"    diffusers U2: {d}")
     r = row["diffusers_R2"]
-    print(f"    diffusers R2 {_fmt(r)} ({s / r:.2f}x) meshsp/diffusers {row['R2'] / r:.2f}x" if isinstance(r, float)
+    print(f"    diffusers R2 {r:.3f}s ({s / r:.2f}x) meshsp/diffusers {row['R2'] / r:.2f}x" if isinstance(r, float)
           else f"    diffusers R2 fails: {r}")
     print(f"    bytes/rank U2 {row['U2_bytes']} (theory {row['U2_theory']}) R2 {row['R2_bytes']} (theory {row['R2_theory']})")
     def ratio(mb: float) -> float:

@@ -112,13 +112,25 @@ class _Server:
                                 negative_prompt=req.negative_prompt, num_images_per_prompt=req.n)
         return [req.prompt], params
 
+    def down(self) -> JSONResponse:
+        return _error(503, f"the sequence-parallel workers are down: {self.failure}", "server_error")
+
+    def _generate_b64(self, prompts: list[str], params: SamplingParams) -> list[str]:
+        """Generate and PNG/base64-encode, off the event loop."""
+        encoded = []
+        for image in self.engine.generate(prompts, params):
+            buf = io.BytesIO()
+            image.save(buf, format="PNG")
+            encoded.append(base64.b64encode(buf.getvalue()).decode())
+        return encoded
+
     async def generate(self, prompts: list[str], params: SamplingParams) -> JSONResponse:
         async with self.lock:  # one request at a time across all ranks
             if self.failure is not None:
-                return _error(503, f"the sequence-parallel workers are down: {self.failure}", "server_error")
+                return self.down()
             loop = asyncio.get_running_loop()
             try:
-                images = await loop.run_in_executor(self.executor, self.engine.generate, prompts, params)
+                encoded = await loop.run_in_executor(self.executor, self._generate_b64, prompts, params)
             except RankFailure as exc:
                 if exc.errors:  # the ranks raised (and are alive): this request failed, not the server
                     first = exc.exceptions.get(min(exc.exceptions)) if exc.exceptions else None
@@ -128,13 +140,8 @@ class _Server:
                     return _error(500, f"generation failed: {first!r}", "server_error")
                 self.failure = str(exc).splitlines()[0]
                 log.error("sequence-parallel worker failure, serving 503 from now on: %s", exc)
-                return _error(503, f"the sequence-parallel workers are down: {self.failure}", "server_error")
-        data = []
-        for image in images:
-            buf = io.BytesIO()
-            image.save(buf, format="PNG")
-            data.append({"b64_json": base64.b64encode(buf.getvalue()).decode()})
-        return JSONResponse({"created": int(time.time()), "data": data})
+                return self.down()
+        return JSONResponse({"created": int(time.time()), "data": [{"b64_json": b} for b in encoded]})
 
 
 def create_app(engine: Engine, model_name: str, limits: Limits | None = None) -> FastAPI:
@@ -174,7 +181,7 @@ def create_app(engine: Engine, model_name: str, limits: Limits | None = None) ->
     @app.get("/health")
     async def health():
         if server.failure is not None:
-            return _error(503, f"the sequence-parallel workers are down: {server.failure}", "server_error")
+            return server.down()
         cfg = engine.config
         return {"status": "ok", "model": model_name, "pipeline": engine.pipeline_class,
                 "mesh": {"cfg": cfg.cfg_degree, "ring": cfg.ring_degree, "ulysses": cfg.ulysses_degree,
