@@ -228,9 +228,13 @@ def funcol_counts() -> dict:
 # --- model plans ------------------------------------------------------------------------------
 
 def model_parity(family: str, ring: int, ulysses: int, mode: str, heads: int | None, inputs: dict,
-                 tol: float = 1e-5, plan_source: str = "shipped", config: dict | None = None) -> dict:
+                 tol: float = 1e-5, plan_source: str = "shipped", config: dict | None = None,
+                 entry: str = "meshsp") -> dict:
     """Single-device forward vs the same model parallelized with its plan (``config`` overrides the
-    tiny config); returns the max abs diff and the parallel forward's communication calls."""
+    tiny config) through ``entry`` (``meshsp.parallelize`` or torch's ``parallelize_module``);
+    returns the max abs diff and the parallel forward's communication calls."""
+    from torch.distributed.tensor.parallel import parallelize_module
+
     from meshsp.plans import get_plan, parallelize, plan_from_cp_plan
     from meshsp.tiny import build_transformer, make_inputs, output_tensor
 
@@ -239,7 +243,7 @@ def model_parity(family: str, ring: int, ulysses: int, mode: str, heads: int | N
     with torch.no_grad():
         expected = output_tensor(model(**make_inputs(family, model, **inputs)))
     plan = plan_from_cp_plan(model, ulysses_mode=mode) if plan_source == "cp_plan" else get_plan(model, ulysses_mode=mode)
-    parallelize(model, mesh, plan)
+    (parallelize if entry == "meshsp" else parallelize_module)(model, mesh, plan)
     with torch.no_grad(), record_comm() as stats:
         out = output_tensor(model(**make_inputs(family, model, **inputs)))
     scale = expected.abs().max().item()
@@ -278,6 +282,45 @@ def bad_plan_forward(family: str) -> None:
     parallelize(model, mesh_for(1, dist.get_world_size()), plan)
     with torch.no_grad():
         model(**make_inputs(family, model))
+
+
+def torch_entry_point(case: str) -> str:
+    """torch's ``parallelize_module`` with a meshsp plan: the checks ``meshsp.parallelize`` makes."""
+    from torch.distributed.tensor.parallel import parallelize_module
+
+    from meshsp.plans import Plan, get_plan
+    from meshsp.tiny import build_transformer, make_inputs
+
+    mesh = mesh_for(1, dist.get_world_size())
+    model = build_transformer("flux")
+    hooks = lambda: sum(len(m._forward_pre_hooks) + len(m._forward_hooks) for m in model.modules())  # noqa: E731
+    if case == "typo":
+        plan = Plan.from_dict({"plan": {"transformer_block.*.attn": {"style": "ParallelAttention"}}})
+    elif case == "partial":  # the first entry applies, the second fails: nothing may stay applied
+        plan = Plan.from_dict({"plan": {"transformer_blocks.*.attn": {"style": "ParallelAttention"},
+                                        "": {"style": "ShardSequence", "inputs": {"latents": 1}}}})
+    elif case == "inputs":  # ranks given different inputs: CheckInputs is on the root
+        parallelize_module(model, mesh, get_plan(model))
+        with torch.no_grad():
+            model(**make_inputs("flux", model, h=4, w=4 + dist.get_rank()))
+        raise AssertionError("different inputs did not raise")
+    elif case == "degree1":
+        plan = get_plan(model)
+        assert parallelize_module(model, one_rank_mesh(), plan) is model and hooks() == 0
+        return "identity"
+    try:
+        parallelize_module(model, mesh, plan)
+    except ValueError:
+        assert hooks() == 0, "a failed plan left hooks behind"
+        raise
+    raise AssertionError(f"{case}: no error")
+
+
+def one_rank_mesh():
+    """A one-rank mesh of this rank alone (a plan on it is the identity)."""
+    from torch.distributed.device_mesh import DeviceMesh
+
+    return DeviceMesh("cpu", [dist.get_rank()], mesh_dim_names=("ulysses",), _init_backend=False)
 
 
 def bad_plan_apply(family: str) -> None:

@@ -39,6 +39,27 @@ def test_model_parity(pools, family, config):
     assert len(errs) == world
 
 
+@pytest.mark.parametrize("family", ["z-image", "qwen-image", "wan"])
+def test_torch_parallelize_module_applies_the_plan_as_meshsp_does(pools, family):
+    """torch's own entry point with a meshsp plan: '-1' paths resolved (Z-Image), exact output."""
+    world, ring, ulysses, mode, heads, shapes = CONFIGS["U2xR2-uaa"]
+    pools(world).run(rank_tasks.model_parity, family, ring, ulysses, mode, heads, shapes(family), entry="torch")
+
+
+@pytest.mark.parametrize("case,text", [
+    ("typo", "plan path 'transformer_block.*.attn' matches no module"),
+    ("partial", "has no argument 'latents'"),
+    ("inputs", "differ"),
+])
+def test_torch_parallelize_module_raises_as_meshsp_does(pools, case, text):
+    msgs = pools(2).run(rank_tasks.raises, "torch_entry_point", case, timeout=60)
+    assert len(set(msgs)) == 1 and text in msgs[0], msgs
+
+
+def test_torch_parallelize_module_is_identity_on_one_rank(pools):
+    assert pools(2).run(rank_tasks.torch_entry_point, "degree1") == ["identity"] * 2
+
+
 def test_z_image_30_heads_on_u4(pools):
     """Z-Image's real head count: 30 heads do not divide over 4 Ulysses ranks; UAA runs them."""
     pools(4).run(rank_tasks.model_parity, "z-image", 1, 4, "advanced_uaa", 30, dict(h=3, w=5, txt=7))

@@ -18,6 +18,7 @@ have); any other path that matches no module is an error, never a silent skip.
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import fnmatch
 from collections.abc import Mapping
@@ -27,6 +28,7 @@ import torch.nn as nn
 import yaml
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor.parallel import parallelize_module
+from torch.distributed.tensor.parallel.style import ParallelStyle
 
 from meshsp.styles import CheckInputs, GatherSequence, ParallelAttention, PlanState, SeqDim, ShardSequence
 
@@ -65,19 +67,26 @@ def _spec_to_yaml(spec: SeqDim):
     return out
 
 
-class Plan(dict):
-    """``{module_path: ParallelStyle}`` for ``parallelize_module``, whose styles share one state.
+class Plan(ParallelStyle, dict):
+    """``{module_path: ParallelStyle}`` whose styles share one state; itself the style of the root.
+
+    Applied by ``meshsp.parallelize(model, mesh, plan)`` or torch's own
+    ``parallelize_module(model, mesh, plan)`` — the same ``_apply`` either way: every path is
+    validated against the model (a path that matches nothing raises, unless ``optional``), ``*`` and
+    ``-1`` are resolved to concrete module names, the styles are applied in plan order (all or none:
+    hooks of a failed application are removed), and ``CheckInputs`` goes on the root. A mesh with a
+    ``cfg`` axis is reduced to its ``("ring", "ulysses")`` part. On one SP rank the validated plan is
+    the identity and the model is left untouched.
 
     Example::
 
         plan = meshsp.load_plan("FluxTransformer2DModel", ulysses_mode="advanced_uaa")
-        plan.validate(transformer)
-        parallelize_module(transformer, mesh, plan)
+        parallelize_module(transformer, mesh, plan)       # torch's entry point, meshsp's checks
     """
 
     def __init__(self, styles: Mapping[str, object], *, ulysses_mode: str = "strict",
                  model: str | None = None, optional: set[str] | None = None) -> None:
-        super().__init__(styles)
+        dict.__init__(self, styles)
         self.model = model
         self.optional = set(optional or ())
         self.state = PlanState(ulysses_mode)
@@ -120,19 +129,7 @@ class Plan(dict):
 
     def matches(self, model: nn.Module, path: str) -> list[str]:
         """Module names of ``model`` that the plan key ``path`` selects."""
-        if path == "":
-            return [""]
-        selected = [("", model)]
-        for part in path.split("."):
-            found = []
-            for name, module in selected:
-                children = list(module.named_children())
-                if part == "-1":
-                    children = children[-1:] if isinstance(module, nn.ModuleList) else []
-                found += [(f"{name}.{child}" if name else child, sub) for child, sub in children
-                          if part == "-1" or fnmatch.fnmatchcase(child, part)]
-            selected = found
-        return [name for name, _ in selected]
+        return match_path(model, path)
 
     def validate(self, model: nn.Module) -> None:
         """Raise ``ValueError`` for a path that matches no module (naming the nearest ones)."""
@@ -146,6 +143,54 @@ class Plan(dict):
                 f"{near or names[1:6]}. Fix the path, or mark the entry 'optional: true' if only some "
                 "configs have it."
             )
+
+    def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
+        self.validate(module)
+        names = device_mesh.mesh_dim_names or ()
+        sp_mesh = device_mesh["ring", "ulysses"] if "cfg" in names else device_mesh
+        if sp_mesh.size() == 1:
+            return module  # a plan at degree 1 is the identity: leave the model as it is
+        with _all_or_nothing(module):
+            for path, style in self.items():  # concrete names, in plan order: torch never sees "-1"
+                for name in self.matches(module, path):
+                    style._apply(module.get_submodule(name), sp_mesh)
+            return CheckInputs()._apply(module, sp_mesh)
+
+
+def match_path(model: nn.Module, path: str) -> list[str]:
+    """Module names of ``model`` that a plan key selects (``*`` per component, ``-1`` = last of a ModuleList)."""
+    if path == "":
+        return [""]
+    selected = [("", model)]
+    for part in path.split("."):
+        found = []
+        for name, module in selected:
+            children = list(module.named_children())
+            if part == "-1":
+                children = children[-1:] if isinstance(module, nn.ModuleList) else []
+            found += [(f"{name}.{child}" if name else child, sub) for child, sub in children
+                      if part == "-1" or fnmatch.fnmatchcase(child, part)]
+        selected = found
+    return [name for name, _ in selected]
+
+
+_HOOK_DICTS = ("_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_forward_hooks",
+               "_forward_hooks_with_kwargs", "_forward_hooks_always_called")
+
+
+@contextlib.contextmanager
+def _all_or_nothing(model: nn.Module):
+    """Remove every hook added inside the block if it raises: a plan is never applied in part."""
+    before = {name: {d: set(getattr(m, d)) for d in _HOOK_DICTS} for name, m in model.named_modules()}
+    try:
+        yield
+    except BaseException:
+        for name, m in model.named_modules():
+            for d in _HOOK_DICTS:
+                hooks = getattr(m, d)
+                for key in set(hooks) - before.get(name, {}).get(d, set()):
+                    del hooks[key]
+        raise
 
 
 def available_plans() -> list[str]:
@@ -219,10 +264,10 @@ def get_plan(transformer: nn.Module, *, ulysses_mode: str = "strict") -> Plan:
 
 def parallelize(transformer: nn.Module, mesh: DeviceMesh, plan: Plan | None = None, *,
                 ulysses_mode: str = "strict") -> nn.Module:
-    """Validate ``plan`` (default: ``get_plan(transformer)``) and apply it with ``parallelize_module``.
+    """Apply ``plan`` (default: ``get_plan(transformer)``) with torch's ``parallelize_module``.
 
-    Also puts ``CheckInputs`` on the root: ranks given different inputs raise, never deadlock. On
-    a mesh of one rank the validated plan is the identity and the model is left untouched.
+    The same as ``parallelize_module(transformer, mesh, plan)``: the plan is the root's style
+    (``Plan._apply``), so both entry points validate, resolve paths and install ``CheckInputs``.
 
     Example::
 
@@ -230,11 +275,6 @@ def parallelize(transformer: nn.Module, mesh: DeviceMesh, plan: Plan | None = No
         meshsp.parallelize(transformer, mesh)
     """
     plan = plan if plan is not None else get_plan(transformer, ulysses_mode=ulysses_mode)
-    plan.validate(transformer)
-    sp_mesh = mesh["ring", "ulysses"] if mesh.mesh_dim_names and "cfg" in mesh.mesh_dim_names else mesh
-    if sp_mesh.size() == 1:
-        return transformer  # a plan at degree 1 is the identity: leave the model as it is
-    for path, style in plan.items():  # concrete names, in plan order: torch never sees "-1"
-        for name in plan.matches(transformer, path):
-            parallelize_module(transformer.get_submodule(name), sp_mesh, style)
-    return CheckInputs()._apply(transformer, sp_mesh)
+    if not isinstance(plan, Plan):
+        raise ValueError(f"parallelize takes a meshsp Plan (get_plan, load_plan, Plan(styles)); got {type(plan).__name__}.")
+    return parallelize_module(transformer, mesh, plan)
