@@ -62,6 +62,13 @@ class SeqDim:
     flatten: bool = False
 
 
+def _as_spec(spec) -> SeqDim | tuple[SeqDim | None, ...]:
+    """A sequence spec, or a list of them (``None`` = leave alone) for a tuple value element-wise."""
+    if isinstance(spec, (list, tuple)):
+        return tuple(None if s is None else _as_seqdim(s) for s in spec)
+    return _as_seqdim(spec)
+
+
 def _as_seqdim(spec) -> SeqDim:
     if isinstance(spec, SeqDim):
         return spec
@@ -183,14 +190,20 @@ class ShardSequence(_Bound):
         super().__init__()
         if not inputs and not outputs:
             raise ValueError("ShardSequence needs 'inputs' and/or 'outputs' to shard.")
-        self.inputs = {k: _as_seqdim(v) for k, v in (inputs or {}).items()}
-        self.outputs = {int(k): _as_seqdim(v) for k, v in (outputs or {}).items()}
+        self.inputs = {k: _as_spec(v) for k, v in (inputs or {}).items()}
+        self.outputs = {int(k): _as_spec(v) for k, v in (outputs or {}).items()}
 
-    def _shard_value(self, sp: SPMesh, value, spec: SeqDim, name: str, copy: bool = False):
+    def _shard_value(self, sp: SPMesh, value, spec, name: str, copy: bool = False):
         """This rank's shard of ``value``: a view, or with ``copy`` a tensor of its own (so that a
         module output nobody else holds, such as a RoPE table, is freed whole)."""
         if value is None:
             return None
+        if isinstance(spec, tuple):  # one spec per element of a tuple value
+            if not isinstance(value, (list, tuple)) or len(value) != len(spec):
+                raise ValueError(f"plan '{self.key}': '{name}' has element-wise specs {len(spec)} but is "
+                                 f"{type(value).__name__}{'' if not isinstance(value, (list, tuple)) else f' of {len(value)}'}.")
+            return type(value)(v if sp_ is None else self._shard_value(sp, v, sp_, f"{name}[{i}]", copy)
+                               for i, (v, sp_) in enumerate(zip(value, spec)))
         if isinstance(value, (list, tuple)):
             return type(value)(self._shard_value(sp, v, spec, name, copy) for v in value)
         if not isinstance(value, torch.Tensor):
@@ -231,7 +244,10 @@ class ShardSequence(_Bound):
         return torch.cat([sp.shard(p, spec.dim) for p in parts], dim=spec.dim)
 
     def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
-        sp = SPMesh(device_mesh)
+        return self.install(module, SPMesh(device_mesh))
+
+    def install(self, module: nn.Module, sp) -> nn.Module:
+        """Wire the hooks for ``sp`` (an ``SPMesh``, or anything with ``shard(t, dim)``)."""
         if self.inputs:
             positions = _positions(module)
             for key in self.inputs:

@@ -54,7 +54,9 @@ def _style_from_entry(path: str, entry) -> tuple[object, bool]:
     return STYLES[name](**kwargs), bool(entry.get("optional", False))
 
 
-def _spec_to_yaml(spec: SeqDim):
+def _spec_to_yaml(spec):
+    if isinstance(spec, tuple):
+        return [None if s is None else _spec_to_yaml(s) for s in spec]
     if spec.ndim is None and spec.segments is None and not spec.flatten:
         return spec.dim
     out = {"dim": spec.dim}

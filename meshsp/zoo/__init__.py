@@ -36,7 +36,9 @@ class Tiny:
     ``inputs(model, *, h, w, frames, txt, batch, text_pad, rand) -> dict`` of forward kwargs.
     ``heads(n) -> dict`` of config overrides giving ``n`` attention heads (head dim unchanged).
     ``output(result) -> Tensor`` picks the prediction from the forward's result (default: ``.sample``
-    or the first element; a list of per-sample tensors is stacked).
+    or the first element; a list of per-sample tensors is stacked). ``square``: the class takes
+    square token grids only (``w`` is then ignored and ``h x h`` used). ``extra["init"](model)``
+    finishes weights the class leaves uninitialised.
     """
 
     cls: str
@@ -47,6 +49,7 @@ class Tiny:
     text_mask: bool = False
     output: Callable | None = None
     note: str = ""
+    square: bool = False
     extra: dict = field(default_factory=dict)
 
 
@@ -99,7 +102,24 @@ def build(cls: str, *, heads: int | None = None, seed: int = 0, **overrides) -> 
     config.update(overrides)
     klass = getattr(importlib.import_module("diffusers"), cls)
     torch.manual_seed(seed)
-    return klass(**config).eval()
+    model = klass(**config).eval()
+    if "init" in entry.extra:
+        entry.extra["init"](model)
+    _wake_zero_layers(model, seed)
+    return model
+
+
+def _wake_zero_layers(model: torch.nn.Module, seed: int) -> None:
+    """Give zero-initialised weights (adaLN-zero gates, output projections) small seeded random values.
+
+    Many DiTs start every block as the identity; a freshly built tiny model would then ignore its
+    attention altogether, and a parity test of it could not fail. Loaded checkpoints never look so.
+    """
+    g = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for _, p in sorted(model.named_parameters()):
+            if p.dim() >= 2 and p.numel() > 1 and not p.any():
+                p.copy_(torch.randn(p.shape, generator=g, dtype=p.dtype) * 0.02)
 
 
 def inputs_for(model: torch.nn.Module, *, h: int = 4, w: int = 4, frames: int = 2, txt: int = 5, batch: int = 1,
@@ -107,6 +127,7 @@ def inputs_for(model: torch.nn.Module, *, h: int = 4, w: int = 4, frames: int = 
     """Forward kwargs for ``model`` (a zoo class) at an ``h x w`` token grid (x ``frames``), ``txt`` text tokens."""
     entry = ZOO[type(model).__name__]
     g = torch.Generator().manual_seed(seed)
+    w = h if entry.square else w
 
     def rand(*shape):
         return torch.randn(*shape, generator=g)

@@ -1,0 +1,453 @@
+"""Plans for transformers nobody wrote one for, inferred from three traced forwards and verified.
+
+How (``infer_plan``):
+
+1. Trace the model (``meshsp.plans.trace``) at a base token grid, with more image tokens, and with
+   more text tokens; name what every boundary tensor's dims follow (image, text, joint, other).
+2. Attention whose queries and keys both follow the image tokens (or both the joint sequence) is
+   sequence-parallel; attention over text alone, or cross-attention from image to text, stays local.
+3. The ``ModuleList``s holding that attention are the block stacks. Each stack is sharded at its
+   first block — the inputs that flow from block to block (hidden streams) — and at every block for
+   the inputs the model hands each block (RoPE tables, masks, per-token modulation); its last block's
+   sequence outputs are gathered. Text is sharded only in stacks whose attention is joint; a joint
+   side input of a block with separate image and text streams is sharded per segment.
+4. Verify by simulating every rank of U2, U3 and R2xU2 in this process (float64; attention replaced
+   by a token-local stand-in, so each rank's shard must equal the slice of the unsharded run exactly,
+   whatever the model does between shard and gather). Work across the sequence outside attention
+   (convolutions over the token grid, pooling, token-count arguments) shows up as a mismatch or an
+   error there, and the model is refused with what was found. Exact multi-rank parity is the job of
+   ``meshsp plan --infer`` and the coverage tests, on real ranks.
+
+Everything here runs on one process: no collectives.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
+
+from meshsp.plans.trace import Trace, kind_of, trace
+from meshsp.styles import GatherSequence, ParallelAttention, SeqDim, ShardSequence, SPMesh
+
+__all__ = ["InferenceError", "infer_plan", "simulate"]
+
+# (h, w, frames, txt): a base grid, more image tokens, more text tokens. Odd sizes, so that no
+# token count coincides with another size in the model.
+_BASE = dict(h=3, w=5, frames=2, txt=7)
+_GRIDS = (_BASE, dict(_BASE, h=5), dict(_BASE, txt=10))
+_SQUARE = (dict(_BASE, w=3), dict(_BASE, h=5, w=5), dict(_BASE, w=3, txt=10))  # classes that need h == w
+# Simulated layouts (ring, ulysses): even, uneven, and hybrid.
+_LAYOUTS = ((1, 2), (1, 3), (2, 2))
+
+
+class InferenceError(ValueError):
+    """A plan cannot be inferred (or verified) for this model; the message says what was found."""
+
+
+@dataclass
+class _Stack:
+    path: str          # the ModuleList, e.g. "transformer_blocks"
+    blocks: list[str]  # its children's names in call order
+    joint: bool        # text is part of its sequence-parallel attention
+
+
+def _tokens(grid: dict, video: bool) -> tuple[int, int]:
+    return grid["h"] * grid["w"] * (grid["frames"] if video else 1), grid["txt"]
+
+
+def _stack_of(model: nn.Module, name: str) -> tuple[str, str] | None:
+    """(ModuleList path, block name) of the outermost ModuleList holding module ``name``."""
+    parts = name.split(".")
+    for i in range(1, len(parts)):
+        parent = ".".join(parts[:i])
+        if isinstance(model.get_submodule(parent), nn.ModuleList) and parts[i].isdigit():
+            return parent, ".".join(parts[: i + 1])
+    return None
+
+
+def _pattern(name: str, stack: str) -> str:
+    """``transformer_blocks.3.attn`` -> ``transformer_blocks.*.attn``."""
+    rest = name[len(stack) + 1:]
+    return f"{stack}.*.{rest.split('.', 1)[1]}" if "." in rest else f"{stack}.*"
+
+
+class _Traces:
+    """The three traces of one model, aligned call by call."""
+
+    def __init__(self, model: nn.Module, make_inputs: Callable[..., dict], video: bool, square: bool = False) -> None:
+        self.runs: list[Trace] = []
+        self.grids = _SQUARE if square else _GRIDS
+        for grid in self.grids:
+            img, txt = _tokens(grid, video)
+            self.runs.append(trace(model, make_inputs(model, **grid), img_tokens=img, txt_tokens=txt))
+        base, more_img, more_txt = self.runs
+        names = [[c.name for c in run.calls] + [a.module for a in run.attention] for run in self.runs]
+        if names[0] != names[1] or names[0] != names[2]:
+            raise InferenceError(f"{type(model).__name__}: its module calls change with the token count "
+                                 "(control flow depends on the sequence length); no plan can be inferred.")
+        self.d_img = more_img.img_tokens - base.img_tokens
+        self.d_txt = more_txt.txt_tokens - base.txt_tokens
+        self.min_img = self.d_img // (_BASE["frames"] if video else 1)
+
+    def kind(self, shapes: tuple[tuple[int, ...], ...]) -> tuple[str | None, int | None]:
+        return kind_of(*shapes, self.d_img, self.d_txt, self.min_img)
+
+    def slot_kinds(self, index: int, side: str) -> dict[str, list[tuple[str | None, int | None]]]:
+        """{slot: [(kind, dim) per tensor of the slot]} of call ``index``'s inputs or outputs."""
+        calls = [run.calls[index] for run in self.runs]
+        out = {}
+        for key, described in getattr(calls[0], side).items():
+            others = [getattr(c, side).get(key) for c in calls[1:]]
+            if not described:
+                continue
+            if any(o is None or len(o) != len(described) for o in others):
+                out[key] = [("other", None)]
+                continue
+            out[key] = [(None, None) if d is None or o1 is None or o2 is None else self.kind((d[0], o1[0], o2[0]))
+                        for d, o1, o2 in zip(described, *others)]
+        return out
+
+    def attention_kinds(self) -> list[tuple[str, str | None, str | None]]:
+        """(module, query kind, key kind) of each attention call of the base run."""
+        rows = []
+        for calls in zip(*(run.attention for run in self.runs)):
+            q = self.kind(tuple(c.q[2:3] for c in calls))[0]
+            k = self.kind(tuple(c.k[2:3] for c in calls))[0]
+            rows.append((calls[0].module, q, k))
+        return rows
+
+
+def _find_stacks(model: nn.Module, traces: _Traces) -> tuple[list[_Stack], set[str]]:
+    """The block stacks holding sequence-parallel attention, and the attention modules to route."""
+    name = type(model).__name__
+    routed, local = set(), set()
+    stacks: dict[str, _Stack] = {}
+    seq = ("img", "joint")
+    seen = []
+    for module, q, k in traces.attention_kinds():
+        seen.append(f"{module}: queries {q or 'fixed'}, keys {k or 'fixed'}")
+        if q in seq and k in seq:
+            routed.add(module)  # queries and keys over the sharded sequence (keys may add the text)
+        elif q in ("img", "joint") and k in (None, "txt"):
+            local.add(module)  # cross-attention to text (or to a fixed set of tokens): stays local
+        elif q in (None, "txt") and k in (None, "txt"):
+            local.add(module)  # attention over text (or fixed tokens) only
+        else:
+            raise InferenceError(f"{name}: attention in '{module}' has queries following {q or 'no'} tokens and "
+                                 f"keys following {k or 'no'} tokens; meshsp routes attention whose queries "
+                                 "and keys are the same sharded sequence, and leaves text-only and "
+                                 "image-to-text attention local.")
+    if routed & local:
+        raise InferenceError(f"{name}: modules {sorted(routed & local)} run both sequence-parallel and local attention.")
+    if not routed:
+        raise InferenceError(f"{name}: no F.scaled_dot_product_attention call has queries and keys that follow "
+                             f"the image tokens (seen: {sorted(set(seen)) or 'none'}); the model attends another "
+                             "way (linear attention, its own kernel) or over a padded fixed length.")
+    order = [c.name for c in traces.runs[0].calls]
+    for module in sorted(routed, key=lambda m: order.index(m)):
+        found = _stack_of(model, module)
+        if found is None:
+            raise InferenceError(f"{name}: sequence-parallel attention '{module}' is not inside a block stack "
+                                 "(a ModuleList); the plan shards at block boundaries.")
+        path, _ = found
+        kinds = {kind for m, q, k in traces.attention_kinds() if m == module for kind in (q, k)}
+        if path not in stacks:
+            blocks = list(dict.fromkeys(n for n in order if re.fullmatch(rf"{re.escape(path)}\.\d+", n)))
+            stacks[path] = _Stack(path, blocks, False)
+        stacks[path].joint |= "joint" in kinds
+    return list(stacks.values()), routed
+
+
+def _block_calls(traces: _Traces, block: str) -> list[int]:
+    return [i for i, c in enumerate(traces.runs[0].calls) if c.name == block]
+
+
+def _flowing(traces: _Traces, stack: _Stack, sharded: dict) -> set[str]:
+    """Inputs of the stack's blocks that the previous block produced (hidden streams)."""
+    calls = [_block_calls(traces, b)[0] for b in stack.blocks]
+    base = traces.runs[0].calls
+    if len(calls) < 2:  # one block: an input flows if the block returns a tensor of its shape
+        outs = {d[0] for ds in base[calls[0]].outputs.values() for d in ds if d}
+        return {k for k in sharded if len(sharded[k]) == 1 and base[calls[0]].inputs[k][0][0] in outs}
+    flowing = set()
+    for key in sharded:
+        if len(sharded[key]) != 1:
+            continue  # a tuple (RoPE tables): handed to every block
+        flows = []
+        for prev, cur in zip(calls, calls[1:]):
+            produced = {d[1] for ds in base[prev].outputs.values() for d in ds if d}
+            flows.append(all(d and d[1] in produced for d in base[cur].inputs.get(key, [])))
+        if all(flows):
+            flowing.add(key)
+        elif any(flows):
+            raise InferenceError(f"{stack.path}: input '{key}' comes from the previous block in some blocks "
+                                 "and from elsewhere in others; no plan can be inferred.")
+    return flowing
+
+
+def _element_spec(name: str, where: str, key: str, kind: str | None, dim: int | None, joint: bool, shape):
+    """How one tensor at a block boundary is sharded: its dim, or ``None`` to leave it whole."""
+    if kind is None or (kind == "txt" and not joint):
+        return None
+    if kind == "other":
+        raise InferenceError(f"{name}: input '{key}' of '{where}' (shape {shape}) changes with the token grid "
+                             "but not as a sequence of tokens (a grid dim, a pairwise mask, padding or "
+                             "pooling); it cannot be sharded.")
+    if kind == "joint" and not joint:
+        raise InferenceError(f"{name}: '{where}' takes '{key}' over image and text tokens but its attention "
+                             "runs over the image tokens only.")
+    return dim
+
+
+def _stack_entries(model: nn.Module, traces: _Traces, stack: _Stack, joint_first: str) -> dict:
+    """Plan entries for one stack: shard at block 0 / every block, gather after the last."""
+    name = type(model).__name__
+    first = _block_calls(traces, stack.blocks[0])[0]
+    shapes = traces.runs[0].calls[first].inputs
+    shard: dict[str, list] = {}  # slot -> [(kind, dim or None) per tensor]
+    for key, elements in traces.slot_kinds(first, "inputs").items():
+        dims = [_element_spec(name, stack.blocks[0], key, kind, dim, stack.joint, (shapes[key][i] or ((),))[0])
+                for i, (kind, dim) in enumerate(elements)]
+        if any(d is not None for d in dims):
+            shard[key] = [(kind if d is not None else None, d) for (kind, _), d in zip(elements, dims)]
+    flowing = _flowing(traces, stack, shard)
+    streams = {els[0][0]: key for key, els in shard.items() if key in flowing and len(els) == 1}
+
+    def spec(kind, dim):
+        if dim is None:
+            return None
+        if kind == "joint" and "img" in streams and "txt" in streams:  # [img | txt] of separate streams
+            img_key = f"{stack.path}.0:{streams['img']}"
+            return SeqDim(dim, None, (img_key, None) if joint_first == "img" else (None, img_key))
+        return dim
+
+    first_in, every_in = {}, {}
+    for key, elements in shard.items():
+        specs = [spec(kind, dim) for kind, dim in elements]
+        grouped = key in traces.runs[0].calls[first].grouped
+        value = specs[0] if not grouped or len(set(map(str, specs))) == 1 else specs
+        (first_in if key in flowing else every_in)[key] = value
+    entries: dict[str, object] = {}
+    if first_in:
+        entries[f"{stack.path}.0"] = ShardSequence(inputs=first_in)
+    if every_in:
+        entries[f"{stack.path}.*"] = ShardSequence(inputs=every_in)
+    last = _block_calls(traces, stack.blocks[-1])[-1]
+    outs = {}
+    for i, elements in traces.slot_kinds(last, "outputs").items():
+        kind, dim = elements[0]
+        if len(elements) == 1 and (kind == "img" or (kind in ("txt", "joint") and stack.joint)):
+            outs[i] = dim
+    if not outs:
+        raise InferenceError(f"{name}: the last block of '{stack.path}' returns no tensor that follows the tokens.")
+    entries[f"{stack.path}.-1"] = GatherSequence(outputs=outs)
+    return entries
+
+
+def _candidates(model: nn.Module, traces: _Traces):
+    """Plans to try, most likely first (joint side inputs image-first, then text-first)."""
+    from meshsp.plans import Plan
+
+    stacks, routed = _find_stacks(model, traces)
+    by_stack: dict[str, set[str]] = {}
+    for module in routed:
+        path, _ = _stack_of(model, module)
+        by_stack.setdefault(path, set()).add(module)
+    has_joint = any(s.joint for s in stacks)
+    for order in (("img", "txt") if has_joint else ("img",)):
+        styles: dict[str, object] = {}
+        for stack in stacks:
+            entries = _stack_entries(model, traces, stack, order)
+            gather = entries.pop(f"{stack.path}.-1")
+            styles.update(entries)
+            for pattern in sorted({_pattern(m, stack.path) for m in by_stack[stack.path]}):
+                styles[pattern] = ParallelAttention()
+            styles[f"{stack.path}.-1"] = gather
+        yield Plan(styles, model=type(model).__name__), routed
+
+
+# --- simulation ---------------------------------------------------------------------------------
+
+class _SimSP(SPMesh):
+    """One simulated rank of a (ring, ulysses) layout: shards like an SPMesh, communicates nothing."""
+
+    def __init__(self, ring: int, ulysses: int, r: int, u: int) -> None:  # noqa: D107 - no mesh
+        self.mesh, self.device = None, "cpu"
+        self.ring, self.ulysses, self.r, self.u = ring, ulysses, r, u
+        self.ring_group = self.ulysses_group = None
+
+
+def _stand_in(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, enable_gqa: bool = False) -> torch.Tensor:
+    """Token-local stand-in for attention: row i of the output depends on row i of q (and of v)."""
+    out = q.mean(-1, keepdim=True).expand(*q.shape[:-1], v.shape[-1])
+    if q.shape[2] == k.shape[2]:
+        out = out + v.repeat_interleave(q.shape[1] // v.shape[1], dim=1)
+    return out
+
+
+class _SDPA(TorchFunctionMode):
+    """SDPA inside a module: the stand-in (routed attention), or the real kernel, recording lengths."""
+
+    def __init__(self, routed: bool, record: list) -> None:
+        super().__init__()
+        self.routed, self.record = routed, record
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is not F.scaled_dot_product_attention:
+            return func(*args, **kwargs)
+        names = ("query", "key", "value")
+        q, k, v = (args[i] if i < len(args) else kwargs[n] for i, n in enumerate(names))
+        self.record.append((self.routed, q.shape[2], k.shape[2]))
+        if self.routed:
+            return _stand_in(q, k, v)
+        return func(*args, **kwargs)
+
+
+def _with_modes(module: nn.Module, make: Callable[[], TorchFunctionMode]) -> None:
+    modes: list = []
+
+    def enter(mod, args):
+        modes.append(make())
+        modes[-1].__enter__()
+
+    def leave(mod, args, output):
+        modes.pop().__exit__(None, None, None)
+
+    module.register_forward_pre_hook(enter)
+    module.register_forward_hook(leave, always_call=True)
+
+
+def _outputs(output) -> list:
+    return [output] if isinstance(output, torch.Tensor) else list(output)
+
+
+def simulate(model: nn.Module, plan, inputs: dict, layouts=_LAYOUTS, output: Callable | None = None) -> dict:
+    """Run ``plan`` for every rank of each layout in this process (float64, token-local attention
+    stand-in); return ``{"max_diff", "attention_share"}`` or raise ``InferenceError`` with what differed."""
+    from meshsp.zoo import output_of
+
+    output = output or (lambda result: output_of(model, result))
+    clean = copy.deepcopy(model).double().eval()
+    inputs = {k: v.double() if isinstance(v, torch.Tensor) and v.is_floating_point() else
+              [t.double() if isinstance(t, torch.Tensor) and t.is_floating_point() else t for t in v]
+              if isinstance(v, list) else v for k, v in inputs.items()}
+    routed = {n for p, s in plan.items() if isinstance(s, ParallelAttention) for n in plan.matches(clean, p)}
+    gathers = [(n, s) for p, s in plan.items() if isinstance(s, GatherSequence) for n in plan.matches(clean, p)]
+
+    # Reference: the whole sequence, the same stand-in, the gathered modules' outputs recorded.
+    ref_model = copy.deepcopy(clean)
+    ref_attn: list = []
+    for name in routed:
+        _with_modes(ref_model.get_submodule(name), lambda: _SDPA(True, ref_attn))
+    recorded: dict[str, list] = {n: [] for n, _ in gathers}
+    for name, _ in gathers:
+        ref_model.get_submodule(name).register_forward_hook(
+            lambda mod, args, out, name=name: recorded[name].append(_outputs(out)))
+    with torch.no_grad(), _SDPA(False, []):
+        expected = output(ref_model(**inputs))
+
+    worst, share = 0.0, []
+    for ring, ulysses in layouts:
+        for r, u in itertools.product(range(ring), range(ulysses)):
+            worst = max(worst, _simulate_rank(clean, plan, inputs, _SimSP(ring, ulysses, r, u), routed, gathers,
+                                              recorded, expected, output, ref_attn, share))
+    return {"max_diff": worst, "attention_share": share}
+
+
+def _simulate_rank(clean, plan, inputs, sp, routed, gathers, recorded, expected, output, ref_attn, share) -> float:
+    where = f"rank (ring {sp.r}, ulysses {sp.u}) of R{sp.ring}xU{sp.ulysses}"
+    model = copy.deepcopy(clean)
+    attn: list = []
+    local_attn: list = []
+    for path, style in plan.items():
+        if isinstance(style, ShardSequence):
+            for name in plan.matches(model, path):
+                style.install(model.get_submodule(name), sp)
+    for name in routed:
+        _with_modes(model.get_submodule(name), lambda: _SDPA(True, attn))
+    worst = [0.0]
+    counters = {n: 0 for n, _ in gathers}
+
+    def gather(mod, args, out, name, style):
+        full = list(recorded[name][counters[name]])
+        counters[name] += 1
+        mine = _outputs(out)
+        for idx, spec in style.outputs.items():
+            local, ref = mine[idx], full[idx]
+            want = sp.shard(ref, spec.dim)
+            if local.shape != want.shape or not torch.allclose(local, want, rtol=1e-9, atol=1e-9 * max(1.0, ref.abs().max().item())):
+                diff = (local - want).abs().max().item() if local.shape == want.shape else None
+                raise InferenceError(f"{where}: output {idx} of '{name}' differs from its slice of the unsharded run "
+                                     f"(shape {tuple(local.shape)} vs {tuple(want.shape)}, max diff {diff}): the "
+                                     "blocks mix tokens outside attention, or a sequence input is not sharded like its tokens.")
+            worst[0] = max(worst[0], (local - want).abs().max().item() if local.numel() else 0.0)
+        return full[0] if isinstance(out, torch.Tensor) else type(out)(full)
+
+    for name, style in gathers:
+        model.get_submodule(name).register_forward_hook(
+            lambda mod, args, out, name=name, style=style: gather(mod, args, out, name, style))
+    try:
+        with torch.no_grad(), _SDPA(False, local_attn):
+            got = output(model(**inputs))
+    except InferenceError:
+        raise
+    except Exception as exc:  # a shape error inside the model: a sequence input the plan leaves whole
+        raise InferenceError(f"{where}: the model raised {type(exc).__name__}: {exc}".strip()[:600]) from exc
+    if got.shape != expected.shape or not torch.allclose(got, expected, rtol=1e-9, atol=1e-9 * max(1.0, expected.abs().max().item())):
+        raise InferenceError(f"{where}: the final output differs from the unsharded run.")
+    if len(attn) != len(ref_attn):
+        raise InferenceError(f"{where}: {len(attn)} sequence-parallel attention calls, {len(ref_attn)} unsharded.")
+    for (_, q, k), (_, q_ref, k_ref) in zip(attn, ref_attn):
+        share.append(q / q_ref if q_ref else 0.0)
+        if k_ref and k == k_ref and sp.ring * sp.ulysses > 1 and k_ref >= sp.ring * sp.ulysses:
+            raise InferenceError(f"{where}: routed attention got the whole key sequence ({k} tokens): its keys are not sharded.")
+    return worst[0]
+
+
+def infer_plan(model: nn.Module, make_inputs: Callable[..., dict] | None = None, *, ulysses_mode: str = "strict",
+               video: bool | None = None, verify: bool = True):
+    """Infer a plan for ``model`` from traced forwards, verified by simulating every rank.
+
+    ``make_inputs(model, *, h, w, frames, txt, batch, text_pad)`` builds forward kwargs for a token
+    grid (default: the model's ``meshsp.zoo`` entry). Raises ``InferenceError`` (a ``ValueError``)
+    naming what was found when no plan can be inferred.
+
+    Example::
+
+        plan = meshsp.plans.infer_plan(meshsp.zoo.build("SanaTransformer2DModel"))
+        print(plan.to_yaml())
+    """
+    from meshsp.plans import Plan
+    from meshsp.zoo import ZOO, inputs_for
+
+    name = type(model).__name__
+    entry = ZOO.get(name)
+    if make_inputs is None:
+        if entry is None:
+            raise InferenceError(f"{name}: no example inputs; pass make_inputs(model, *, h, w, frames, txt, batch, "
+                                 "text_pad) that builds its forward kwargs for a token grid.")
+        make_inputs = lambda m, **grid: inputs_for(m, **grid)  # noqa: E731
+    video = entry.video if video is None and entry is not None else bool(video)
+    model = model.eval()
+    square = entry is not None and entry.square
+    traces = _Traces(model, make_inputs, video, square)
+    failures = []
+    for plan, _ in _candidates(model, traces):
+        if not verify:
+            return Plan.from_dict(plan.to_dict(), ulysses_mode=ulysses_mode)
+        try:
+            simulate(model, plan, make_inputs(model, **dict(traces.grids[0], batch=2)))
+        except InferenceError as exc:
+            failures.append(str(exc))
+            continue
+        return Plan.from_dict(plan.to_dict(), ulysses_mode=ulysses_mode)
+    raise InferenceError(f"{name}: no inferred plan runs like the unsharded model; " + " | ".join(failures))
