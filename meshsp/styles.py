@@ -134,6 +134,9 @@ class PlanState:
             raise ValueError(f"ulysses_mode must be one of {ULYSSES_MODES}, got {ulysses_mode!r}.")
         self.ulysses_mode = ulysses_mode
         self.global_lens: dict[str, int] = {}
+        # Query tokens this rank attended over and the whole sequences', summed over SP attention
+        # calls: the share of the work this rank did (about 1 / SP degree when the plan shards).
+        self.attention_tokens = [0, 0]
         self._lens: dict[tuple, list[list[tuple[int, ...]]]] = {}
 
     @property
@@ -199,6 +202,8 @@ class ShardSequence(_Bound):
         if value is None:
             return None
         if isinstance(spec, tuple):  # one spec per element of a tuple value
+            if isinstance(value, dict):
+                return dict(zip(value, self._shard_value(sp, tuple(value.values()), spec, name, copy)))
             if not isinstance(value, (list, tuple)) or len(value) != len(spec):
                 raise ValueError(f"plan '{self.key}': '{name}' has element-wise specs {len(spec)} but is "
                                  f"{type(value).__name__}{'' if not isinstance(value, (list, tuple)) else f' of {len(value)}'}.")
@@ -206,6 +211,8 @@ class ShardSequence(_Bound):
                                for i, (v, sp_) in enumerate(zip(value, spec)))
         if isinstance(value, (list, tuple)):
             return type(value)(self._shard_value(sp, v, spec, name, copy) for v in value)
+        if isinstance(value, dict):
+            return {k: self._shard_value(sp, v, spec, f"{name}[{k!r}]", copy) for k, v in value.items()}
         if not isinstance(value, torch.Tensor):
             raise ValueError(f"plan '{self.key}': '{name}' is a {type(value).__name__}, not a tensor to shard.")
         if spec.ndim is not None and value.dim() != spec.ndim:
@@ -425,6 +432,8 @@ class ParallelAttention(_Bound):
         lens = self.state.rank_lens(sp, self.key, (query.shape[2], key.shape[2]))
         q_layout = SeqLayout(tuple(tuple(n[0] for n in row) for row in lens))
         kv_layout = SeqLayout(tuple(tuple(n[1] for n in row) for row in lens))
+        self.state.attention_tokens[0] += query.shape[2]
+        self.state.attention_tokens[1] += q_layout.total
         return sp_attention(
             query, key, value, mask, ring_group=sp.ring_group, ulysses_group=sp.ulysses_group,
             q_layout=q_layout, kv_layout=kv_layout, uaa=self.state.uaa, scale=scale,

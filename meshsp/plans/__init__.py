@@ -30,9 +30,9 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor.parallel import parallelize_module
 from torch.distributed.tensor.parallel.style import ParallelStyle
 
-from meshsp.styles import CheckInputs, GatherSequence, ParallelAttention, PlanState, SeqDim, ShardSequence
+from meshsp.styles import CheckInputs, GatherSequence, ParallelAttention, PlanState, ShardSequence
 
-__all__ = ["Plan", "STYLES", "available_plans", "get_plan", "load_plan", "parallelize", "plan_from_cp_plan"]
+__all__ = ["Plan", "STYLES", "available_plans", "get_plan", "infer_plan", "load_plan", "parallelize", "plan_from_cp_plan"]
 
 STYLES = {"ShardSequence": ShardSequence, "ParallelAttention": ParallelAttention, "GatherSequence": GatherSequence}
 _ENTRY_KEYS = {"style", "inputs", "outputs", "optional"}
@@ -210,55 +210,41 @@ def load_plan(name_or_path: str | Path, *, ulysses_mode: str = "strict") -> Plan
         return Plan.from_dict(yaml.safe_load(f), ulysses_mode=ulysses_mode)
 
 
-def _is_attention(module: nn.Module) -> bool:
-    return hasattr(module, "processor") and not getattr(module, "is_cross_attention", False)
-
-
-def plan_from_cp_plan(model: nn.Module, *, ulysses_mode: str = "strict") -> Plan:
-    """Convert a diffusers ``_cp_plan`` (inputs split, outputs gathered) plus routed self-attention.
-
-    Every attention module (one with a ``processor``) that is not marked cross-attention is routed.
-    """
-    from diffusers.models._modeling_parallel import ContextParallelInput, ContextParallelOutput
-
-    cp_plan = getattr(model, "_cp_plan", None)
-    if not cp_plan:
-        raise ValueError(f"{type(model).__name__} has no _cp_plan to convert.")
-    styles: dict[str, object] = {}
-    for path, value in cp_plan.items():
-        if isinstance(value, (ContextParallelOutput, list, tuple)) and not isinstance(value, Mapping):
-            outs = value if isinstance(value, (list, tuple)) else [value]
-            styles[path] = GatherSequence(outputs={i: SeqDim(o.gather_dim) for i, o in enumerate(outs)})
-            continue
-        inputs, outputs = {}, {}
-        for key, spec in value.items():
-            spec = spec[0] if isinstance(spec, (list, tuple)) else spec
-            assert isinstance(spec, ContextParallelInput), spec
-            target = outputs if spec.split_output else inputs
-            target[key] = SeqDim(spec.split_dim, spec.expected_dims)
-        styles[path] = ShardSequence(inputs=inputs or None, outputs=outputs or None)
-    prefixes = {}
-    for name, module in model.named_modules():
-        if name and _is_attention(module):
-            parts = name.split(".")
-            pattern = ".".join("*" if p.isdigit() else p for p in parts)
-            prefixes[pattern] = True
-    for pattern in prefixes:
-        styles.setdefault(pattern, ParallelAttention())
-    return Plan(styles, ulysses_mode=ulysses_mode, model=type(model).__name__)
-
-
 def get_plan(transformer: nn.Module, *, ulysses_mode: str = "strict") -> Plan:
-    """The shipped plan for this model's class, else one converted from its ``_cp_plan``; validated."""
+    """The plan for this model's class, validated against the instance.
+
+    In order: the shipped YAML plan; else one converted from its diffusers ``_cp_plan`` (checked and
+    repaired, ``meshsp.plans.cp_plan``); else one inferred from a tiny instance of the class
+    (``meshsp.plans.infer``). A model none of these can serve raises ``ValueError`` saying why.
+
+    Example::
+
+        plan = meshsp.get_plan(transformer, ulysses_mode="advanced_uaa")
+        parallelize_module(transformer, mesh, plan)
+    """
+    from meshsp.plans.infer import infer_plan
+    from meshsp.zoo import ZOO, build
+
     name = type(transformer).__name__
+    reasons = []
+    plan = None
     if name in available_plans():
         plan = load_plan(name, ulysses_mode=ulysses_mode)
     elif getattr(transformer, "_cp_plan", None):
-        plan = plan_from_cp_plan(transformer, ulysses_mode=ulysses_mode)
-    else:
+        try:
+            plan = plan_from_cp_plan(transformer, ulysses_mode=ulysses_mode)
+        except ValueError as exc:
+            reasons.append(f"its _cp_plan: {exc}")
+    if plan is None and name in ZOO:
+        try:
+            plan = infer_plan(build(name, heads=3), ulysses_mode=ulysses_mode)
+        except ValueError as exc:
+            reasons.append(f"inference: {exc}")
+    if plan is None:
         raise ValueError(
-            f"no meshsp plan for {name} and it has no diffusers _cp_plan; shipped plans: {available_plans()}. "
-            "Write a YAML plan (see README) and pass it to meshsp.load_plan."
+            f"no meshsp plan for {name}: " + ("; ".join(r.rstrip(".") for r in reasons) or "no shipped plan, no diffusers _cp_plan and no "
+            "tiny config to infer one from") + f". Shipped plans: {available_plans()}. Write a YAML plan (see "
+            "README) for meshsp.load_plan, or infer one with meshsp.plans.infer_plan(model, make_inputs)."
         )
     plan.validate(transformer)
     return plan
@@ -280,3 +266,7 @@ def parallelize(transformer: nn.Module, mesh: DeviceMesh, plan: Plan | None = No
     if not isinstance(plan, Plan):
         raise ValueError(f"parallelize takes a meshsp Plan (get_plan, load_plan, Plan(styles)); got {type(plan).__name__}.")
     return parallelize_module(transformer, mesh, plan)
+
+
+from meshsp.plans.cp_plan import plan_from_cp_plan  # noqa: E402 - they build Plans
+from meshsp.plans.infer import infer_plan  # noqa: E402

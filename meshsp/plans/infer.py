@@ -171,7 +171,8 @@ def _block_calls(traces: _Traces, block: str) -> list[int]:
 
 
 def _flowing(traces: _Traces, stack: _Stack, sharded: dict) -> set[str]:
-    """Inputs of the stack's blocks that the previous block produced (hidden streams)."""
+    """Inputs that carry a stream through the stack (a new tensor at each block), as opposed to
+    side inputs the model hands every block unchanged (RoPE tables, masks)."""
     calls = [_block_calls(traces, b)[0] for b in stack.blocks]
     base = traces.runs[0].calls
     if len(calls) < 2:  # one block: an input flows if the block returns a tensor of its shape
@@ -179,17 +180,12 @@ def _flowing(traces: _Traces, stack: _Stack, sharded: dict) -> set[str]:
         return {k for k in sharded if len(sharded[k]) == 1 and base[calls[0]].inputs[k][0][0] in outs}
     flowing = set()
     for key in sharded:
-        if len(sharded[key]) != 1:
-            continue  # a tuple (RoPE tables): handed to every block
-        flows = []
-        for prev, cur in zip(calls, calls[1:]):
-            produced = {d[1] for ds in base[prev].outputs.values() for d in ds if d}
-            flows.append(all(d and d[1] in produced for d in base[cur].inputs.get(key, [])))
-        if all(flows):
+        ptrs = [tuple(d[1] if d else None for d in base[c].inputs.get(key, [])) for c in calls]
+        if len(sharded[key]) == 1 and len(set(ptrs)) == len(ptrs):
             flowing.add(key)
-        elif any(flows):
-            raise InferenceError(f"{stack.path}: input '{key}' comes from the previous block in some blocks "
-                                 "and from elsewhere in others; no plan can be inferred.")
+        elif len(set(ptrs)) != 1:
+            raise InferenceError(f"{stack.path}: input '{key}' is the same tensor for some blocks and a new one "
+                                 "for others; no plan can be inferred.")
     return flowing
 
 
@@ -330,17 +326,25 @@ def _outputs(output) -> list:
     return [output] if isinstance(output, torch.Tensor) else list(output)
 
 
-def simulate(model: nn.Module, plan, inputs: dict, layouts=_LAYOUTS, output: Callable | None = None) -> dict:
+def simulate(model: nn.Module, plan, inputs: dict, layouts=_LAYOUTS, output: Callable | None = None,
+             probe: bool = False, dtype: torch.dtype = torch.float64) -> dict:
     """Run ``plan`` for every rank of each layout in this process (float64, token-local attention
-    stand-in); return ``{"max_diff", "attention_share"}`` or raise ``InferenceError`` with what differed."""
+    stand-in); return ``{"max_diff", "attention_share"}`` or raise ``InferenceError`` with what differed.
+
+    ``probe``: route no attention and compare nothing; return the (query, key) lengths of every
+    attention call on the first simulated rank (``"calls"``) and unsharded (``"ref_calls"``).
+    A model that does not run in float64 (a kernel or cast that insists on float32) is simulated in
+    float32, with a tolerance of 1e-4 of the output scale instead of 1e-9.
+    """
     from meshsp.zoo import output_of
 
     output = output or (lambda result: output_of(model, result))
-    clean = copy.deepcopy(model).double().eval()
-    inputs = {k: v.double() if isinstance(v, torch.Tensor) and v.is_floating_point() else
-              [t.double() if isinstance(t, torch.Tensor) and t.is_floating_point() else t for t in v]
-              if isinstance(v, list) else v for k, v in inputs.items()}
-    routed = {n for p, s in plan.items() if isinstance(s, ParallelAttention) for n in plan.matches(clean, p)}
+    clean = copy.deepcopy(model).to(dtype).eval()
+    cast = {k: v.to(dtype) if isinstance(v, torch.Tensor) and v.is_floating_point() else
+            [t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() else t for t in v]
+            if isinstance(v, list) else v for k, v in inputs.items()}
+    routed = set() if probe else {n for p, s in plan.items() if isinstance(s, ParallelAttention)
+                                  for n in plan.matches(clean, p)}
     gathers = [(n, s) for p, s in plan.items() if isinstance(s, GatherSequence) for n in plan.matches(clean, p)]
 
     # Reference: the whole sequence, the same stand-in, the gathered modules' outputs recorded.
@@ -352,22 +356,36 @@ def simulate(model: nn.Module, plan, inputs: dict, layouts=_LAYOUTS, output: Cal
     for name, _ in gathers:
         ref_model.get_submodule(name).register_forward_hook(
             lambda mod, args, out, name=name: recorded[name].append(_outputs(out)))
-    with torch.no_grad(), _SDPA(False, []):
-        expected = output(ref_model(**inputs))
+    ref_all: list = []
+    try:
+        with torch.no_grad(), _SDPA(False, ref_all):
+            expected = output(ref_model(**cast))
+    except RuntimeError:
+        if dtype == torch.float32:
+            raise
+        return simulate(model, plan, inputs, layouts, output, probe, torch.float32)
+    inputs = cast
+    tol = 1e-9 if dtype == torch.float64 else 1e-4
+    if probe:
+        calls: list = []
+        _simulate_rank(clean, plan, inputs, _SimSP(*layouts[0], 0, 0), routed, gathers, recorded, expected, output,
+                       ref_attn, [], tol, check=False, calls=calls)
+        return {"calls": [c[1:] for c in calls], "ref_calls": [c[1:] for c in ref_all]}
 
     worst, share = 0.0, []
     for ring, ulysses in layouts:
         for r, u in itertools.product(range(ring), range(ulysses)):
             worst = max(worst, _simulate_rank(clean, plan, inputs, _SimSP(ring, ulysses, r, u), routed, gathers,
-                                              recorded, expected, output, ref_attn, share))
+                                              recorded, expected, output, ref_attn, share, tol))
     return {"max_diff": worst, "attention_share": share}
 
 
-def _simulate_rank(clean, plan, inputs, sp, routed, gathers, recorded, expected, output, ref_attn, share) -> float:
+def _simulate_rank(clean, plan, inputs, sp, routed, gathers, recorded, expected, output, ref_attn, share, tol,
+                   check: bool = True, calls: list | None = None) -> float:
     where = f"rank (ring {sp.r}, ulysses {sp.u}) of R{sp.ring}xU{sp.ulysses}"
     model = copy.deepcopy(clean)
     attn: list = []
-    local_attn: list = []
+    local_attn: list = [] if calls is None else calls
     for path, style in plan.items():
         if isinstance(style, ShardSequence):
             for name in plan.matches(model, path):
@@ -381,10 +399,10 @@ def _simulate_rank(clean, plan, inputs, sp, routed, gathers, recorded, expected,
         full = list(recorded[name][counters[name]])
         counters[name] += 1
         mine = _outputs(out)
-        for idx, spec in style.outputs.items():
+        for idx, spec in style.outputs.items() if check else ():
             local, ref = mine[idx], full[idx]
             want = sp.shard(ref, spec.dim)
-            if local.shape != want.shape or not torch.allclose(local, want, rtol=1e-9, atol=1e-9 * max(1.0, ref.abs().max().item())):
+            if local.shape != want.shape or not torch.allclose(local, want, rtol=tol, atol=tol * max(1.0, ref.abs().max().item())):
                 diff = (local - want).abs().max().item() if local.shape == want.shape else None
                 raise InferenceError(f"{where}: output {idx} of '{name}' differs from its slice of the unsharded run "
                                      f"(shape {tuple(local.shape)} vs {tuple(want.shape)}, max diff {diff}): the "
@@ -402,7 +420,9 @@ def _simulate_rank(clean, plan, inputs, sp, routed, gathers, recorded, expected,
         raise
     except Exception as exc:  # a shape error inside the model: a sequence input the plan leaves whole
         raise InferenceError(f"{where}: the model raised {type(exc).__name__}: {exc}".strip()[:600]) from exc
-    if got.shape != expected.shape or not torch.allclose(got, expected, rtol=1e-9, atol=1e-9 * max(1.0, expected.abs().max().item())):
+    if not check:
+        return 0.0
+    if got.shape != expected.shape or not torch.allclose(got, expected, rtol=tol, atol=tol * max(1.0, expected.abs().max().item())):
         raise InferenceError(f"{where}: the final output differs from the unsharded run.")
     if len(attn) != len(ref_attn):
         raise InferenceError(f"{where}: {len(attn)} sequence-parallel attention calls, {len(ref_attn)} unsharded.")

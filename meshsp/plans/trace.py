@@ -53,15 +53,25 @@ class Trace:
     _keep: list = field(default_factory=list, repr=False)  # tensors kept alive so data_ptrs stay unique
 
 
+def _first_tensor(value):
+    if isinstance(value, torch.Tensor):
+        return value
+    items = value.values() if isinstance(value, dict) else value if isinstance(value, (list, tuple)) else ()
+    return next((t for t in map(_first_tensor, items) if t is not None), None)
+
+
 def _describe(value, keep: list) -> list:
-    """[(shape, data_ptr)] of a tensor, or of each element of a tuple/list of them (``None`` for an
-    element that is not a tensor, such as a nested tuple); ``[]`` for anything else."""
+    """[(shape, data_ptr)] of a tensor, or of each element of a tuple, list or dict of them (a nested
+    tuple by its first tensor, ``None`` for an element holding none); ``[]`` for anything else."""
     if isinstance(value, torch.Tensor):
         keep.append(value)
         return [(tuple(value.shape), value.data_ptr() if value.numel() else 0)]
-    if isinstance(value, (list, tuple)) and any(isinstance(v, torch.Tensor) for v in value):
-        return [_describe(v, keep)[0] if isinstance(v, torch.Tensor) else None for v in value]
-    return []
+    items = list(value.values()) if isinstance(value, dict) else value if isinstance(value, (list, tuple)) else []
+    firsts = [_first_tensor(v) for v in items]
+    keep.extend(t for t in firsts if t is not None)
+    if not any(t is not None for t in firsts):
+        return []
+    return [None if t is None else (tuple(t.shape), t.data_ptr() if t.numel() else 0) for t in firsts]
 
 
 class _Attention(TorchFunctionMode):
@@ -97,7 +107,7 @@ def trace(model: nn.Module, inputs: dict, *, img_tokens: int, txt_tokens: int) -
                 call.positional[key] = i
             for key, value in named + list(kwargs.items()):
                 call.inputs[key] = _describe(value, keep)
-                if isinstance(value, (list, tuple)):
+                if isinstance(value, (list, tuple, dict)):
                     call.grouped.add(key)
             calls.append(call)
             stack.append(name)

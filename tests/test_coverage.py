@@ -1,0 +1,46 @@
+"""Coverage of every transformer class diffusers exports: shipped, converted, inferred or refused.
+
+Each class with a plan runs at toy width on gloo ranks in U2, R2 and U2xR2 (``advanced_uaa``, odd
+token grid and text length, batch 2, 3 heads), through torch's own ``parallelize_module``, and must
+equal the single-device output with its attention run on about 1/P of the query tokens. Each
+refused class must be refused with a ``ValueError`` that says why.
+"""
+
+import pytest
+import rank_tasks
+
+from meshsp.plans import get_plan
+from meshsp.plans.coverage import coverage
+from meshsp.zoo import NOT_DIT, ZOO, build
+
+TABLE = coverage()
+COVERED = sorted(c for c, row in TABLE.items() if row.status != "refused")
+REFUSED = sorted(c for c, row in TABLE.items() if row.status == "refused" and c not in NOT_DIT)
+LAYOUTS = {"U2": (2, 1, 2), "R2": (2, 2, 1), "U2xR2": (4, 2, 2)}
+
+
+def _grid(cls: str) -> dict:
+    entry = ZOO[cls]
+    return dict(h=3, w=5, frames=2 if entry.video else 1, txt=7, batch=2, text_pad=2 if entry.text_mask else 0)
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+@pytest.mark.parametrize("cls", COVERED)
+def test_covered_class_parity(pools, cls, layout):
+    world, ring, ulysses = LAYOUTS[layout]
+    results = pools(world).run(rank_tasks.zoo_parity, cls, ring, ulysses, "advanced_uaa", 3, _grid(cls))
+    for res in results:
+        assert 0.9 / (ring * ulysses) <= res["share"] <= 1.25 / (ring * ulysses), res
+
+
+@pytest.mark.parametrize("cls", REFUSED)
+def test_refused_class_says_why(cls):
+    with pytest.raises(ValueError, match=f"no meshsp plan for {cls}: .*(inference|_cp_plan|tiny config)"):
+        get_plan(build(cls) if cls in ZOO else None)
+
+
+def test_coverage_goal():
+    """At least 45 of the 62 diffusion transformers (the 65 exports less 3 that are not DiTs)."""
+    dits = [c for c in TABLE if c not in NOT_DIT]
+    assert len(dits) == 62, len(dits)
+    assert len(COVERED) >= 45, (len(COVERED), REFUSED)
