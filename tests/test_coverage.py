@@ -29,8 +29,10 @@ def _grid(cls: str) -> dict:
 def test_covered_class_parity(pools, cls, layout):
     world, ring, ulysses = LAYOUTS[layout]
     results = pools(world).run(rank_tasks.zoo_parity, cls, ring, ulysses, "advanced_uaa", 3, _grid(cls))
-    for res in results:
-        assert 0.9 / (ring * ulysses) <= res["share"] <= 1.25 / (ring * ulysses), res
+    shares = [res["share"] for res in results]
+    # Every query token attended on exactly one rank; no rank did more than 1.5x its part (uneven
+    # shards of a 15-token image and a 7-token text).
+    assert abs(sum(shares) - 1.0) < 1e-9 and max(shares) <= 1.5 / world, shares
 
 
 @pytest.mark.parametrize("cls", REFUSED)

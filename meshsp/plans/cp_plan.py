@@ -196,14 +196,15 @@ def plan_from_cp_plan(model: nn.Module, *, ulysses_mode: str = "strict", make_in
         return Plan(styles, ulysses_mode=ulysses_mode, model=name)
     probe = build(name, heads=3) if entry is not None and make_inputs is None else model
     make_inputs = make_inputs or (lambda m, **grid: inputs_for(m, **grid))
-    traces = _Traces(probe, make_inputs, entry.video if entry else False, bool(entry and entry.square))
+    traces = _Traces(probe, make_inputs, entry.video if entry else False, bool(entry and entry.square),
+                     bool(entry and entry.text_mask))
     styles = _drop_static_depth(probe, _collapse_numbered(_convert(cp_plan)))
-    batch2 = make_inputs(probe, **dict(traces.grids[0], batch=2))
+    batch2 = make_inputs(probe, **traces.grids[0])
     missing: dict = {}
     try:
         routed = _sharded_keys(probe, Plan(dict(styles)), traces, batch2)
     except ValueError as first:
-        missing = _unsharded_sources(probe, Plan(dict(styles)), traces, make_inputs(probe, **traces.grids[0]))
+        missing = _unsharded_sources(probe, Plan(dict(styles)), traces, batch2)
         if not missing:
             raise
         for module, outs in missing.items():
@@ -216,7 +217,7 @@ def plan_from_cp_plan(model: nn.Module, *, ulysses_mode: str = "strict", make_in
     _route(styles, routed)
     plan = Plan(styles, model=name)
     try:
-        simulate(probe, plan, make_inputs(probe, **dict(traces.grids[0], batch=2)))
+        simulate(probe, plan, batch2)
     except InferenceError as exc:
         found = f" (after sharding what it left whole: {missing})" if missing else ""
         raise ValueError(f"{name}: its converted _cp_plan does not run like the unsharded model{found}: {exc}") from exc

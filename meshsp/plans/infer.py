@@ -41,9 +41,13 @@ __all__ = ["InferenceError", "infer_plan", "simulate"]
 
 # (h, w, frames, txt): a base grid, more image tokens, more text tokens. Odd sizes, so that no
 # token count coincides with another size in the model.
-_BASE = dict(h=3, w=5, frames=2, txt=7)
-_GRIDS = (_BASE, dict(_BASE, h=5), dict(_BASE, txt=10))
-_SQUARE = (dict(_BASE, w=3), dict(_BASE, h=5, w=5), dict(_BASE, w=3, txt=10))  # classes that need h == w
+_BASE = dict(h=3, w=5, frames=2, txt=7, batch=2, text_pad=0)
+
+
+def _grids(square: bool, text_mask: bool) -> tuple[dict, dict, dict]:
+    """Batch 2 and padded text (where the model takes a text mask), so that masks show up."""
+    base = dict(_BASE, w=3 if square else 5, text_pad=2 if text_mask else 0)
+    return base, dict(base, h=5, w=5 if square else base["w"]), dict(base, txt=10)
 # Simulated layouts (ring, ulysses): even, uneven, and hybrid.
 _LAYOUTS = ((1, 2), (1, 3), (2, 2))
 
@@ -82,9 +86,10 @@ def _pattern(name: str, stack: str) -> str:
 class _Traces:
     """The three traces of one model, aligned call by call."""
 
-    def __init__(self, model: nn.Module, make_inputs: Callable[..., dict], video: bool, square: bool = False) -> None:
+    def __init__(self, model: nn.Module, make_inputs: Callable[..., dict], video: bool, square: bool = False,
+                 text_mask: bool = False) -> None:
         self.runs: list[Trace] = []
-        self.grids = _SQUARE if square else _GRIDS
+        self.grids = _grids(square, text_mask)
         for grid in self.grids:
             img, txt = _tokens(grid, video)
             self.runs.append(trace(model, make_inputs(model, **grid), img_tokens=img, txt_tokens=txt))
@@ -281,11 +286,21 @@ class _SimSP(SPMesh):
         self.ring_group = self.ulysses_group = None
 
 
-def _stand_in(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, enable_gqa: bool = False) -> torch.Tensor:
-    """Token-local stand-in for attention: row i of the output depends on row i of q (and of v)."""
+def _stand_in(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Token-local stand-in for attention: row i of the output depends on row i of q (and, when
+    queries and keys are the same tokens, on row i of v and key i's mask bit, so that a mask
+    sharded out of step with its tokens shows)."""
     out = q.mean(-1, keepdim=True).expand(*q.shape[:-1], v.shape[-1])
+    if mask is not None:
+        if mask.dim() != 4 or mask.shape[2] != 1 or mask.shape[3] != k.shape[2]:
+            raise InferenceError(f"attention gets a mask of shape {tuple(mask.shape)} for {k.shape[2]} local keys: "
+                                 "sequence-parallel attention takes key-padding masks [B, 1, 1, S_k] sharded "
+                                 "like the keys.")
     if q.shape[2] == k.shape[2]:
         out = out + v.repeat_interleave(q.shape[1] // v.shape[1], dim=1)
+        if mask is not None:
+            keep = mask if mask.dtype == torch.bool else mask == 0
+            out = out + keep[:, :1, 0, :, None].to(out.dtype)
     return out
 
 
@@ -304,7 +319,8 @@ class _SDPA(TorchFunctionMode):
         q, k, v = (args[i] if i < len(args) else kwargs[n] for i, n in enumerate(names))
         self.record.append((self.routed, q.shape[2], k.shape[2]))
         if self.routed:
-            return _stand_in(q, k, v)
+            mask = args[3] if len(args) > 3 else kwargs.get("attn_mask")
+            return _stand_in(q, k, v, mask)
         return func(*args, **kwargs)
 
 
@@ -458,14 +474,13 @@ def infer_plan(model: nn.Module, make_inputs: Callable[..., dict] | None = None,
         make_inputs = lambda m, **grid: inputs_for(m, **grid)  # noqa: E731
     video = entry.video if video is None and entry is not None else bool(video)
     model = model.eval()
-    square = entry is not None and entry.square
-    traces = _Traces(model, make_inputs, video, square)
+    traces = _Traces(model, make_inputs, video, bool(entry and entry.square), bool(entry and entry.text_mask))
     failures = []
     for plan, _ in _candidates(model, traces):
         if not verify:
             return Plan.from_dict(plan.to_dict(), ulysses_mode=ulysses_mode)
         try:
-            simulate(model, plan, make_inputs(model, **dict(traces.grids[0], batch=2)))
+            simulate(model, plan, make_inputs(model, **traces.grids[0]))
         except InferenceError as exc:
             failures.append(str(exc))
             continue
