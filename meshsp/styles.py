@@ -36,6 +36,7 @@ from torch.overrides import TorchFunctionMode
 from meshsp.config import ULYSSES_MODES
 from meshsp.ops.attention import sp_attention
 from meshsp.ops.consensus import agree, describe
+from meshsp.ops.replicated import replicated_query_attention
 from meshsp.placements import SeqLayout
 
 __all__ = ["CheckInputs", "GatherSequence", "ParallelAttention", "PlanState", "SeqDim", "ShardSequence"]
@@ -403,12 +404,23 @@ class ParallelAttention(_Bound):
     """Run every ``F.scaled_dot_product_attention`` inside this module as SP attention.
 
     q/k/v are the module's local shards ``[B, H, s, D]``; the output is this rank's shard of the
-    exact result. Parameters, buffers and the attention processor are untouched.
+    exact result. With ``queries="replicated"`` the queries are whole on every rank (a stream the
+    plan does not shard) and only the keys and values are sharded: the output is whole too
+    (``meshsp.ops.replicated``). Parameters, buffers and the attention processor are untouched.
 
     Example::
 
-        {"transformer_blocks.*.attn": ParallelAttention()}
+        {"transformer_blocks.*.attn": ParallelAttention(),
+         "transformer_blocks.*.video_to_audio_attn": ParallelAttention(queries="replicated")}
     """
+
+    QUERIES = ("sharded", "replicated")
+
+    def __init__(self, queries: str = "sharded") -> None:
+        super().__init__()
+        if queries not in self.QUERIES:
+            raise ValueError(f"ParallelAttention queries must be one of {self.QUERIES}; got {queries!r}.")
+        self.queries = queries
 
     @torch.compiler.disable
     def attention(self, sp: SPMesh, query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False,
@@ -418,6 +430,10 @@ class ParallelAttention(_Bound):
             raise ValueError(f"{where}: dropout_p={dropout_p}, is_causal={is_causal}; SP attention needs 0 and False.")
         if query.shape[1] != key.shape[1] and not enable_gqa:
             raise ValueError(f"{where}: {query.shape[1]} query vs {key.shape[1]} key heads without enable_gqa=True.")
+        if self.queries == "replicated":
+            mask = _key_padding(attn_mask, query, key, where)  # shapes shared by every rank: no agreement needed
+            return replicated_query_attention(query, key, value, mask, groups=(sp.ulysses_group, sp.ring_group),
+                                              scale=scale)
         if _plain_key_padding(attn_mask, key):
             mask = _key_padding(attn_mask, query, key, where)
         else:

@@ -35,7 +35,7 @@ from meshsp.styles import CheckInputs, GatherSequence, ParallelAttention, PlanSt
 __all__ = ["Plan", "STYLES", "available_plans", "get_plan", "infer_plan", "load_plan", "parallelize", "plan_from_cp_plan"]
 
 STYLES = {"ShardSequence": ShardSequence, "ParallelAttention": ParallelAttention, "GatherSequence": GatherSequence}
-_ENTRY_KEYS = {"style", "inputs", "outputs", "optional"}
+_ENTRY_KEYS = {"style", "inputs", "outputs", "optional", "queries"}
 _PLAN_DIR = Path(__file__).parent
 
 
@@ -48,9 +48,11 @@ def _style_from_entry(path: str, entry) -> tuple[object, bool]:
     name = entry["style"]
     if name not in STYLES:
         raise ValueError(f"plan entry '{path}': unknown style {name!r}; valid styles: {sorted(STYLES)}.")
-    kwargs = {k: entry[k] for k in ("inputs", "outputs") if k in entry}
-    if name == "ParallelAttention" and kwargs:
+    kwargs = {k: entry[k] for k in ("inputs", "outputs", "queries") if k in entry}
+    if name == "ParallelAttention" and set(kwargs) - {"queries"}:
         raise ValueError(f"plan entry '{path}': ParallelAttention takes no inputs/outputs.")
+    if name != "ParallelAttention" and "queries" in kwargs:
+        raise ValueError(f"plan entry '{path}': only ParallelAttention takes 'queries'.")
     return STYLES[name](**kwargs), bool(entry.get("optional", False))
 
 
@@ -121,6 +123,8 @@ class Plan(ParallelStyle, dict):
                 entry["inputs"] = {k: _spec_to_yaml(v) for k, v in style.inputs.items()}
             if isinstance(style, (ShardSequence, GatherSequence)) and style.outputs:
                 entry["outputs"] = {k: _spec_to_yaml(v) for k, v in style.outputs.items()}
+            if isinstance(style, ParallelAttention) and style.queries != "sharded":
+                entry["queries"] = style.queries
             if path in self.optional:
                 entry["optional"] = True
             entries[path] = entry

@@ -10,8 +10,9 @@ routed. Upstream plans are written for one config and sometimes miss a tensor, s
 * simulates every rank (``meshsp.plans.infer.simulate``); a sequence the plan leaves whole — a
   RoPE table computed by a sibling module, say — is found among the root's children whose outputs
   follow the tokens and are still full length inside the sharded region, and sharded at that output;
-  if the plan still does not run like the unsharded model, the conversion raises ``ValueError``
-  naming the module and tensor.
+  an output the plan shards only at a declared rank (``expected_dims``) that this config's tensor
+  does not have is re-sharded at its traced dim. If the plan still does not run like the unsharded
+  model, the conversion raises ``ValueError`` naming the module and tensor.
 
 Without example inputs (a class meshsp has no tiny config for, and no ``make_inputs``) only the
 first step runs, and every non-cross attention module is routed, as diffusers' own plans assume.
@@ -105,17 +106,20 @@ def _drop_static_depth(model: nn.Module, styles: dict[str, object]) -> dict[str,
     return kept
 
 
-def _route(styles: dict[str, object], names) -> None:
-    for pattern in sorted({".".join("*" if p.isdigit() else p for p in name.split(".")) for name in names}):
-        if not any(isinstance(styles.get(k), ParallelAttention) for k in (pattern, _free_key(styles, pattern))):
-            styles[_free_key(styles, pattern)] = ParallelAttention()
+def _route(styles: dict[str, object], names, whole_queries=()) -> None:
+    """Route attention modules ``names`` (as ``*`` patterns); those in ``whole_queries`` keep their queries whole."""
+    def pattern(name):
+        return ".".join("*" if p.isdigit() else p for p in name.split("."))
+
+    replicated = {pattern(n) for n in whole_queries}
+    for key in sorted({pattern(n) for n in names}):
+        if not any(isinstance(styles.get(k), ParallelAttention) for k in (key, _free_key(styles, key))):
+            styles[_free_key(styles, key)] = ParallelAttention("replicated" if key in replicated else "sharded")
 
 
-def _sharded_keys(model: nn.Module, plan, traces, inputs: dict) -> set[str]:
-    """Attention modules whose keys the plan shards (found on a simulated rank): they must be routed.
-
-    Queries left whole over sharded keys cannot be computed from the local shard: refused.
-    """
+def _sharded_keys(model: nn.Module, plan, traces, inputs: dict) -> tuple[set[str], set[str]]:
+    """Attention modules whose keys the plan shards (found on a simulated rank): they must be routed;
+    and those of them whose queries the plan leaves whole."""
     from meshsp.plans.infer import InferenceError, simulate
 
     try:
@@ -125,15 +129,13 @@ def _sharded_keys(model: nn.Module, plan, traces, inputs: dict) -> set[str]:
     modules = [a.module for a in traces.runs[0].attention]
     if len(seen["calls"]) != len(modules):
         raise ValueError(f"{type(model).__name__}: its converted _cp_plan changes which attention runs.")
-    routed = set()
+    routed, whole = set(), set()
     for module, (q, k), (q_ref, k_ref) in zip(modules, seen["calls"], seen["ref_calls"]):
         if k < k_ref:
-            if q == q_ref and q_ref > 1:
-                raise ValueError(f"{type(model).__name__}: attention '{module}' has whole queries ({q_ref} tokens) "
-                                 f"over keys the plan shards ({k_ref} -> {k} tokens); meshsp cannot compute it "
-                                 "from the local shard.")
             routed.add(module)
-    return routed
+            if q == q_ref:
+                whole.add(module)
+    return routed, whole
 
 
 def _unsharded_sources(model: nn.Module, plan, traces, inputs: dict) -> dict[str, dict[int, int]]:
@@ -146,8 +148,10 @@ def _unsharded_sources(model: nn.Module, plan, traces, inputs: dict) -> dict[str
                  for key in targets[call.name].inputs for d in call.inputs.get(key, []) if d}
     candidates: dict[str, dict[int, tuple[int, tuple]]] = {}
     for index, call in enumerate(base.calls):
-        if "." in call.name or not call.name or call.name in plan or isinstance(model.get_submodule(call.name), nn.ModuleList):
+        if "." in call.name or not call.name or isinstance(model.get_submodule(call.name), nn.ModuleList):
             continue
+        if call.name in plan and not (isinstance(plan[call.name], ShardSequence) and plan[call.name].outputs):
+            continue  # a module the plan already handles (an output it shards may still slip through: ndim)
         for i, elements in traces.slot_kinds(index, "outputs").items():
             kind, dim = elements[0]
             if kind in ("img", "joint") and len(elements) == 1 and call.outputs[i][0][1] not in resharded:
@@ -209,12 +213,13 @@ def plan_from_cp_plan(model: nn.Module, *, ulysses_mode: str = "strict", make_in
             raise
         for module, outs in missing.items():
             log.info("%s: its _cp_plan leaves the output of '%s' (a sequence) whole; sharded %s", name, module, outs)
-        styles = {**{m: ShardSequence(outputs=o) for m, o in missing.items()}, **styles}
+        styles = {**{m: None for m in missing}, **styles}
+        styles.update({m: ShardSequence(outputs=o) for m, o in missing.items()})
         try:
             routed = _sharded_keys(probe, Plan(dict(styles)), traces, batch2)
         except ValueError as second:
             raise ValueError(f"{second} (after sharding what the _cp_plan leaves whole: {missing}; before: {first})") from second
-    _route(styles, routed)
+    _route(styles, *routed)
     plan = Plan(styles, model=name)
     try:
         simulate(probe, plan, batch2)

@@ -130,10 +130,11 @@ class _Traces:
         return rows
 
 
-def _find_stacks(model: nn.Module, traces: _Traces) -> tuple[list[_Stack], set[str]]:
-    """The block stacks holding sequence-parallel attention, and the attention modules to route."""
+def _find_stacks(model: nn.Module, traces: _Traces) -> tuple[list[_Stack], set[str], set[str]]:
+    """The block stacks holding sequence-parallel attention, the attention modules to route, and
+    those of them whose queries stay whole (``ParallelAttention(queries="replicated")``)."""
     name = type(model).__name__
-    routed, local = set(), set()
+    routed, local, replicated = set(), set(), set()
     stacks: dict[str, _Stack] = {}
     seq = ("img", "joint")
     seen = []
@@ -141,6 +142,9 @@ def _find_stacks(model: nn.Module, traces: _Traces) -> tuple[list[_Stack], set[s
         seen.append(f"{module}: queries {q or 'fixed'}, keys {k or 'fixed'}")
         if q in seq and k in seq:
             routed.add(module)  # queries and keys over the sharded sequence (keys may add the text)
+        elif q in (None, "txt") and k in seq:
+            routed.add(module)  # a stream left whole attending to the sharded tokens
+            replicated.add(module)
         elif q in ("img", "joint") and k in (None, "txt"):
             local.add(module)  # cross-attention to text (or to a fixed set of tokens): stays local
         elif q in (None, "txt") and k in (None, "txt"):
@@ -150,6 +154,9 @@ def _find_stacks(model: nn.Module, traces: _Traces) -> tuple[list[_Stack], set[s
                                  f"keys following {k or 'no'} tokens; meshsp routes attention whose queries "
                                  "and keys are the same sharded sequence, and leaves text-only and "
                                  "image-to-text attention local.")
+    if replicated and not routed - replicated:
+        raise InferenceError(f"{name}: attention {sorted(replicated)} reads the image tokens as keys, but no "
+                             "attention runs over them as queries; nothing shards them.")
     if routed & local:
         raise InferenceError(f"{name}: modules {sorted(routed & local)} run both sequence-parallel and local attention.")
     if not routed:
@@ -157,7 +164,7 @@ def _find_stacks(model: nn.Module, traces: _Traces) -> tuple[list[_Stack], set[s
                              f"the image tokens (seen: {sorted(set(seen)) or 'none'}); the model attends another "
                              "way (linear attention, its own kernel) or over a padded fixed length.")
     order = [c.name for c in traces.runs[0].calls]
-    for module in sorted(routed, key=lambda m: order.index(m)):
+    for module in sorted(routed - replicated, key=lambda m: order.index(m)):
         found = _stack_of(model, module)
         if found is None:
             raise InferenceError(f"{name}: sequence-parallel attention '{module}' is not inside a block stack "
@@ -168,7 +175,11 @@ def _find_stacks(model: nn.Module, traces: _Traces) -> tuple[list[_Stack], set[s
             blocks = list(dict.fromkeys(n for n in order if re.fullmatch(rf"{re.escape(path)}\.\d+", n)))
             stacks[path] = _Stack(path, blocks, False)
         stacks[path].joint |= "joint" in kinds
-    return list(stacks.values()), routed
+    for module in replicated:
+        if (_stack_of(model, module) or ("",))[0] not in stacks:
+            raise InferenceError(f"{name}: attention '{module}' reads the sharded tokens as keys from outside "
+                                 "the block stacks that shard them.")
+    return list(stacks.values()), routed, replicated
 
 
 def _block_calls(traces: _Traces, block: str) -> list[int]:
@@ -257,7 +268,7 @@ def _candidates(model: nn.Module, traces: _Traces):
     """Plans to try, most likely first (joint side inputs image-first, then text-first)."""
     from meshsp.plans import Plan
 
-    stacks, routed = _find_stacks(model, traces)
+    stacks, routed, replicated = _find_stacks(model, traces)
     by_stack: dict[str, set[str]] = {}
     for module in routed:
         path, _ = _stack_of(model, module)
@@ -270,7 +281,11 @@ def _candidates(model: nn.Module, traces: _Traces):
             gather = entries.pop(f"{stack.path}.-1")
             styles.update(entries)
             for pattern in sorted({_pattern(m, stack.path) for m in by_stack[stack.path]}):
-                styles[pattern] = ParallelAttention()
+                whole = {m in replicated for m in by_stack[stack.path] if _pattern(m, stack.path) == pattern}
+                if len(whole) > 1:
+                    raise InferenceError(f"{type(model).__name__}: '{pattern}' has sharded queries in some blocks "
+                                         "and whole ones in others.")
+                styles[pattern] = ParallelAttention(queries="replicated" if whole.pop() else "sharded")
             styles[f"{stack.path}.-1"] = gather
         yield Plan(styles, model=type(model).__name__), routed
 
@@ -307,9 +322,9 @@ def _stand_in(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
 class _SDPA(TorchFunctionMode):
     """SDPA inside a module: the stand-in (routed attention), or the real kernel, recording lengths."""
 
-    def __init__(self, routed: bool, record: list) -> None:
+    def __init__(self, routed: bool, record: list, whole_queries: bool = False) -> None:
         super().__init__()
-        self.routed, self.record = routed, record
+        self.routed, self.record, self.whole_queries = routed, record, whole_queries
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -317,10 +332,10 @@ class _SDPA(TorchFunctionMode):
             return func(*args, **kwargs)
         names = ("query", "key", "value")
         q, k, v = (args[i] if i < len(args) else kwargs[n] for i, n in enumerate(names))
-        self.record.append((self.routed, q.shape[2], k.shape[2]))
+        self.record.append((self.routed and not self.whole_queries, q.shape[2], k.shape[2]))
         if self.routed:
             mask = args[3] if len(args) > 3 else kwargs.get("attn_mask")
-            return _stand_in(q, k, v, mask)
+            return _stand_in(q, k[:, :, :0] if self.whole_queries else k, v, mask)
         return func(*args, **kwargs)
 
 
@@ -359,15 +374,15 @@ def simulate(model: nn.Module, plan, inputs: dict, layouts=_LAYOUTS, output: Cal
     cast = {k: v.to(dtype) if isinstance(v, torch.Tensor) and v.is_floating_point() else
             [t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() else t for t in v]
             if isinstance(v, list) else v for k, v in inputs.items()}
-    routed = set() if probe else {n for p, s in plan.items() if isinstance(s, ParallelAttention)
-                                  for n in plan.matches(clean, p)}
+    routed = {} if probe else {n: s.queries == "replicated" for p, s in plan.items()
+                               if isinstance(s, ParallelAttention) for n in plan.matches(clean, p)}
     gathers = [(n, s) for p, s in plan.items() if isinstance(s, GatherSequence) for n in plan.matches(clean, p)]
 
     # Reference: the whole sequence, the same stand-in, the gathered modules' outputs recorded.
     ref_model = copy.deepcopy(clean)
     ref_attn: list = []
-    for name in routed:
-        _with_modes(ref_model.get_submodule(name), lambda: _SDPA(True, ref_attn))
+    for name, whole in routed.items():
+        _with_modes(ref_model.get_submodule(name), lambda whole=whole: _SDPA(True, ref_attn, whole))
     recorded: dict[str, list] = {n: [] for n, _ in gathers}
     for name, _ in gathers:
         ref_model.get_submodule(name).register_forward_hook(
@@ -406,8 +421,8 @@ def _simulate_rank(clean, plan, inputs, sp, routed, gathers, recorded, expected,
         if isinstance(style, ShardSequence):
             for name in plan.matches(model, path):
                 style.install(model.get_submodule(name), sp)
-    for name in routed:
-        _with_modes(model.get_submodule(name), lambda: _SDPA(True, attn))
+    for name, whole in routed.items():
+        _with_modes(model.get_submodule(name), lambda whole=whole: _SDPA(True, attn, whole))
     worst = [0.0]
     counters = {n: 0 for n, _ in gathers}
 
@@ -442,8 +457,9 @@ def _simulate_rank(clean, plan, inputs, sp, routed, gathers, recorded, expected,
         raise InferenceError(f"{where}: the final output differs from the unsharded run.")
     if len(attn) != len(ref_attn):
         raise InferenceError(f"{where}: {len(attn)} sequence-parallel attention calls, {len(ref_attn)} unsharded.")
-    for (_, q, k), (_, q_ref, k_ref) in zip(attn, ref_attn):
-        share.append(q / q_ref if q_ref else 0.0)
+    for (sharded, q, k), (_, q_ref, k_ref) in zip(attn, ref_attn):
+        if sharded:
+            share.append(q / q_ref if q_ref else 0.0)
         if k_ref and k == k_ref and sp.ring * sp.ulysses > 1 and k_ref >= sp.ring * sp.ulysses:
             raise InferenceError(f"{where}: routed attention got the whole key sequence ({k} tokens): its keys are not sharded.")
     return worst[0]
