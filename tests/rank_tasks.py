@@ -96,6 +96,29 @@ def comm_bytes(case: dict) -> dict:
             "coords": (mesh.get_local_rank("ring"), mesh.get_local_rank("ulysses"))}
 
 
+def replicated_parity(ring: int, ulysses: int, cases: list[dict]) -> list[dict]:
+    """Whole queries over keys sharded like a sequence: every rank gets the whole exact output."""
+    from meshsp.ops.replicated import replicated_query_attention
+
+    mesh = mesh_for(ring, ulysses)
+    r, u = mesh.get_local_rank("ring"), mesh.get_local_rank("ulysses")
+    groups = (mesh["ulysses"].get_group() if ulysses > 1 else None, mesh["ring"].get_group() if ring > 1 else None)
+    results = []
+    for case in cases:
+        q, k, v, mask = make_inputs(case)
+        expected = reference(q, k, v, mask)
+        layout = SeqLayout.from_global(k.shape[2], ring=ring, ulysses=ulysses)
+        lo, n = layout.offset(r, u), layout.local(r, u)
+        with record_comm() as stats:
+            out = replicated_query_attention(q, k.narrow(2, lo, n), v.narrow(2, lo, n),
+                                             None if mask is None else mask.narrow(1, lo, n), groups=groups)
+        tol = 1e-12 if q.dtype == torch.float64 else 2e-6
+        torch.testing.assert_close(out, expected, atol=tol, rtol=tol, msg=lambda m: f"{case}: {m}")
+        results.append({"bytes": stats.bytes_sent["all_reduce"], "calls": stats.calls["all_reduce"],
+                        "out": out.numel(), "itemsize": 8 if q.dtype == torch.float64 else 4})
+    return results
+
+
 _COPIES = {"copy_", "cat", "clone", "_to_copy", "index", "stack", "constant_pad_nd"}
 
 

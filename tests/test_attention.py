@@ -137,3 +137,19 @@ def test_strict_error_lists_working_degrees(pools):
 def test_world_size_mismatch_on_every_rank(pools):
     msgs = pools(2).run(rank_tasks.raises, "bad_world_size", 2, 2, timeout=60)
     assert all("world size is 2" in m and "= 4" in m for m in msgs), msgs
+
+
+@pytest.mark.parametrize("world,ring,ulysses", ALL, ids=[f"R{r}xU{u}" for _, r, u in ALL])
+def test_whole_queries_over_sharded_keys(pools, world, ring, ulysses):
+    """ParallelAttention(queries="replicated"): an unsharded stream (audio) attending to sharded
+    tokens; uneven and empty key shards, masks (a rank may hold only padding), GQA; bytes = theory:
+    per SP axis one all-reduce of the lse and one of the weighted output and weights."""
+    cases = [dict(B=2, H=4, D=16, Sq=5, Skv=23, mask=True, density=0.4, seed=20),
+             dict(B=1, H=6, Hk=2, D=8, Sq=3, Skv=2, seed=21),  # fewer keys than ranks: empty shards
+             dict(B=1, H=3, D=8, Sq=7, Skv=30, dtype=torch.float32, mask=True, seed=22)]
+    for res in pools(world).run(rank_tasks.replicated_parity, ring, ulysses, cases):
+        axes = (ring > 1) + (ulysses > 1)
+        for r, case in zip(res, cases):
+            b, h, sq = case["B"], case["H"], case["Sq"]
+            lse_bytes = b * h * sq * r["itemsize"]
+            assert r["calls"] == 2 * axes and r["bytes"] == axes * (lse_bytes + r["out"] * r["itemsize"] + lse_bytes), r
