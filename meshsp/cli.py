@@ -88,6 +88,18 @@ def _serve(args) -> int:
 def _plan(args) -> int:
     from meshsp.planner import MODELS, recommend, tokens
 
+    if args.infer:
+        return _infer_plan(args)
+    if args.coverage:
+        from meshsp.plans.coverage import coverage, markdown
+
+        rows = coverage()
+        print(markdown(rows))
+        dits = [r for c, r in rows.items() if c not in __import__("meshsp.zoo").zoo.NOT_DIT]
+        print(f"\n{sum(r.status != 'refused' for r in dits)} of {len(dits)} diffusion transformers have a plan.")
+        return 0
+    if not args.model:
+        raise SystemExit("meshsp plan: --model is required (or --infer / --coverage)")
     if args.check:
         return _check_plan(args)
     rows = recommend(args.model, args.hardware, args.width, args.height, args.gpus, frames=args.frames,
@@ -103,6 +115,45 @@ def _plan(args) -> int:
     best = rows[0]
     print(f"meshsp generate --model ... --cfg-parallel-size {best['cfg']} --ring-degree {best['ring']} "
           f"--ulysses-degree {best['ulysses']} --ulysses-mode {best['ulysses_mode']}")
+    return 0
+
+
+def _model_class(name_or_dir: str) -> str:
+    """A diffusers class name, or the class of a diffusers model (or pipeline) directory."""
+    import json
+    import pathlib
+
+    folder = pathlib.Path(name_or_dir)
+    if not folder.exists():
+        return name_or_dir
+    folder = folder / "transformer" if (folder / "transformer").is_dir() else folder
+    return json.loads((folder / "config.json").read_text())["_class_name"]
+
+
+def _infer_plan(args) -> int:
+    """Infer a plan for a class, verify it on 2 and 4 CPU ranks, write it as YAML."""
+    from meshsp.plans import infer_plan
+    from meshsp.plans.verify import verify
+    from meshsp.zoo import ZOO, build
+
+    cls = _model_class(args.infer)
+    if cls not in ZOO:
+        raise SystemExit(f"meshsp plan --infer: no tiny config for {cls!r} to trace; known: {sorted(ZOO)}. "
+                         "From Python: meshsp.plans.infer_plan(model, make_inputs).")
+    try:
+        plan = infer_plan(build(cls, heads=3))
+    except ValueError as exc:
+        raise SystemExit(f"meshsp plan --infer: refused: {exc}") from exc
+    print(f"{cls}: plan inferred; verifying on gloo ranks (tiny random weights, odd grid, batch 2):", file=sys.stderr)
+    for line in verify(cls, plan, layouts=((1, 2), (2, 2))):
+        print("  " + line, file=sys.stderr)
+    text = f"# Inferred by `meshsp plan --infer {cls}` and verified on 2 and 4 CPU ranks.\n" + plan.to_yaml()
+    if args.output:
+        with open(args.output, "w") as f:
+            f.write(text)
+        print(f"wrote {args.output}", file=sys.stderr)
+    else:
+        print(text)
     return 0
 
 
@@ -182,9 +233,16 @@ def build_parser() -> argparse.ArgumentParser:
                      help="seconds a collective may wait before the process group gives up")
     srv.set_defaults(func=_serve)
 
-    plan = sub.add_parser("plan", help="recommend ulysses/ring/cfg degrees, or --check a plan file")
-    plan.add_argument("--model", required=True, help="model family (qwen-image, flux, wan, ...), or with "
+    plan = sub.add_parser("plan", help="recommend ulysses/ring/cfg degrees; --check a plan file; --infer a "
+                          "plan for a diffusers class; --coverage of every class")
+    plan.add_argument("--model", help="model family (qwen-image, flux, wan, ...), or with "
                       "--check a tiny family or a diffusers model directory")
+    plan.add_argument("--infer", metavar="MODEL_DIR_OR_CLASS",
+                      help="infer a plan for this diffusers class (or model directory), verify it on 2 and 4 "
+                           "CPU ranks, print it as YAML (or write --output)")
+    plan.add_argument("--output", metavar="PLAN.yaml", help="with --infer: write the plan here")
+    plan.add_argument("--coverage", action="store_true",
+                      help="print which diffusers transformer classes have a plan (shipped, converted, inferred)")
     plan.add_argument("--width", type=int, default=1024)
     plan.add_argument("--height", type=int, default=1024)
     plan.add_argument("--frames", type=int, default=1)

@@ -277,30 +277,6 @@ def model_parity(family: str, ring: int, ulysses: int, mode: str, heads: int | N
     return {"diff": (out - expected).abs().max().item(), "calls": dict(stats.calls)}
 
 
-def zoo_parity(cls: str, ring: int, ulysses: int, mode: str, heads: int | None, grid: dict, tol: float = 1e-5) -> dict:
-    """A diffusers class at toy width, with the plan ``get_plan`` finds for it (shipped, converted
-    or inferred), applied by torch's ``parallelize_module``, equals the single-device output; its
-    attention really ran on about 1/P of the query tokens."""
-    from torch.distributed.tensor.parallel import parallelize_module
-
-    from meshsp.plans import get_plan
-    from meshsp.zoo import build, inputs_for, output_of
-
-    model = build(cls, heads=heads)
-    with torch.no_grad():
-        expected = output_of(model, model(**inputs_for(model, **grid)))
-    plan = get_plan(model, ulysses_mode=mode)
-    parallelize_module(model, mesh_for(ring, ulysses), plan)
-    with torch.no_grad(), record_comm() as stats:
-        out = output_of(model, model(**inputs_for(model, **grid)))
-    scale = expected.abs().max().item()
-    torch.testing.assert_close(out, expected, atol=tol * max(scale, 1.0), rtol=tol,
-                               msg=lambda m: f"{cls} R{ring}xU{ulysses} {mode} {grid}: {m}")
-    assert (stats.calls["all_to_all"] > 0) == (ulysses > 1) and (stats.calls["p2p"] > 0) == (ring > 1), stats.calls
-    local, total = plan.state.attention_tokens
-    return {"diff": (out - expected).abs().max().item(), "share": local / total, "scale": scale}
-
-
 def untouched_after_parallelize(family: str) -> bool:
     from meshsp.plans import parallelize
     from meshsp.tiny import build_transformer

@@ -7,10 +7,10 @@ refused class must be refused with a ``ValueError`` that says why.
 """
 
 import pytest
-import rank_tasks
 
 from meshsp.plans import get_plan
 from meshsp.plans.coverage import coverage
+from meshsp.plans.verify import parity
 from meshsp.zoo import NOT_DIT, ZOO, build
 
 TABLE = coverage()
@@ -19,16 +19,11 @@ REFUSED = sorted(c for c, row in TABLE.items() if row.status == "refused" and c 
 LAYOUTS = {"U2": (2, 1, 2), "R2": (2, 2, 1), "U2xR2": (4, 2, 2)}
 
 
-def _grid(cls: str) -> dict:
-    entry = ZOO[cls]
-    return dict(h=3, w=5, frames=2 if entry.video else 1, txt=7, batch=2, text_pad=2 if entry.text_mask else 0)
-
-
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 @pytest.mark.parametrize("cls", COVERED)
 def test_covered_class_parity(pools, cls, layout):
     world, ring, ulysses = LAYOUTS[layout]
-    results = pools(world).run(rank_tasks.zoo_parity, cls, ring, ulysses, "advanced_uaa", 3, _grid(cls))
+    results = pools(world).run(parity, cls, ring, ulysses)
     shares = [res["share"] for res in results]
     # Every query token attended on exactly one rank; no rank did more than 1.5x its part (uneven
     # shards of a 15-token image and a 7-token text).

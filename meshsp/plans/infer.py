@@ -370,7 +370,10 @@ def simulate(model: nn.Module, plan, inputs: dict, layouts=_LAYOUTS, output: Cal
     from meshsp.zoo import output_of
 
     output = output or (lambda result: output_of(model, result))
-    clean = copy.deepcopy(model).to(dtype).eval()
+    clean = copy.deepcopy(model).eval()
+    for t in itertools.chain(clean.parameters(), clean.buffers()):  # not .to(): diffusers warns on it
+        if t.is_floating_point():
+            t.data = t.data.to(dtype)
     cast = {k: v.to(dtype) if isinstance(v, torch.Tensor) and v.is_floating_point() else
             [t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() else t for t in v]
             if isinstance(v, list) else v for k, v in inputs.items()}
