@@ -233,17 +233,19 @@ def _stack_entries(model: nn.Module, traces: _Traces, stack: _Stack, joint_first
     flowing = _flowing(traces, stack, shard)
     streams = {els[0][0]: key for key, els in shard.items() if key in flowing and len(els) == 1}
 
-    def spec(kind, dim):
+    def spec(kind, dim, ndim):
+        """The traced rank is declared: a tensor of another rank in another mode of the model (a
+        per-frame modulation that is per-sample at other settings) passes through."""
         if dim is None:
             return None
         if kind == "joint" and "img" in streams and "txt" in streams:  # [img | txt] of separate streams
             img_key = f"{stack.path}.0:{streams['img']}"
-            return SeqDim(dim, None, (img_key, None) if joint_first == "img" else (None, img_key))
-        return dim
+            return SeqDim(dim, ndim, (img_key, None) if joint_first == "img" else (None, img_key))
+        return SeqDim(dim, ndim)
 
     first_in, every_in = {}, {}
     for key, elements in shard.items():
-        specs = [spec(kind, dim) for kind, dim in elements]
+        specs = [spec(kind, dim, len(shapes[key][i][0])) for i, (kind, dim) in enumerate(elements)]
         grouped = key in traces.runs[0].calls[first].grouped
         value = specs[0] if not grouped or len(set(map(str, specs))) == 1 else specs
         (first_in if key in flowing else every_in)[key] = value
