@@ -277,6 +277,36 @@ def model_parity(family: str, ring: int, ulysses: int, mode: str, heads: int | N
     return {"diff": (out - expected).abs().max().item(), "calls": dict(stats.calls)}
 
 
+def dtype_parity(family: str, ring: int, ulysses: int, dtype: torch.dtype, heads: int = 3) -> dict:
+    """Error against a float64 single-device reference: the SP run in ``dtype`` vs the
+    single-device run in ``dtype`` (same seeded weights and inputs)."""
+    from meshsp.plans import get_plan, parallelize
+    from meshsp.tiny import build_transformer, make_inputs, output_tensor
+
+    shapes = dict(h=3, w=5, txt=7, frames=1, batch=2, text_pad=2 if family in ("qwen-image", "ltx", "hunyuan-video") else 0)
+
+    def run(model, cast):
+        inputs = {k: v.to(cast) if isinstance(v, torch.Tensor) and v.is_floating_point() else
+                  [t.to(cast) for t in v] if isinstance(v, list) and v and isinstance(v[0], torch.Tensor) else v
+                  for k, v in make_inputs(family, model, **shapes).items()}
+        with torch.no_grad():
+            return output_tensor(model(**inputs)).double()
+
+    reference = run(build_transformer(family, heads=heads).double(), torch.float64)
+    single = run(build_transformer(family, heads=heads).to(dtype), dtype)
+    model = build_transformer(family, heads=heads).to(dtype)
+    parallelize(model, mesh_for(ring, ulysses), get_plan(model, ulysses_mode="advanced_uaa"))
+    with record_comm() as stats:
+        parallel = run(model, dtype)
+    assert (stats.calls["all_to_all"] > 0) == (ulysses > 1) and (stats.calls["p2p"] > 0) == (ring > 1), stats.calls
+
+    def rms(t):
+        return (t - reference).pow(2).mean().sqrt().item()
+
+    return {"single": rms(single), "parallel": rms(parallel), "scale": reference.abs().max().item(),
+            "single_max": (single - reference).abs().max().item(), "parallel_max": (parallel - reference).abs().max().item()}
+
+
 def untouched_after_parallelize(family: str) -> bool:
     from meshsp.plans import parallelize
     from meshsp.tiny import build_transformer
