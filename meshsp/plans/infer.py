@@ -245,7 +245,7 @@ def _stack_entries(model: nn.Module, traces: _Traces, stack: _Stack, joint_first
 
     first_in, every_in = {}, {}
     for key, elements in shard.items():
-        specs = [spec(kind, dim, len(shapes[key][i][0])) for i, (kind, dim) in enumerate(elements)]
+        specs = [spec(kind, dim, len(shapes[key][i][0]) if shapes[key][i] else None) for i, (kind, dim) in enumerate(elements)]
         grouped = key in traces.runs[0].calls[first].grouped
         value = specs[0] if not grouped or len(set(map(str, specs))) == 1 else specs
         (first_in if key in flowing else every_in)[key] = value
