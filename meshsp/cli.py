@@ -34,6 +34,12 @@ def add_generate_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output", default="output.png")
     parser.add_argument("--timeout", type=float, default=600.0,
                         help="seconds a collective may wait before the process group gives up")
+    add_dtype_arg(parser)
+
+
+def add_dtype_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--dtype", default=None, choices=["bfloat16", "float16", "float32"],
+                        help="weights and compute (default: bfloat16 on CUDA, float32 on CPU)")
 
 
 def run_generate(args) -> int:
@@ -49,7 +55,7 @@ def run_generate(args) -> int:
                             height=args.height, seed=args.seed, guidance_scale=args.guidance_scale,
                             negative_prompt=args.negative_prompt, num_frames=args.num_frames)
     t0 = time.perf_counter()
-    with Engine(args.model, config) as engine:
+    with Engine(args.model, config, dtype=args.dtype) as engine:
         load_s = time.perf_counter() - t0
         images = engine.generate(args.prompt, params)
         if images is None:  # not rank 0 under torchrun
@@ -61,7 +67,7 @@ def run_generate(args) -> int:
             images[0].save(args.output)
         cfg = f"cfg={config.cfg_degree}, " if config.cfg_degree > 1 else ""
         print(f"{engine.pipeline_class} on mesh ({cfg}ring={config.ring_degree}, ulysses={config.ulysses_degree}, "
-              f"mode={config.ulysses_mode}), {config.world_size} rank(s): load {load_s:.1f} s, "
+              f"mode={config.ulysses_mode}), {config.world_size} rank(s), {str(engine.dtype).removeprefix('torch.')}: load {load_s:.1f} s, "
               f"generate {engine.last_seconds:.2f} s = {engine.last_seconds / params.num_inference_steps * 1e3:.0f} ms "
               f"per step including text encoding and VAE decode ({params.num_inference_steps} steps, "
               f"{params.width}x{params.height}); wrote {args.output}")
@@ -81,7 +87,7 @@ def _serve(args) -> int:
                             ulysses_mode=args.ulysses_mode, cfg_degree=args.cfg_parallel_size, timeout_s=args.timeout)
     limits = Limits(max_size=args.max_size, max_n=args.max_n, max_steps=args.max_steps,
                     default_size=args.default_size, default_steps=args.default_steps)
-    serve(Engine(args.model, config), args.model, host=args.host, port=args.port, limits=limits)
+    serve(Engine(args.model, config, dtype=args.dtype), args.model, host=args.host, port=args.port, limits=limits)
     return 0
 
 
@@ -231,6 +237,7 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--default-steps", type=int, default=4)
     srv.add_argument("--timeout", type=float, default=600.0,
                      help="seconds a collective may wait before the process group gives up")
+    add_dtype_arg(srv)
     srv.set_defaults(func=_serve)
 
     plan = sub.add_parser("plan", help="recommend ulysses/ring/cfg degrees; --check a plan file; --infer a "

@@ -27,7 +27,25 @@ from meshsp.cfg import apply_cfg_parallel
 from meshsp.config import ParallelConfig
 from meshsp.launch import RankFailure, WorkerPool
 
-__all__ = ["Engine", "SamplingParams", "resolve_model"]
+__all__ = ["DTYPES", "Engine", "SamplingParams", "resolve_dtype", "resolve_model"]
+
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
+    """``None`` -> bfloat16 where CUDA is available, else float32; names or torch dtypes pass through.
+
+    Example::
+
+        resolve_dtype("bfloat16")   # torch.bfloat16
+    """
+    if dtype is None:
+        return torch.bfloat16 if torch.cuda.is_available() else torch.float32
+    if isinstance(dtype, torch.dtype) and dtype in DTYPES.values():
+        return dtype
+    if isinstance(dtype, str) and dtype in DTYPES:
+        return DTYPES[dtype]
+    raise ValueError(f"dtype must be one of {sorted(DTYPES)} (or None for bfloat16 on CUDA, float32 on CPU); got {dtype!r}.")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -71,7 +89,7 @@ def _rank() -> int:
 class _Runner:
     """One rank's pipeline, with its transformer parallelized."""
 
-    def __init__(self, model: str, config: ParallelConfig) -> None:
+    def __init__(self, model: str, config: ParallelConfig, dtype: torch.dtype = torch.float32) -> None:
         from diffusers import DiffusionPipeline
 
         from meshsp.mesh import init_sp_mesh
@@ -84,7 +102,8 @@ class _Runner:
 
             diffusers_logging.disable_progress_bar()
             transformers_logging.disable_progress_bar()
-        self.pipe = DiffusionPipeline.from_pretrained(resolve_model(model), dtype=torch.float32)
+        # diffusers keeps a model's _keep_in_fp32_modules in float32 whatever the dtype.
+        self.pipe = DiffusionPipeline.from_pretrained(resolve_model(model), dtype=dtype)
         self.mesh = None
         self.cfg_hook = None
         if config.world_size > 1:
@@ -168,9 +187,9 @@ def _check_cfg_pipeline(pipe) -> None:
 _RUNNER: _Runner | None = None  # the runner of a spawned worker process
 
 
-def _worker_load(model: str, config: ParallelConfig) -> dict:
+def _worker_load(model: str, config: ParallelConfig, dtype: torch.dtype) -> dict:
     global _RUNNER
-    _RUNNER = _Runner(model, config)
+    _RUNNER = _Runner(model, config, dtype)
     return _RUNNER.info()
 
 
@@ -181,30 +200,36 @@ def _worker_generate(prompts: list[str], params: SamplingParams):
 class Engine:
     """Generate with a diffusers pipeline whose transformer runs sequence-parallel.
 
+    ``dtype``: the pipeline's weights and compute, ``"bfloat16"``, ``"float16"`` or ``"float32"``
+    (default: bfloat16 where CUDA is available, float32 on CPU). Modules a diffusers model keeps in
+    float32 (``_keep_in_fp32_modules``) stay float32.
+
     Example::
 
-        engine = Engine(model="tiny-qwen-image", parallel_config=ParallelConfig(ulysses_degree=2))
+        engine = Engine(model="tiny-qwen-image", parallel_config=ParallelConfig(ulysses_degree=2), dtype="bfloat16")
         images = engine.generate("a cat on a windowsill", SamplingParams(num_inference_steps=4,
                                                                         width=256, height=256))
         engine.close()
     """
 
-    def __init__(self, model: str, parallel_config: ParallelConfig | None = None) -> None:
+    def __init__(self, model: str, parallel_config: ParallelConfig | None = None, *,
+                 dtype: str | torch.dtype | None = None) -> None:
         self.config = parallel_config or ParallelConfig()
         self.model = model
+        self.dtype = resolve_dtype(dtype)
         spmd = int(os.environ.get("WORLD_SIZE", "1")) > 1
         self._pool: WorkerPool | None = None
         self._runner: _Runner | None = None
         self.last_seconds = 0.0
         if spmd or self.config.world_size == 1:
-            self._runner = _Runner(model, self.config)
+            self._runner = _Runner(model, self.config, self.dtype)
             info = self._runner.info()
         else:
             model = resolve_model(model)  # build an embedded pipeline here, before any process group
             backend = "nccl" if torch.cuda.is_available() else "gloo"
             self._pool = WorkerPool(self.config.world_size, backend=backend, pg_timeout_s=self.config.timeout_s)
             try:
-                info = self._pool.run(_worker_load, model, self.config, timeout=self.config.timeout_s)[0]
+                info = self._pool.run(_worker_load, model, self.config, self.dtype, timeout=self.config.timeout_s)[0]
             except BaseException:
                 self._pool.close()
                 raise

@@ -82,3 +82,23 @@ def test_other_families_match_single_process(model, config, params):
     assert len(flat(got)) == len(flat(want)) == (5 if params.num_frames else 1)
     for g, w in zip(flat(got), flat(want)):
         assert np.abs(g - w).max() <= 1
+
+
+def test_bf16_generation_is_as_close_to_fp32_as_single_process_bf16(reference):
+    """The same request in bfloat16 (weights and compute), single process and U2xR2 UAA: the
+    parallel images are no further from the float32 images than the single-process bf16 ones."""
+    config = ParallelConfig(ulysses_degree=2, ring_degree=2, ulysses_mode="advanced_uaa")
+    with Engine("tiny-qwen-image", dtype="bfloat16") as engine:
+        single = [np.asarray(im).astype(float) for im in engine.generate(PROMPTS, PARAMS)]
+        assert engine.dtype == __import__("torch").bfloat16
+    with Engine("tiny-qwen-image", config, dtype="bfloat16") as engine:
+        parallel = [np.asarray(im).astype(float) for im in engine.generate(PROMPTS, PARAMS)]
+    for s, p, want in zip(single, parallel, reference):
+        err_single, err_parallel = np.abs(s - want).mean(), np.abs(p - want).mean()
+        assert err_parallel <= 1.5 * err_single + 0.5, (err_parallel, err_single)
+        assert np.abs(p - s).mean() <= 2.0, np.abs(p - s).mean()  # levels of 255
+
+
+def test_bad_dtype_is_refused():
+    with pytest.raises(ValueError, match="dtype must be one of"):
+        Engine("tiny-qwen-image", dtype="float8")
