@@ -1,4 +1,4 @@
-"""``meshsp`` command line: ``demo``, ``generate``, ``serve``, ``bench``."""
+"""``meshsp`` command line: ``demo``, ``selftest``, ``generate``, ``serve``, ``plan``, ``bench``."""
 
 from __future__ import annotations
 
@@ -6,6 +6,12 @@ import argparse
 import sys
 
 __all__ = ["main"]
+
+
+def _selftest(args) -> int:
+    from meshsp.selftest import run
+
+    return run(device=args.device, pipelines=not args.kernels_only)
 
 
 def _demo(args) -> int:
@@ -212,6 +218,11 @@ def _bench(args) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="meshsp", description="Sequence parallelism for diffusion transformers.")
     sub = parser.add_subparsers(dest="command", required=True)
+
+    st = sub.add_parser("selftest", help="the attention kernel's paths and the tiny pipelines on one device")
+    st.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    st.add_argument("--kernels-only", action="store_true", help="skip the pipeline generations")
+    st.set_defaults(func=_selftest)
 
     demo = sub.add_parser("demo", help="SP attention on 4 CPU ranks vs the single-device result")
     demo.add_argument("--seq", type=int, default=2053)

@@ -89,7 +89,8 @@ def _rank() -> int:
 class _Runner:
     """One rank's pipeline, with its transformer parallelized."""
 
-    def __init__(self, model: str, config: ParallelConfig, dtype: torch.dtype = torch.float32) -> None:
+    def __init__(self, model: str, config: ParallelConfig, dtype: torch.dtype = torch.float32,
+                 device: str = "cpu") -> None:
         from diffusers import DiffusionPipeline
 
         from meshsp.mesh import init_sp_mesh
@@ -106,10 +107,10 @@ class _Runner:
         self.pipe = DiffusionPipeline.from_pretrained(resolve_model(model), dtype=dtype)
         self.mesh = None
         self.cfg_hook = None
+        if device == "cuda":
+            self.pipe.to(torch.device("cuda", torch.cuda.current_device()))
         if config.world_size > 1:
             self.mesh = init_sp_mesh(config)
-            if self.mesh.device_type == "cuda":
-                self.pipe.to(torch.device("cuda", torch.cuda.current_device()))
             for name in ("transformer", "transformer_2"):  # Wan 2.2 has two experts
                 model = getattr(self.pipe, name, None)
                 if model is None:
@@ -187,9 +188,9 @@ def _check_cfg_pipeline(pipe) -> None:
 _RUNNER: _Runner | None = None  # the runner of a spawned worker process
 
 
-def _worker_load(model: str, config: ParallelConfig, dtype: torch.dtype) -> dict:
+def _worker_load(model: str, config: ParallelConfig, dtype: torch.dtype, device: str) -> dict:
     global _RUNNER
-    _RUNNER = _Runner(model, config, dtype)
+    _RUNNER = _Runner(model, config, dtype, device)
     return _RUNNER.info()
 
 
@@ -202,7 +203,8 @@ class Engine:
 
     ``dtype``: the pipeline's weights and compute, ``"bfloat16"``, ``"float16"`` or ``"float32"``
     (default: bfloat16 where CUDA is available, float32 on CPU). Modules a diffusers model keeps in
-    float32 (``_keep_in_fp32_modules``) stay float32.
+    float32 (``_keep_in_fp32_modules``) stay float32. ``device``: ``"cuda"`` (each rank its current
+    GPU; the default where CUDA is available) or ``"cpu"``.
 
     Example::
 
@@ -213,23 +215,27 @@ class Engine:
     """
 
     def __init__(self, model: str, parallel_config: ParallelConfig | None = None, *,
-                 dtype: str | torch.dtype | None = None) -> None:
+                 dtype: str | torch.dtype | None = None, device: str | None = None) -> None:
         self.config = parallel_config or ParallelConfig()
         self.model = model
         self.dtype = resolve_dtype(dtype)
+        self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        if self.device not in ("cpu", "cuda") or (self.device == "cuda" and not torch.cuda.is_available()):
+            raise ValueError(f"device must be 'cpu' or 'cuda' (with CUDA available); got {device!r}.")
         spmd = int(os.environ.get("WORLD_SIZE", "1")) > 1
         self._pool: WorkerPool | None = None
         self._runner: _Runner | None = None
         self.last_seconds = 0.0
         if spmd or self.config.world_size == 1:
-            self._runner = _Runner(model, self.config, self.dtype)
+            self._runner = _Runner(model, self.config, self.dtype, self.device)
             info = self._runner.info()
         else:
             model = resolve_model(model)  # build an embedded pipeline here, before any process group
-            backend = "nccl" if torch.cuda.is_available() else "gloo"
+            backend = "nccl" if self.device == "cuda" else "gloo"
             self._pool = WorkerPool(self.config.world_size, backend=backend, pg_timeout_s=self.config.timeout_s)
             try:
-                info = self._pool.run(_worker_load, model, self.config, self.dtype, timeout=self.config.timeout_s)[0]
+                info = self._pool.run(_worker_load, model, self.config, self.dtype, self.device,
+                                      timeout=self.config.timeout_s)[0]
             except BaseException:
                 self._pool.close()
                 raise
