@@ -388,6 +388,14 @@ def _key_padding(mask: torch.Tensor | None, q: torch.Tensor, k: torch.Tensor, wh
     return mask[:, 0, 0, :].expand(b, s_k)
 
 
+def check_call(where: str, query, key, dropout_p: float, is_causal: bool, enable_gqa: bool) -> None:
+    """The SDPA arguments SP attention takes (shared with plan simulation, ``meshsp.plans.infer``)."""
+    if dropout_p != 0.0 or is_causal:
+        raise ValueError(f"{where}: dropout_p={dropout_p}, is_causal={is_causal}; SP attention needs 0 and False.")
+    if query.shape[1] != key.shape[1] and not enable_gqa:
+        raise ValueError(f"{where}: {query.shape[1]} query vs {key.shape[1]} key heads without enable_gqa=True.")
+
+
 class _RouteAttention(TorchFunctionMode):
     def __init__(self, style: ParallelAttention, sp: SPMesh) -> None:
         super().__init__()
@@ -426,14 +434,7 @@ class ParallelAttention(_Bound):
     def attention(self, sp: SPMesh, query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False,
                   scale=None, enable_gqa=False):
         where = f"plan '{self.key}'"
-        if dropout_p != 0.0 or is_causal:
-            raise ValueError(f"{where}: dropout_p={dropout_p}, is_causal={is_causal}; SP attention needs 0 and False.")
-        if query.shape[1] != key.shape[1] and not enable_gqa:
-            raise ValueError(f"{where}: {query.shape[1]} query vs {key.shape[1]} key heads without enable_gqa=True.")
-        if self.queries == "replicated":
-            mask = _key_padding(attn_mask, query, key, where)  # shapes shared by every rank: no agreement needed
-            return replicated_query_attention(query, key, value, mask, groups=(sp.ulysses_group, sp.ring_group),
-                                              scale=scale)
+        check_call(where, query, key, dropout_p, is_causal, enable_gqa)
         if _plain_key_padding(attn_mask, key):
             mask = _key_padding(attn_mask, query, key, where)
         else:
@@ -446,6 +447,13 @@ class ParallelAttention(_Bound):
                 error = str(exc)
             agree(where, "attention mask", error, (sp.ulysses_group, sp.ring_group), sp.device)
         lens = self.state.rank_lens(sp, self.key, (query.shape[2], key.shape[2]))
+        if self.queries == "replicated":
+            q_lens = sorted({n[0] for row in lens for n in row})
+            if len(q_lens) > 1:  # every rank sees the same exchanged lengths: all raise together
+                raise ValueError(f"{where}: queries='replicated' but the ranks hold {q_lens} query tokens: the queries "
+                                 "are sharded; route this attention with queries='sharded'.")
+            return replicated_query_attention(query, key, value, mask, groups=(sp.ulysses_group, sp.ring_group),
+                                              scale=scale)
         q_layout = SeqLayout(tuple(tuple(n[0] for n in row) for row in lens))
         kv_layout = SeqLayout(tuple(tuple(n[1] for n in row) for row in lens))
         self.state.attention_tokens[0] += query.shape[2]

@@ -125,3 +125,45 @@ def test_simulation_catches_a_plan_that_leaves_rope_whole():
                  "blocks.-1": GatherSequence(outputs={0: 1})})
     with pytest.raises(InferenceError, match="raised RuntimeError"):
         simulate(model, plan, inputs_for(model, h=3, w=5, frames=2, txt=7, batch=2))
+
+
+def _flux_plan_with(change):
+    model = build("FluxTransformer2DModel", heads=3)
+    data = infer_plan(model).to_dict()
+    change(data["plan"])
+    return model, Plan.from_dict(data)
+
+
+def test_simulation_catches_a_missing_gather():
+    """Without the text stream's gather, the next stack would shard an already sharded stream."""
+    model, plan = _flux_plan_with(lambda p: p["transformer_blocks.-1"]["outputs"].pop(0))
+    with pytest.raises(InferenceError):
+        simulate(model, plan, inputs_for(model, h=3, w=5, txt=7, batch=2))
+
+
+def test_simulation_catches_whole_queries_that_are_sharded():
+    def replicate(p):
+        p["transformer_blocks.*.attn"]["queries"] = "replicated"
+
+    model, plan = _flux_plan_with(replicate)
+    with pytest.raises(InferenceError, match="queries are sharded"):
+        simulate(model, plan, inputs_for(model, h=3, w=5, txt=7, batch=2))
+
+
+def test_simulation_catches_a_key_table_out_of_step():
+    """The joint RoPE table sharded image-first while the model puts the text first: refused."""
+    def swap(p):
+        spec = p["transformer_blocks.*"]["inputs"]["image_rotary_emb"]
+        spec["segments"] = list(reversed(spec["segments"]))
+
+    model, plan = _flux_plan_with(swap)
+    with pytest.raises(InferenceError, match="differs from its slice"):
+        simulate(model, plan, inputs_for(model, h=3, w=5, txt=7, batch=2))
+
+
+def test_building_a_tiny_model_leaves_the_callers_random_state_alone():
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    build("FluxTransformer2DModel")
+    assert torch.equal(torch.rand(3), expected)

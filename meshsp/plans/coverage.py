@@ -52,11 +52,12 @@ def coverage() -> dict[str, Row]:
     from meshsp.zoo import diffusers_transformer_classes
 
     quiet = logging.getLogger("meshsp.plans.cp_plan")
-    level, quiet.level = quiet.level, logging.WARNING
+    level = quiet.level
+    quiet.setLevel(logging.WARNING)  # the repairs are reported in the table's status, not logged per class
     try:
         return {cls: _row(cls) for cls in diffusers_transformer_classes()}
     finally:
-        quiet.level = level
+        quiet.setLevel(level)
 
 
 def markdown(rows: dict[str, Row]) -> str:

@@ -214,7 +214,10 @@ def plan_from_cp_plan(model: nn.Module, *, ulysses_mode: str = "strict", make_in
         for module, outs in missing.items():
             log.info("%s: its _cp_plan leaves the output of '%s' (a sequence) whole; sharded %s", name, module, outs)
         styles = {**{m: None for m in missing}, **styles}
-        styles.update({m: ShardSequence(outputs=o) for m, o in missing.items()})
+        for m, outs in missing.items():  # merged into an entry the plan has (one whose outputs slipped through)
+            old = styles[m]
+            inputs = old.inputs if isinstance(old, ShardSequence) else None
+            styles[m] = ShardSequence(inputs=inputs, outputs={**(old.outputs if old is not None else {}), **outs})
         try:
             routed = _sharded_keys(probe, Plan(dict(styles)), traces, batch2)
         except ValueError as second:

@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
 from meshsp.plans.trace import Trace, kind_of, trace
-from meshsp.styles import GatherSequence, ParallelAttention, SeqDim, ShardSequence, SPMesh
+from meshsp.styles import GatherSequence, ParallelAttention, SeqDim, ShardSequence, SPMesh, _key_padding, check_call
 
 __all__ = ["InferenceError", "infer_plan", "simulate"]
 
@@ -124,8 +124,8 @@ class _Traces:
         """(module, query kind, key kind) of each attention call of the base run."""
         rows = []
         for calls in zip(*(run.attention for run in self.runs)):
-            q = self.kind(tuple(c.q[2:3] for c in calls))[0]
-            k = self.kind(tuple(c.k[2:3] for c in calls))[0]
+            q = self.kind(tuple(c.q[-2:-1] for c in calls))[0]
+            k = self.kind(tuple(c.k[-2:-1] for c in calls))[0]
             rows.append((calls[0].module, q, k))
         return rows
 
@@ -134,7 +134,7 @@ def _find_stacks(model: nn.Module, traces: _Traces) -> tuple[list[_Stack], set[s
     """The block stacks holding sequence-parallel attention, the attention modules to route, and
     those of them whose queries stay whole (``ParallelAttention(queries="replicated")``)."""
     name = type(model).__name__
-    routed, local, replicated = set(), set(), set()
+    routed, local, replicated, text_queries = set(), set(), set(), set()
     stacks: dict[str, _Stack] = {}
     seq = ("img", "joint")
     seen = []
@@ -145,6 +145,8 @@ def _find_stacks(model: nn.Module, traces: _Traces) -> tuple[list[_Stack], set[s
         elif q in (None, "txt") and k in seq:
             routed.add(module)  # a stream left whole attending to the sharded tokens
             replicated.add(module)
+            if q == "txt":
+                text_queries.add(module)
         elif q in ("img", "joint") and k in (None, "txt"):
             local.add(module)  # cross-attention to text (or to a fixed set of tokens): stays local
         elif q in (None, "txt") and k in (None, "txt"):
@@ -173,8 +175,15 @@ def _find_stacks(model: nn.Module, traces: _Traces) -> tuple[list[_Stack], set[s
         kinds = {kind for m, q, k in traces.attention_kinds() if m == module for kind in (q, k)}
         if path not in stacks:
             blocks = list(dict.fromkeys(n for n in order if re.fullmatch(rf"{re.escape(path)}\.\d+", n)))
+            last = f"{path}.{len(model.get_submodule(path)) - 1}"
+            if blocks[0] != f"{path}.0" or blocks[-1] != last:
+                raise InferenceError(f"{name}: the blocks of '{path}' run from '{blocks[0]}' to '{blocks[-1]}', not "
+                                     f"from '{path}.0' to '{last}'; the plan shards at the first and gathers after the last.")
             stacks[path] = _Stack(path, blocks, False)
         stacks[path].joint |= "joint" in kinds
+    for module in text_queries:  # text is sharded in a joint stack: its queries are too
+        if stacks.get((_stack_of(model, module) or ("",))[0], _Stack("", [], False)).joint:
+            replicated.discard(module)
     for module in replicated:
         if (_stack_of(model, module) or ("",))[0] not in stacks:
             raise InferenceError(f"{name}: attention '{module}' reads the sharded tokens as keys from outside "
@@ -231,7 +240,13 @@ def _stack_entries(model: nn.Module, traces: _Traces, stack: _Stack, joint_first
         if any(d is not None for d in dims):
             shard[key] = [(kind if d is not None else None, d) for (kind, _), d in zip(elements, dims)]
     flowing = _flowing(traces, stack, shard)
-    streams = {els[0][0]: key for key, els in shard.items() if key in flowing and len(els) == 1}
+    streams: dict[str, str] = {}
+    for key, els in shard.items():
+        if key in flowing and len(els) == 1:
+            if els[0][0] in streams:
+                raise InferenceError(f"{name}: '{stack.blocks[0]}' takes two {els[0][0]} streams ('{streams[els[0][0]]}', "
+                                     f"'{key}'); which one a joint table follows is ambiguous.")
+            streams[els[0][0]] = key
 
     def spec(kind, dim, ndim):
         """The traced rank is declared: a tensor of another rank in another mode of the model (a
@@ -267,7 +282,7 @@ def _stack_entries(model: nn.Module, traces: _Traces, stack: _Stack, joint_first
 
 
 def _candidates(model: nn.Module, traces: _Traces):
-    """Plans to try, most likely first (joint side inputs image-first, then text-first)."""
+    """Plans to try, most likely first: each stack's joint side inputs image-first or text-first."""
     from meshsp.plans import Plan
 
     stacks, routed, replicated = _find_stacks(model, traces)
@@ -275,10 +290,10 @@ def _candidates(model: nn.Module, traces: _Traces):
     for module in routed:
         path, _ = _stack_of(model, module)
         by_stack.setdefault(path, set()).add(module)
-    has_joint = any(s.joint for s in stacks)
-    for order in (("img", "txt") if has_joint else ("img",)):
+    orders = [("img", "txt") if stack.joint else ("img",) for stack in stacks]
+    for choice in itertools.product(*orders):
         styles: dict[str, object] = {}
-        for stack in stacks:
+        for stack, order in zip(stacks, choice):
             entries = _stack_entries(model, traces, stack, order)
             gather = entries.pop(f"{stack.path}.-1")
             styles.update(entries)
@@ -289,7 +304,7 @@ def _candidates(model: nn.Module, traces: _Traces):
                                          "and whole ones in others.")
                 styles[pattern] = ParallelAttention(queries="replicated" if whole.pop() else "sharded")
             styles[f"{stack.path}.-1"] = gather
-        yield Plan(styles, model=type(model).__name__), routed
+        yield Plan(styles, model=type(model).__name__)
 
 
 # --- simulation ---------------------------------------------------------------------------------
@@ -303,26 +318,24 @@ class _SimSP(SPMesh):
         self.ring_group = self.ulysses_group = None
 
 
-def _stand_in(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    """Token-local stand-in for attention: row i of the output depends on row i of q (and, when
-    queries and keys are the same tokens, on row i of v and key i's mask bit, so that a mask
-    sharded out of step with its tokens shows)."""
+def _stand_in(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+              whole_queries: bool) -> torch.Tensor:
+    """Token-local stand-in for attention: row i of the output depends on row i of q and, when
+    queries and keys are the same tokens, on row i of k and v and key i's mask bit (so a key table
+    or a mask sharded out of step with its tokens shows). Whole queries read q only."""
     out = q.mean(-1, keepdim=True).expand(*q.shape[:-1], v.shape[-1])
-    if mask is not None:
-        if mask.dim() != 4 or mask.shape[2] != 1 or mask.shape[3] != k.shape[2]:
-            raise InferenceError(f"attention gets a mask of shape {tuple(mask.shape)} for {k.shape[2]} local keys: "
-                                 "sequence-parallel attention takes key-padding masks [B, 1, 1, S_k] sharded "
-                                 "like the keys.")
-    if q.shape[2] == k.shape[2]:
-        out = out + v.repeat_interleave(q.shape[1] // v.shape[1], dim=1)
+    if not whole_queries and q.shape[2] == k.shape[2]:
+        group = q.shape[1] // k.shape[1]
+        out = out + v.repeat_interleave(group, dim=1) + k.mean(-1, keepdim=True).repeat_interleave(group, dim=1)
         if mask is not None:
-            keep = mask if mask.dtype == torch.bool else mask == 0
-            out = out + keep[:, :1, 0, :, None].to(out.dtype)
+            out = out + mask[:, None, :, None].to(out.dtype)
     return out
 
 
 class _SDPA(TorchFunctionMode):
-    """SDPA inside a module: the stand-in (routed attention), or the real kernel, recording lengths."""
+    """SDPA inside a module: the stand-in (routed attention), or the real kernel, recording lengths.
+
+    Routed calls get the checks ``ParallelAttention`` makes (arguments, key-padding masks)."""
 
     def __init__(self, routed: bool, record: list, whole_queries: bool = False) -> None:
         super().__init__()
@@ -332,13 +345,19 @@ class _SDPA(TorchFunctionMode):
         kwargs = kwargs or {}
         if func is not F.scaled_dot_product_attention:
             return func(*args, **kwargs)
-        names = ("query", "key", "value")
-        q, k, v = (args[i] if i < len(args) else kwargs[n] for i, n in enumerate(names))
-        self.record.append((self.routed and not self.whole_queries, q.shape[2], k.shape[2]))
-        if self.routed:
-            mask = args[3] if len(args) > 3 else kwargs.get("attn_mask")
-            return _stand_in(q, k[:, :, :0] if self.whole_queries else k, v, mask)
-        return func(*args, **kwargs)
+        names = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
+        call = dict(zip(names, args), **kwargs)
+        q, k, v = call["query"], call["key"], call["value"]
+        self.record.append((self.routed and not self.whole_queries, q.shape[-2], k.shape[-2]))
+        if not self.routed:
+            return func(*args, **kwargs)
+        try:
+            check_call("attention", q, k, call.get("dropout_p", 0.0), call.get("is_causal", False),
+                       call.get("enable_gqa", False))
+            mask = _key_padding(call.get("attn_mask"), q, k, "attention")
+        except ValueError as exc:
+            raise InferenceError(str(exc)) from exc
+        return _stand_in(q, k, v, mask, self.whole_queries)
 
 
 def _with_modes(module: nn.Module, make: Callable[[], TorchFunctionMode]) -> None:
@@ -396,9 +415,9 @@ def simulate(model: nn.Module, plan, inputs: dict, layouts=_LAYOUTS, output: Cal
     try:
         with torch.no_grad(), _SDPA(False, ref_all):
             expected = output(ref_model(**cast))
-    except RuntimeError:
-        if dtype == torch.float32:
-            raise
+    except RuntimeError as exc:
+        if dtype == torch.float32 or not re.search(r"dtype|Double|Float", str(exc)):
+            raise InferenceError(f"the unsharded model does not run in the simulation: {exc}"[:600]) from exc
         return simulate(model, plan, inputs, layouts, output, probe, torch.float32)
     inputs = cast
     tol = 1e-9 if dtype == torch.float64 else 1e-4
@@ -444,7 +463,9 @@ def _simulate_rank(clean, plan, inputs, sp, routed, gathers, recorded, expected,
                                      f"(shape {tuple(local.shape)} vs {tuple(want.shape)}, max diff {diff}): the "
                                      "blocks mix tokens outside attention, or a sequence input is not sharded like its tokens.")
             worst[0] = max(worst[0], (local - want).abs().max().item() if local.numel() else 0.0)
-        return full[0] if isinstance(out, torch.Tensor) else type(out)(full)
+        if isinstance(out, torch.Tensor):
+            return full[0]
+        return type(out)(full[i] if i in style.outputs else t for i, t in enumerate(mine))
 
     for name, style in gathers:
         model.get_submodule(name).register_forward_hook(
@@ -462,10 +483,16 @@ def _simulate_rank(clean, plan, inputs, sp, routed, gathers, recorded, expected,
         raise InferenceError(f"{where}: the final output differs from the unsharded run.")
     if len(attn) != len(ref_attn):
         raise InferenceError(f"{where}: {len(attn)} sequence-parallel attention calls, {len(ref_attn)} unsharded.")
+    degree = sp.ring * sp.ulysses
     for (sharded, q, k), (_, q_ref, k_ref) in zip(attn, ref_attn):
         if sharded:
             share.append(q / q_ref if q_ref else 0.0)
-        if k_ref and k == k_ref and sp.ring * sp.ulysses > 1 and k_ref >= sp.ring * sp.ulysses:
+        elif q != q_ref:
+            raise InferenceError(f"{where}: attention routed with whole queries got {q} of {q_ref} query tokens: "
+                                 "its queries are sharded.")
+        if sharded and q_ref >= degree and q == q_ref:
+            raise InferenceError(f"{where}: sequence-parallel attention got all {q} query tokens: its queries are not sharded.")
+        if k_ref and k == k_ref and degree > 1 and k_ref >= degree:
             raise InferenceError(f"{where}: routed attention got the whole key sequence ({k} tokens): its keys are not sharded.")
     return worst[0]
 
@@ -497,7 +524,7 @@ def infer_plan(model: nn.Module, make_inputs: Callable[..., dict] | None = None,
     model = model.eval()
     traces = _Traces(model, make_inputs, video, bool(entry and entry.square), bool(entry and entry.text_mask))
     failures = []
-    for plan, _ in _candidates(model, traces):
+    for plan in _candidates(model, traces):
         if not verify:
             return Plan.from_dict(plan.to_dict(), ulysses_mode=ulysses_mode)
         try:

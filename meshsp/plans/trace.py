@@ -95,6 +95,7 @@ def trace(model: nn.Module, inputs: dict, *, img_tokens: int, txt_tokens: int) -
     attention: list[AttentionCall] = []
     keep: list = []
     stack: list[str] = []
+    open_calls: dict[str, list[Call]] = {}
     attn_names = {n for n, m in model.named_modules() if hasattr(m, "processor")}
     handles = []
     for name, module in model.named_modules():
@@ -111,10 +112,10 @@ def trace(model: nn.Module, inputs: dict, *, img_tokens: int, txt_tokens: int) -
                     call.grouped.add(key)
             calls.append(call)
             stack.append(name)
-            mod._meshsp_trace_call = call
+            open_calls.setdefault(name, []).append(call)
 
         def post(mod, args, kwargs, output, name=name):
-            call = mod._meshsp_trace_call
+            call = open_calls[name].pop()
             items = [output] if isinstance(output, torch.Tensor) else list(output) if isinstance(output, (tuple, list)) \
                 else [output.sample] if hasattr(output, "sample") else []
             for i, value in enumerate(items):
@@ -131,8 +132,6 @@ def trace(model: nn.Module, inputs: dict, *, img_tokens: int, txt_tokens: int) -
     finally:
         for h in handles:
             h.remove()
-        for module in model.modules():
-            module.__dict__.pop("_meshsp_trace_call", None)
     return Trace(calls, attention, img_tokens, txt_tokens, keep)
 
 

@@ -101,10 +101,11 @@ def build(cls: str, *, heads: int | None = None, seed: int = 0, **overrides) -> 
         config.update(entry.heads(heads))
     config.update(overrides)
     klass = getattr(importlib.import_module("diffusers"), cls)
-    torch.manual_seed(seed)
-    model = klass(**config).eval()
-    if "init" in entry.extra:
-        entry.extra["init"](model)
+    with torch.random.fork_rng(devices=[]):  # the caller's random state is left as it was
+        torch.manual_seed(seed)
+        model = klass(**config).eval()
+        if "init" in entry.extra:
+            entry.extra["init"](model)
     _wake_zero_layers(model, seed)
     return model
 
