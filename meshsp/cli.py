@@ -100,14 +100,19 @@ def _serve(args) -> int:
 def _plan(args) -> int:
     from meshsp.planner import MODELS, recommend, tokens
 
+    if args.output and not args.infer:
+        raise SystemExit("meshsp plan: --output goes with --infer")
+    if args.infer and args.coverage:
+        raise SystemExit("meshsp plan: --infer and --coverage are separate runs; give one")
     if args.infer:
         return _infer_plan(args)
     if args.coverage:
         from meshsp.plans.coverage import coverage, markdown
+        from meshsp.zoo import NOT_DIT
 
         rows = coverage()
         print(markdown(rows))
-        dits = [r for c, r in rows.items() if c not in __import__("meshsp.zoo").zoo.NOT_DIT]
+        dits = [r for c, r in rows.items() if c not in NOT_DIT]
         print(f"\n{sum(r.status != 'refused' for r in dits)} of {len(dits)} diffusion transformers have a plan.")
         return 0
     if not args.model:
@@ -157,7 +162,13 @@ def _infer_plan(args) -> int:
     except ValueError as exc:
         raise SystemExit(f"meshsp plan --infer: refused: {exc}") from exc
     print(f"{cls}: plan inferred; verifying on gloo ranks (tiny random weights, odd grid, batch 2):", file=sys.stderr)
-    for line in verify(cls, plan, layouts=((1, 2), (2, 2))):
+    from meshsp.launch import RankFailure
+
+    try:
+        lines = verify(cls, plan, layouts=((1, 2), (2, 2)))
+    except RankFailure as exc:
+        raise SystemExit(f"meshsp plan --infer: the inferred plan fails on gloo ranks: {exc}") from exc
+    for line in lines:
         print("  " + line, file=sys.stderr)
     text = f"# Inferred by `meshsp plan --infer {cls}` and verified on 2 and 4 CPU ranks.\n" + plan.to_yaml()
     if args.output:

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from diffusers.models._modeling_parallel import ContextParallelInput, ContextParallelOutput
 
 from meshsp.plans import Plan, infer_plan, plan_from_cp_plan
-from meshsp.plans.infer import InferenceError, simulate
+from meshsp.plans.simulate import InferenceError, simulate
 from meshsp.plans.trace import kind_of
 from meshsp.styles import GatherSequence, ParallelAttention, ShardSequence
 from meshsp.zoo import build, inputs_for

@@ -42,7 +42,7 @@ def replicated_query_attention(q, k, v, mask_BSk=None, *, groups, scale=None) ->
     acc = out.to(lse.dtype)
     for group in (g for g in groups if g is not None):
         top = _all_reduce(lse, "max", group)
-        safe = torch.where(torch.isinf(top), 0.0, top)
+        safe = torch.where(torch.isneginf(top), 0.0, top)
         weight = torch.exp(lse - safe)  # 0 where this rank had no keys (lse = -inf)
         packed = _all_reduce(torch.cat([acc * weight[..., None], weight[..., None]], dim=-1), "sum", group)
         total = packed[..., -1:]

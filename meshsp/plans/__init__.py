@@ -92,6 +92,7 @@ class Plan(ParallelStyle, dict):
                  model: str | None = None, optional: set[str] | None = None) -> None:
         dict.__init__(self, styles)
         self.model = model
+        self.source: str | None = None  # set by get_plan: "shipped", "converted" or "inferred"
         self.optional = set(optional or ())
         self.state = PlanState(ulysses_mode)
         for path, style in self.items():
@@ -233,15 +234,15 @@ def get_plan(transformer: nn.Module, *, ulysses_mode: str = "strict") -> Plan:
     reasons = []
     plan = None
     if name in available_plans():
-        plan = load_plan(name, ulysses_mode=ulysses_mode)
+        plan, plan.source = load_plan(name, ulysses_mode=ulysses_mode), "shipped"
     elif getattr(transformer, "_cp_plan", None):
         try:
-            plan = plan_from_cp_plan(transformer, ulysses_mode=ulysses_mode)
+            plan, plan.source = plan_from_cp_plan(transformer, ulysses_mode=ulysses_mode), "converted"
         except ValueError as exc:
             reasons.append(f"its _cp_plan: {exc}")
     if plan is None and name in ZOO:
         try:
-            plan = infer_plan(build(name, heads=3), ulysses_mode=ulysses_mode)
+            plan, plan.source = infer_plan(build(name, heads=3), ulysses_mode=ulysses_mode), "inferred"
         except ValueError as exc:
             reasons.append(f"inference: {exc}")
     if plan is None:

@@ -8,7 +8,6 @@ run every covered class on gloo ranks against the single-device output.
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 
 __all__ = ["Row", "coverage", "markdown"]
@@ -22,42 +21,25 @@ class Row:
 
 
 def _row(cls: str) -> Row:
-    from meshsp.plans import available_plans, get_plan
+    from meshsp.plans import get_plan
     from meshsp.zoo import NOT_DIT, REFUSED, ZOO, build
 
     if cls in NOT_DIT:
         return Row(cls, "refused", NOT_DIT[cls])
     if cls not in ZOO:
         return Row(cls, "refused", REFUSED.get(cls, "no tiny config"))
-    model = build(cls, heads=3)
     try:
-        get_plan(model)
+        plan = get_plan(build(cls, heads=3))
     except ValueError as exc:
         return Row(cls, "refused", str(exc).split(": ", 1)[-1])
-    if cls in available_plans():
-        return Row(cls, "shipped")
-    if getattr(model, "_cp_plan", None):
-        from meshsp.plans.cp_plan import plan_from_cp_plan
-
-        try:
-            plan_from_cp_plan(model)
-            return Row(cls, "converted")
-        except ValueError:
-            pass
-    return Row(cls, "inferred")
+    return Row(cls, plan.source)
 
 
 def coverage() -> dict[str, Row]:
     """``{class: Row}`` for every transformer class diffusers exports."""
     from meshsp.zoo import diffusers_transformer_classes
 
-    quiet = logging.getLogger("meshsp.plans.cp_plan")
-    level = quiet.level
-    quiet.setLevel(logging.WARNING)  # the repairs are reported in the table's status, not logged per class
-    try:
-        return {cls: _row(cls) for cls in diffusers_transformer_classes()}
-    finally:
-        quiet.setLevel(level)
+    return {cls: _row(cls) for cls in diffusers_transformer_classes()}
 
 
 def markdown(rows: dict[str, Row]) -> str:

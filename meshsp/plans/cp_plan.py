@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import copy
 import logging
-import re
 from collections.abc import Callable, Mapping
 
 import torch
@@ -58,6 +57,11 @@ def _convert(cp_plan: Mapping) -> dict[str, object]:
     return styles
 
 
+def _star(path: str) -> str:
+    """``blocks.3.attn1`` -> ``blocks.*.attn1``: every numeric component a wildcard."""
+    return ".".join("*" if part.isdigit() else part for part in path.split("."))
+
+
 def _free_key(styles: Mapping, path: str) -> str:
     """``path``, or the same selection spelled another way if the plan already has that key (one
     module may take an input shard and an output gather): the last component's first letter as a
@@ -78,12 +82,11 @@ def _collapse_numbered(styles: dict[str, object]) -> dict[str, object]:
 
     groups: dict[tuple, list[str]] = {}
     for path, style in styles.items():
-        general = re.sub(r"(^|\.)\d+(?=\.|$)", r"\1*", path)
-        if general != path:
-            groups.setdefault((general, spec(style)), []).append(path)
+        if _star(path) != path:
+            groups.setdefault((_star(path), spec(style)), []).append(path)
     out: dict[str, object] = {}
     for path, style in styles.items():
-        general = re.sub(r"(^|\.)\d+(?=\.|$)", r"\1*", path)
+        general = _star(path)
         members = groups.get((general, spec(style)), [])
         if len(members) < 2:
             out[path] = style
@@ -98,7 +101,7 @@ def _drop_static_depth(model: nn.Module, styles: dict[str, object]) -> dict[str,
 
     kept = {}
     for path, style in styles.items():
-        general = re.sub(r"(?<=\.)\d+(?=\.|$)|^\d+(?=\.)", "*", path)
+        general = _star(path)
         if not match_path(model, path) and general != path and match_path(model, general):
             log.debug("_cp_plan entry '%s' names a block %s does not have; dropped", path, type(model).__name__)
             continue
@@ -108,19 +111,16 @@ def _drop_static_depth(model: nn.Module, styles: dict[str, object]) -> dict[str,
 
 def _route(styles: dict[str, object], names, whole_queries=()) -> None:
     """Route attention modules ``names`` (as ``*`` patterns); those in ``whole_queries`` keep their queries whole."""
-    def pattern(name):
-        return ".".join("*" if p.isdigit() else p for p in name.split("."))
-
-    replicated = {pattern(n) for n in whole_queries}
-    for key in sorted({pattern(n) for n in names}):
-        if not any(isinstance(styles.get(k), ParallelAttention) for k in (key, _free_key(styles, key))):
+    replicated = {_star(n) for n in whole_queries}
+    for key in sorted({_star(n) for n in names}):
+        if not isinstance(styles.get(key), ParallelAttention):
             styles[_free_key(styles, key)] = ParallelAttention("replicated" if key in replicated else "sharded")
 
 
 def _sharded_keys(model: nn.Module, plan, traces, inputs: dict) -> tuple[set[str], set[str]]:
     """Attention modules whose keys the plan shards (found on a simulated rank): they must be routed;
     and those of them whose queries the plan leaves whole."""
-    from meshsp.plans.infer import InferenceError, simulate
+    from meshsp.plans.simulate import InferenceError, simulate
 
     try:
         seen = simulate(model, plan, inputs, layouts=((1, 2),), probe=True)
@@ -140,7 +140,7 @@ def _sharded_keys(model: nn.Module, plan, traces, inputs: dict) -> tuple[set[str
 
 def _unsharded_sources(model: nn.Module, plan, traces, inputs: dict) -> dict[str, dict[int, int]]:
     """Children of the root whose outputs follow the tokens but stay full length on a simulated rank."""
-    from meshsp.plans.infer import _SimSP
+    from meshsp.plans.simulate import _SimSP
 
     base = traces.runs[0]
     targets = {n: style for p, style in plan.items() if isinstance(style, ShardSequence) for n in plan.matches(model, p)}
@@ -186,7 +186,8 @@ def plan_from_cp_plan(model: nn.Module, *, ulysses_mode: str = "strict", make_in
         plan = plan_from_cp_plan(transformer, ulysses_mode="advanced_uaa")
     """
     from meshsp.plans import Plan
-    from meshsp.plans.infer import InferenceError, _Traces, simulate
+    from meshsp.plans.infer import _Traces
+    from meshsp.plans.simulate import InferenceError, simulate
     from meshsp.zoo import ZOO, build, inputs_for
 
     name = type(model).__name__

@@ -7,7 +7,7 @@ more image tokens, more text tokens — and names what each dim follows:
 
 * ``"img"``: grows with the image tokens (``h * w * frames``; or ``h * w`` per frame), whatever
   the offset (register tokens) or the extra tokens that scale with the grid (reference latents);
-* ``"txt"``: grows one for one with the text tokens;
+* ``"txt"``: grows with the text tokens (by at least as many);
 * ``"joint"``: with both (a concatenated ``[img | txt]`` sequence, in either order);
 * ``"other"``: changes in another way (a dim of the token grid, a padded or pooled length): not a
   sequence that can be sharded.
@@ -33,7 +33,6 @@ class Call:
     name: str
     inputs: dict[str, list[tuple[tuple[int, ...], int]]] = field(default_factory=dict)
     outputs: dict[int, list[tuple[tuple[int, ...], int]]] = field(default_factory=dict)
-    positional: dict[str, int] = field(default_factory=dict)  # argument name -> position, if passed so
     grouped: set[str] = field(default_factory=set)  # inputs passed as a tuple or list of tensors
 
 
@@ -104,8 +103,6 @@ def trace(model: nn.Module, inputs: dict, *, img_tokens: int, txt_tokens: int) -
         def pre(mod, args, kwargs, name=name, params=params):
             call = Call(name)
             named = [(params[i] if i < len(params) else str(i), v) for i, v in enumerate(args)]
-            for i, (key, value) in enumerate(named):
-                call.positional[key] = i
             for key, value in named + list(kwargs.items()):
                 call.inputs[key] = _describe(value, keep)
                 if isinstance(value, (list, tuple, dict)):
