@@ -121,18 +121,55 @@ def _plan(args) -> int:
         return _check_plan(args)
     rows = recommend(args.model, args.hardware, args.width, args.height, args.gpus, frames=args.frames,
                      interconnect=args.interconnect)
+    memory = _plan_memory(args, rows) if (args.gpu_memory is not None or args.json) else None
+    if args.json:
+        import json
+
+        print(json.dumps([{"cfg": r["cfg"], "ring": r["ring"], "ulysses": r["ulysses"], "tp": 1,
+                           "ulysses_mode": r["ulysses_mode"], "predicted_speedup": round(r["speedup"], 3),
+                           "memory_gib": memory and {k: round(v, 2) for k, v in memory[(r["ring"], r["ulysses"])].items()},
+                           "fits": _fits(args, memory, r)} for r in rows], indent=1))
+        return 0
     s = tokens(MODELS[args.model], args.width, args.height, args.frames)
     print(f"{args.model} {args.width}x{args.height}" + (f"x{args.frames}f" if args.frames > 1 else "")
           + f" ({s} tokens) on {args.gpus} x {args.hardware} over {args.interconnect}; predicted speedup "
-          f"of a denoising step over 1 GPU (alpha-beta model, see meshsp/planner.py):")
+          f"of a denoising step over 1 GPU (alpha-beta model, see meshsp/planner.py)"
+          + (f"; GiB per rank in {args.dtype} (meshsp/memory.py), {args.gpu_memory:g} GiB per GPU:" if memory else ":"))
     for i, r in enumerate(rows):
         mark = "  <- recommended" if i == 0 else ""
+        mem = ""
+        if memory:
+            m = memory[(r["ring"], r["ulysses"])]
+            mem = (f"  weights {m['weights']:.1f} + activations {m['activations']:.1f} + text encoder "
+                   f"{m['text_encoder']:.1f}, VAE decode {m['vae']:.1f} -> {m['total']:.1f} GiB "
+                   f"{'fits' if _fits(args, memory, r) else 'DOES NOT FIT'}")
         print(f"  cfg={r['cfg']} ring={r['ring']} ulysses={r['ulysses']} ({r['ulysses_mode']}): "
-              f"{r['speedup']:.2f}x{mark}")
+              f"{r['speedup']:.2f}x{mark}{mem}")
     best = rows[0]
     print(f"meshsp generate --model ... --cfg-parallel-size {best['cfg']} --ring-degree {best['ring']} "
           f"--ulysses-degree {best['ulysses']} --ulysses-mode {best['ulysses_mode']}")
     return 0
+
+
+def _plan_memory(args, rows) -> dict | None:
+    """Per-rank memory of each row's (ring, ulysses), counted on the meta device (meshsp.memory)."""
+    import torch
+
+    from meshsp.memory import FAMILIES, estimate
+
+    if args.model not in FAMILIES:
+        if args.gpu_memory is not None:
+            raise SystemExit(f"meshsp plan: no memory model for {args.model!r}; known: {sorted(FAMILIES)}")
+        return None
+    layouts = sorted({(r["ring"], r["ulysses"]) for r in rows})
+    return estimate(args.model, args.width, args.height, frames=args.frames, dtype=getattr(torch, args.dtype),
+                    layouts=layouts)
+
+
+def _fits(args, memory, row) -> bool | None:
+    if memory is None or args.gpu_memory is None:
+        return None
+    return memory[(row["ring"], row["ulysses"])]["total"] <= args.gpu_memory
 
 
 def _model_class(name_or_dir: str) -> str:
@@ -278,6 +315,11 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--gpus", type=int, default=8)
     plan.add_argument("--hardware", default="h100", help="h100, h800, a100, l20")
     plan.add_argument("--interconnect", default="nvlink", choices=["nvlink", "pcie", "ib"])
+    plan.add_argument("--gpu-memory", type=float, default=None, metavar="GiB",
+                      help="per-GPU memory: each layout's per-rank memory is estimated and checked against it")
+    plan.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"],
+                      help="weights and activations for the memory estimate")
+    plan.add_argument("--json", action="store_true", help="print the layouts as a JSON list")
     plan.add_argument("--check", metavar="PLAN.yaml", help="validate this plan against --model; no run")
     plan.set_defaults(func=_plan)
 

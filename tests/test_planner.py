@@ -49,3 +49,47 @@ def test_plan_cli_and_check():
     bad = subprocess.run([sys.executable, "-m", "meshsp.cli", "plan", "--check",
                           "meshsp/plans/WanTransformer3DModel.yaml", "--model", "flux"], capture_output=True, text=True)
     assert bad.returncode != 0 and "matches no module of FluxTransformer2DModel" in bad.stderr
+
+
+def test_live_bytes_follows_allocations_and_frees():
+    import torch
+
+    from meshsp.memory import LiveBytes
+
+    with LiveBytes() as live:
+        a = torch.empty(1024, 256, device="meta")  # 1 MiB
+        b = a * 2  # another
+        view = b[:10]  # a view costs nothing
+        del a
+        c = torch.empty(512, 256, device="meta")  # 0.5 MiB while b is alive
+        del b, c, view
+    assert live.peak == 2 * 2**20 and live.live == 0
+
+
+def test_memory_per_rank_weights_exact_and_activations_shrink_with_degree():
+    import torch
+
+    from meshsp.memory import GIB, estimate
+
+    with torch.device("meta"):
+        params = sum(p.numel() for p in __import__("diffusers").FluxTransformer2DModel().parameters())
+    mem = estimate("flux", 1024, 1024, layouts=[(1, 1), (1, 2), (2, 2)])
+    for layout in mem.values():  # sequence parallelism leaves every weight on every rank (bf16)
+        assert abs(layout["weights"] - params * 2 / GIB) < 1e-6
+    acts = [mem[k]["activations"] for k in [(1, 1), (1, 2), (2, 2)]]
+    assert acts[0] > acts[1] > acts[2] > 0, acts
+    assert all(m["total"] > m["weights"] + m["text_encoder"] for m in mem.values())
+
+
+def test_plan_json_has_memory_and_fit():
+    import json
+
+    out = subprocess.run([sys.executable, "-m", "meshsp.cli", "plan", "--model", "flux", "--width", "1024",
+                          "--height", "1024", "--gpus", "2", "--gpu-memory", "24", "--json"],
+                         capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-2000:]
+    rows = json.loads(out.stdout)
+    assert {(r["cfg"], r["ring"], r["ulysses"], r["tp"]) for r in rows} == {(1, 2, 1, 1), (1, 1, 2, 1)}
+    for r in rows:
+        assert set(r["memory_gib"]) == {"weights", "activations", "text_encoder", "vae", "total"}
+        assert r["fits"] is False and r["predicted_speedup"] > 1  # 22 GiB of Flux weights + T5 > 24 GiB
