@@ -44,8 +44,11 @@ def add_generate_args(parser: argparse.ArgumentParser) -> None:
 
 
 def add_dtype_arg(parser: argparse.ArgumentParser) -> None:
+    """Flags shared by generate, serve and the examples: precision and where text is encoded."""
     parser.add_argument("--dtype", default=None, choices=["bfloat16", "float16", "float32"],
                         help="weights and compute (default: bfloat16 on CUDA, float32 on CPU)")
+    parser.add_argument("--encode-text-once", action="store_true",
+                        help="only rank 0 loads and runs the text encoders; the embeddings are broadcast")
 
 
 def run_generate(args) -> int:
@@ -61,7 +64,7 @@ def run_generate(args) -> int:
                             height=args.height, seed=args.seed, guidance_scale=args.guidance_scale,
                             negative_prompt=args.negative_prompt, num_frames=args.num_frames)
     t0 = time.perf_counter()
-    with Engine(args.model, config, dtype=args.dtype) as engine:
+    with Engine(args.model, config, dtype=args.dtype, encode_text_once=args.encode_text_once) as engine:
         load_s = time.perf_counter() - t0
         images = engine.generate(args.prompt, params)
         if images is None:  # not rank 0 under torchrun
@@ -93,7 +96,7 @@ def _serve(args) -> int:
                             ulysses_mode=args.ulysses_mode, cfg_degree=args.cfg_parallel_size, timeout_s=args.timeout)
     limits = Limits(max_size=args.max_size, max_n=args.max_n, max_steps=args.max_steps,
                     default_size=args.default_size, default_steps=args.default_steps)
-    serve(Engine(args.model, config, dtype=args.dtype), args.model, host=args.host, port=args.port, limits=limits)
+    serve(Engine(args.model, config, dtype=args.dtype, encode_text_once=args.encode_text_once), args.model, host=args.host, port=args.port, limits=limits)
     return 0
 
 

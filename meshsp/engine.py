@@ -90,7 +90,7 @@ class _Runner:
     """One rank's pipeline, with its transformer parallelized."""
 
     def __init__(self, model: str, config: ParallelConfig, dtype: torch.dtype = torch.float32,
-                 device: str = "cpu") -> None:
+                 device: str = "cpu", encode_text_once: bool = False) -> None:
         from diffusers import DiffusionPipeline
 
         from meshsp.mesh import init_sp_mesh
@@ -103,8 +103,16 @@ class _Runner:
 
             diffusers_logging.disable_progress_bar()
             transformers_logging.disable_progress_bar()
+        path = resolve_model(model)
+        # Only rank 0 encodes text: the others load no text encoder (meshsp.text_encoding).
+        self.encode_once = encode_text_once and config.world_size > 1
+        skip = {}
+        if self.encode_once and _rank() != 0:
+            from meshsp.text_encoding import text_encoder_names
+
+            skip = {name: None for name in text_encoder_names(DiffusionPipeline.load_config(path))}
         # diffusers keeps a model's _keep_in_fp32_modules in float32 whatever the dtype.
-        self.pipe = DiffusionPipeline.from_pretrained(resolve_model(model), dtype=dtype)
+        self.pipe = DiffusionPipeline.from_pretrained(path, dtype=dtype, **skip)
         self.mesh = None
         self.cfg_hook = None
         if device == "cuda":
@@ -164,10 +172,30 @@ class _Runner:
             kw["num_frames"] = p.num_frames
         return kw
 
+    def rank_info(self) -> dict:
+        """This rank's loaded components and their parameter counts."""
+        return {name: sum(p.numel() for p in getattr(self.pipe, name).parameters())
+                for name, value in self.pipe.components.items() if isinstance(value, torch.nn.Module)}
+
+    def _encode_once(self, kwargs: dict, params: SamplingParams) -> dict:
+        """Replace the prompts by rank 0's embeddings (a broadcast); the same call kwargs on every rank."""
+        from meshsp.text_encoding import broadcast_embeddings, encode
+
+        embeddings = None
+        if _rank() == 0:
+            embeddings = encode(self.pipe, kwargs["prompt"], kwargs.get("negative_prompt"), params.num_images_per_prompt,
+                                self._uses_cfg(kwargs))
+        embeddings = broadcast_embeddings(embeddings)
+        device = self.pipe.device
+        call = {k: v for k, v in kwargs.items() if k not in ("prompt", "negative_prompt")}
+        return {**call, **{k: v.to(device) for k, v in embeddings.items()}}
+
     def generate(self, prompts: list[str], params: SamplingParams):
         kwargs = self._kwargs(prompts, params)
         for hook in self.cfg_hook or ():
             hook.enabled = self._uses_cfg(kwargs)
+        if self.encode_once:
+            kwargs = self._encode_once(kwargs, params)
         t0 = time.perf_counter()
         out = self.pipe(**kwargs)
         seconds = time.perf_counter() - t0
@@ -188,10 +216,14 @@ def _check_cfg_pipeline(pipe) -> None:
 _RUNNER: _Runner | None = None  # the runner of a spawned worker process
 
 
-def _worker_load(model: str, config: ParallelConfig, dtype: torch.dtype, device: str) -> dict:
+def _worker_load(model: str, config: ParallelConfig, dtype: torch.dtype, device: str, encode_text_once: bool) -> dict:
     global _RUNNER
-    _RUNNER = _Runner(model, config, dtype, device)
+    _RUNNER = _Runner(model, config, dtype, device, encode_text_once)
     return _RUNNER.info()
+
+
+def _worker_rank_info() -> dict:
+    return _RUNNER.rank_info()
 
 
 def _worker_generate(prompts: list[str], params: SamplingParams):
@@ -204,7 +236,9 @@ class Engine:
     ``dtype``: the pipeline's weights and compute, ``"bfloat16"``, ``"float16"`` or ``"float32"``
     (default: bfloat16 where CUDA is available, float32 on CPU). Modules a diffusers model keeps in
     float32 (``_keep_in_fp32_modules``) stay float32. ``device``: ``"cuda"`` (each rank its current
-    GPU; the default where CUDA is available) or ``"cpu"``.
+    GPU; the default where CUDA is available) or ``"cpu"``. ``encode_text_once``: only rank 0
+    loads and runs the text encoders; the embeddings are broadcast to the other ranks once per
+    request (``meshsp.text_encoding``).
 
     Example::
 
@@ -215,7 +249,8 @@ class Engine:
     """
 
     def __init__(self, model: str, parallel_config: ParallelConfig | None = None, *,
-                 dtype: str | torch.dtype | None = None, device: str | None = None) -> None:
+                 dtype: str | torch.dtype | None = None, device: str | None = None,
+                 encode_text_once: bool = False) -> None:
         self.config = parallel_config or ParallelConfig()
         self.model = model
         self.dtype = resolve_dtype(dtype)
@@ -227,14 +262,14 @@ class Engine:
         self._runner: _Runner | None = None
         self.last_seconds = 0.0
         if spmd or self.config.world_size == 1:
-            self._runner = _Runner(model, self.config, self.dtype, self.device)
+            self._runner = _Runner(model, self.config, self.dtype, self.device, encode_text_once)
             info = self._runner.info()
         else:
             model = resolve_model(model)  # build an embedded pipeline here, before any process group
             backend = "nccl" if self.device == "cuda" else "gloo"
             self._pool = WorkerPool(self.config.world_size, backend=backend, pg_timeout_s=self.config.timeout_s)
             try:
-                info = self._pool.run(_worker_load, model, self.config, self.dtype, self.device,
+                info = self._pool.run(_worker_load, model, self.config, self.dtype, self.device, encode_text_once,
                                       timeout=self.config.timeout_s)[0]
             except BaseException:
                 self._pool.close()
@@ -261,6 +296,12 @@ class Engine:
             return None
         images, self.last_seconds = result
         return images
+
+    def rank_info(self) -> list[dict]:
+        """Per rank: the loaded pipeline components and their parameter counts."""
+        if self._pool is not None:
+            return self._pool.run(_worker_rank_info, timeout=self.config.timeout_s)
+        return [self._runner.rank_info()]
 
     @property
     def worker_pids(self) -> list[int]:

@@ -102,3 +102,21 @@ def test_bf16_generation_is_as_close_to_fp32_as_single_process_bf16(reference):
 def test_bad_dtype_is_refused():
     with pytest.raises(ValueError, match="dtype must be one of"):
         Engine("tiny-qwen-image", dtype="float8")
+
+
+@pytest.mark.parametrize("model,config,params", [
+    ("tiny-qwen-image", ParallelConfig(ulysses_degree=2), PARAMS),
+    ("tiny-wan", ParallelConfig(cfg_degree=2), SamplingParams(num_inference_steps=2, width=64, height=48, seed=1,
+                                                              num_frames=5, guidance_scale=5.0, negative_prompt="blurry")),
+], ids=["qwen-U2", "wan-cfg2"])
+def test_text_encoded_once_and_broadcast(model, config, params):
+    """encode_text_once: only rank 0 holds a text encoder; the images equal the replicated path's."""
+    with Engine(model, config) as engine:
+        want = engine.generate(PROMPTS, params)
+    with Engine(model, config, encode_text_once=True) as engine:
+        got = engine.generate(PROMPTS, params)
+        info = engine.rank_info()
+    assert info[0].get("text_encoder", 0) > 0 and all(not any(k.startswith("text_encoder") for k in r) for r in info[1:])
+    flat = lambda imgs: [np.asarray(f).astype(int) for im in imgs for f in (im if isinstance(im, list) else [im])]
+    for g, w in zip(flat(got), flat(want)):
+        assert np.abs(g - w).max() <= 1
