@@ -257,6 +257,11 @@ def _bench(args) -> int:
         print(f"perf: transformer forward, {args.heads} heads of 16, grid {args.grid}, {args.txt} text tokens, "
               f"fp32, 1 thread per rank, median of {args.repeats} after warm-up")
         run(args.families.split(","), grid=args.grid, txt=args.txt, heads=args.heads, repeats=args.repeats)
+    elif args.real_width:
+        from meshsp.bench.realwidth import run_real_width
+
+        run_real_width(args.families.split(","), dtypes=tuple(args.dtypes.split(",")), tokens=args.tokens,
+                       txt=args.txt, repeats=args.repeats)
     else:
         from meshsp.bench.models import run
 
@@ -335,6 +340,10 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--txt", type=int, default=256, help="models: text tokens")
     bench.add_argument("--head-dim", type=int, default=64)
     bench.add_argument("--repeats", type=int, default=5)
+    bench.add_argument("--real-width", action="store_true",
+                       help="models: each family at its real hidden size and heads, 1 block per stack")
+    bench.add_argument("--dtypes", default="float32,bfloat16", help="models --real-width: comma-separated")
+    bench.add_argument("--tokens", type=int, default=2048, help="models --real-width: image tokens")
     bench.set_defaults(func=_bench)
     return parser
 

@@ -130,10 +130,12 @@ class SPMesh:
 class PlanState:
     """What the styles of one plan share (one per plan; nothing global)."""
 
-    def __init__(self, ulysses_mode: str = "strict") -> None:
+    def __init__(self, ulysses_mode: str = "strict", empty_shards: bool = False) -> None:
         if ulysses_mode not in ULYSSES_MODES:
             raise ValueError(f"ulysses_mode must be one of {ULYSSES_MODES}, got {ulysses_mode!r}.")
         self.ulysses_mode = ulysses_mode
+        # Whether the model's own code runs on a rank that holds none of a sequence's tokens.
+        self.empty_shards = empty_shards
         self.global_lens: dict[str, int] = {}
         # Query tokens this rank attended over and the whole sequences', summed over SP attention
         # calls: the share of the work this rank did (about 1 / SP degree when the plan shards).
@@ -228,6 +230,7 @@ class ShardSequence(_Bound):
         dim = spec.dim % value.dim()
         seq = value.flatten(dim) if spec.flatten else value
         self.state.global_lens[f"{self.key}:{name}"] = seq.shape[dim]
+        self._require_tokens(sp, seq.shape[dim], name)
         shard = sp.shard(seq, dim)
         if spec.flatten:  # back to the tensor's rank: [B, C, 1, 1, s]
             shard = shard.reshape(*shard.shape[:dim], *[1] * (value.dim() - dim - 1), shard.shape[dim])
@@ -248,8 +251,23 @@ class ShardSequence(_Bound):
         sizes = [rest if n is None else n for n in known]
         if rest < 0:
             raise ValueError(f"plan '{self.key}': segments {dict(zip(spec.segments, sizes))} exceed '{name}' length {total}.")
+        self._require_tokens(sp, total, name)
         parts = torch.split(value, sizes, dim=spec.dim)
         return torch.cat([sp.shard(p, spec.dim) for p in parts], dim=spec.dim)
+
+    def _require_tokens(self, sp: SPMesh, n: int, name: str) -> None:
+        """Refuse, on every rank alike (the layout follows from the global length), a sequence that
+        would leave a rank without tokens, unless the plan says the model's code runs on empty shards:
+        one rank failing inside the model would leave the others waiting in a collective."""
+        if self.state.empty_shards or n == 0:
+            return
+        layout = sp.layout(n)
+        if min(layout.local(r, u) for r in range(sp.ring) for u in range(sp.ulysses)) == 0:
+            raise ValueError(
+                f"plan '{self.key}': '{name}' has {n} tokens, so some of the {sp.ring * sp.ulysses} sequence-parallel "
+                "ranks would hold none, and this model's code is not known to run on an empty shard. Use fewer "
+                "ranks or a larger size (or longer prompt); a plan verified on empty shards says 'empty_shards: true'."
+            )
 
     def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
         return self.install(module, SPMesh(device_mesh))

@@ -3,7 +3,9 @@
 (Timings are printed by the benchmarks, never asserted: this only checks that they run and count.)
 """
 
-from meshsp.bench import attention, models, perf
+import pytest
+
+from meshsp.bench import attention, models, perf, realwidth
 
 
 def test_bench_attention_counts_theory_bytes(capsys):
@@ -25,3 +27,22 @@ def test_bench_models_and_perf_run(capsys):
     assert isinstance(row["diffusers_U2"], float)
     assert isinstance(row["diffusers_R2"], float) or "return_lse" in row["diffusers_R2"]
     assert "meshsp/diffusers" in capsys.readouterr().out
+
+
+def test_bench_real_width_runs(capsys):
+    # SD3 medium is the narrowest real config (24 x 64); bf16 runs the cast (and fp32-kept) path
+    (row,) = realwidth.run_real_width(["sd3"], dtypes=("bfloat16",), tokens=32, txt=8, repeats=1)
+    assert row["family"] == "sd3" and row["dtype"] == "bfloat16"
+    assert row["single_s"] > 0 and row["U2"] > 0 and row["R2"] > 0 and row["U2_speedup"] > 0, row
+    for name in ("U2", "R2"):
+        assert not row[f"{name}_mem_ratio"] <= 0  # NaN where /proc/self/clear_refs cannot be written
+    assert "R2 mem" in capsys.readouterr().out
+
+
+def test_real_width_shapes_give_the_token_count():
+    for family in realwidth.REAL_WIDTH:
+        s = realwidth.real_shapes(family, 2048, 256)
+        scale = realwidth.LATENT_PER_TOKEN.get(family, 1)
+        assert s.get("frames", 1) * s["h"] * s["w"] == 2048 * scale**2 and s["txt"] == 256, (family, s)
+    with pytest.raises(ValueError, match="near-square"):
+        realwidth.real_shapes("flux", 2 * 1021, 256)  # 2 x a prime: a 2 x 1021 strip

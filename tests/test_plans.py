@@ -126,7 +126,7 @@ PLAN_ERRORS = [
     ({"plan": {"proj_out": {"style": "ShardSequence"}}}, "needs 'inputs' and/or 'outputs'"),
     ({"plan": {"proj_out": {"style": "ShardSequence", "inputs": {"x": {"dims": 1}}}}}, "needs 'dim'"),
     ({"plan": {"proj_out": {"style": "ParallelAttention", "inputs": {"x": 1}}}}, "takes no inputs"),
-    ({"plans": {}}, "has 'model' and 'plan' keys"),
+    ({"plans": {}}, "has 'model', 'plan'"),
     ({"plan": {"proj_out.-1": {"style": "GatherSequence"}}}, "nearest module names"),  # not a ModuleList
     ({"plan": {"proj_out": {"style": "ShardSequence", "outputs": {0: {"dim": 1, "flatten": True, "segments": [None]}}}}},
      "'segments' or 'flatten', not both"),

@@ -60,10 +60,19 @@ def peak_activation_mb(fn) -> float:
 def forward_stats(family, heads, shapes, repeats, ring, ulysses, *, plan=False, compile=False, memory=False):
     """Times (this rank) and bytes sent in one forward, or with ``memory`` the peak activation MB
     of one forward. Plan at degree 1 if plan."""
-    from meshsp.plans import parallelize
-
     model = build_transformer(family, heads=heads, **_overrides(family, shapes))
     inputs = make_inputs(family, model, **shapes)
+    return measure(model, inputs, repeats, ring, ulysses, plan=plan, compile=compile, memory=memory)
+
+
+def measure(model, inputs: dict, repeats: int, ring: int, ulysses: int, *, plan: bool = False,
+            compile: bool = False, memory: bool = False, count_bytes: bool = True) -> dict:
+    """Parallelize ``model`` on this worker's ``ring x ulysses`` mesh (or leave it whole), warm up,
+    then time ``repeats`` forwards (``{"times", "bytes"}``) or, with ``memory``, return the peak
+    activation MB of one forward (``{"memory_mb"}``). ``count_bytes=False`` skips the extra
+    forward that counts the bytes sent (``bytes`` is then empty)."""
+    from meshsp.plans import parallelize
+
     if plan or ring * ulysses > 1:
         parallelize(model, sp_mesh(ring, ulysses), ulysses_mode="advanced_uaa")
     fn = torch.compile(model) if compile else model
@@ -72,7 +81,8 @@ def forward_stats(family, heads, shapes, repeats, ring, ulysses, *, plan=False, 
         if memory:
             return {"memory_mb": peak_activation_mb(lambda: fn(**inputs))}
         with record_comm() as stats:
-            fn(**inputs)
+            if count_bytes:
+                fn(**inputs)
         times = []
         for _ in range(repeats):
             dist.barrier()

@@ -89,12 +89,12 @@ class Plan(ParallelStyle, dict):
     """
 
     def __init__(self, styles: Mapping[str, object], *, ulysses_mode: str = "strict",
-                 model: str | None = None, optional: set[str] | None = None) -> None:
+                 model: str | None = None, optional: set[str] | None = None, empty_shards: bool = False) -> None:
         dict.__init__(self, styles)
         self.model = model
         self.source: str | None = None  # set by get_plan: "shipped", "converted" or "inferred"
         self.optional = set(optional or ())
-        self.state = PlanState(ulysses_mode)
+        self.state = PlanState(ulysses_mode, empty_shards)
         for path, style in self.items():
             if not hasattr(style, "bind"):
                 raise ValueError(f"plan entry '{path}': {type(style).__name__} is not a meshsp style; valid: {sorted(STYLES)}.")
@@ -106,15 +106,16 @@ class Plan(ParallelStyle, dict):
 
     @classmethod
     def from_dict(cls, data: Mapping, *, ulysses_mode: str = "strict") -> Plan:
-        unknown = set(data) - {"model", "plan"}
+        unknown = set(data) - {"model", "plan", "empty_shards"}
         if unknown or "plan" not in data:
-            raise ValueError(f"a plan file has 'model' and 'plan' keys; got {sorted(data)}.")
+            raise ValueError(f"a plan file has 'model', 'plan' and optionally 'empty_shards' keys; got {sorted(data)}.")
         styles, optional = {}, set()
         for path, entry in (data["plan"] or {}).items():
             styles[str(path)], opt = _style_from_entry(str(path), entry)
             if opt:
                 optional.add(str(path))
-        return cls(styles, ulysses_mode=ulysses_mode, model=data.get("model"), optional=optional)
+        return cls(styles, ulysses_mode=ulysses_mode, model=data.get("model"), optional=optional,
+                   empty_shards=bool(data.get("empty_shards", False)))
 
     def to_dict(self) -> dict:
         entries = {}
@@ -129,7 +130,10 @@ class Plan(ParallelStyle, dict):
             if path in self.optional:
                 entry["optional"] = True
             entries[path] = entry
-        return {"model": self.model, "plan": entries}
+        out = {"model": self.model, "plan": entries}
+        if self.state.empty_shards:
+            out["empty_shards"] = True
+        return out
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
