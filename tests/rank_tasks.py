@@ -498,3 +498,10 @@ def compiled_model(family: str, ring: int, ulysses: int) -> float:
         out = output_tensor(compiled(**make_inputs(family, model, **inputs)))
     torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
     return (out - expected).abs().max().item()
+
+
+def short_sequence(cls: str) -> None:
+    """3 image tokens on 4 Ulysses ranks: one rank would get none."""
+    from meshsp.plans.verify import parity
+
+    parity(cls, 1, dist.get_world_size(), None, heads=4, grid=dict(h=1, w=3, frames=1, txt=8, batch=1, text_pad=0))

@@ -41,3 +41,12 @@ def test_coverage_goal():
     dits = [c for c in TABLE if c not in NOT_DIT]
     assert len(dits) == 62, len(dits)
     assert len(COVERED) >= 45, (len(COVERED), REFUSED)
+
+
+@pytest.mark.parametrize("cls", ["FluxTransformer2DModel", "CogView4Transformer2DModel"])
+def test_a_sequence_shorter_than_the_ranks_is_refused_on_every_rank(pools, cls):
+    """Model code that cannot run on an empty shard would fail on one rank and hang the others."""
+    import rank_tasks
+
+    msgs = pools(4).run(rank_tasks.raises, "short_sequence", cls, timeout=120)
+    assert len(set(msgs)) == 1 and "would hold none" in msgs[0], msgs
