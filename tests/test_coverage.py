@@ -50,3 +50,15 @@ def test_a_sequence_shorter_than_the_ranks_is_refused_on_every_rank(pools, cls):
 
     msgs = pools(4).run(rank_tasks.raises, "short_sequence", cls, timeout=120)
     assert len(set(msgs)) == 1 and "would hold none" in msgs[0], msgs
+
+
+EMPTY_OK = ["CogVideoXTransformer3DModel", "LTXVideoTransformer3DModel", "SD3Transformer2DModel",
+            "WanTransformer3DModel", "ZImageTransformer2DModel"]
+
+
+@pytest.mark.parametrize("cls", EMPTY_OK)
+def test_plans_that_declare_empty_shards_run_on_them(pools, cls):
+    from meshsp.plans import load_plan
+
+    assert load_plan(cls).state.empty_shards
+    assert len(pools(4).run(__import__("rank_tasks").empty_shard_parity, cls, timeout=120)) == 4
