@@ -4,8 +4,10 @@ How (``infer_plan``):
 
 1. Trace the model (``meshsp.plans.trace``) at a base token grid, with more image tokens, and with
    more text tokens; name what every boundary tensor's dims follow (image, text, joint, other).
-2. Attention whose queries and keys both follow the image tokens (or both the joint sequence) is
-   sequence-parallel; attention over text alone, or cross-attention from image to text, stays local.
+2. Attention whose queries and keys follow the image tokens (or the joint sequence) is
+   sequence-parallel; a stream left whole (text, audio) attending to the sharded tokens is routed
+   with its queries whole (``queries="replicated"``); attention over text alone, or cross-attention
+   from image to text, stays local.
 3. The ``ModuleList``s holding that attention are the block stacks. Each stack is sharded at its
    first block — the inputs that flow from block to block (hidden streams) — and at every block for
    the inputs the model hands each block (RoPE tables, masks, per-token modulation); its last block's
@@ -13,9 +15,9 @@ How (``infer_plan``):
    side input of a block with separate image and text streams is sharded per segment.
 4. Verify by simulating every rank of U2, U3 and R2xU2 in this process (``meshsp.plans.simulate``:
    float64, attention replaced by a token-local stand-in, so each rank's shard must equal the slice
-   of the unsharded run exactly, whatever the model does between shard and gather). Work across the sequence outside attention
-   (convolutions over the token grid, pooling, token-count arguments) shows up as a mismatch or an
-   error there, and the model is refused with what was found. Exact multi-rank parity is the job of
+   of the unsharded run exactly, whatever the model does between shard and gather). Work across the
+   sequence outside attention (convolutions over the token grid, pooling, token-count arguments)
+   shows up as a mismatch or an error there, and the model is refused with what was found. Exact multi-rank parity is the job of
    ``meshsp plan --infer`` and the coverage tests, on real ranks.
 
 Everything here runs on one process: no collectives.
