@@ -167,3 +167,31 @@ def test_building_a_tiny_model_leaves_the_callers_random_state_alone():
     torch.manual_seed(123)
     build("FluxTransformer2DModel")
     assert torch.equal(torch.rand(3), expected)
+
+
+def test_plan_infer_cli_writes_a_verified_yaml(tmp_path):
+    """meshsp plan --infer on a saved model directory: inferred, checked on 2 and 4 gloo ranks, written."""
+    import subprocess
+    import sys
+
+    from meshsp.plans import load_plan
+
+    model = build("CogView4Transformer2DModel")
+    model.save_pretrained(tmp_path / "transformer")
+    out = tmp_path / "plan.yaml"
+    proc = subprocess.run([sys.executable, "-m", "meshsp.cli", "plan", "--infer", str(tmp_path), "--output", str(out)],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "R1xU2: equal to the single-device output" in proc.stderr and "R2xU2: equal" in proc.stderr
+    plan = load_plan(out)
+    plan.validate(model)
+    assert plan.model == "CogView4Transformer2DModel" and "transformer_blocks.*.attn1" in plan
+
+
+def test_plan_infer_cli_refuses_with_the_reason():
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", "meshsp.cli", "plan", "--infer", "SanaTransformer2DModel"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0 and "refused" in proc.stderr and "linear attention" in proc.stderr
