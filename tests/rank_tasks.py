@@ -507,9 +507,9 @@ def short_sequence(cls: str) -> None:
     parity(cls, 1, dist.get_world_size(), None, heads=4, grid=dict(h=1, w=3, frames=1, txt=8, batch=1, text_pad=0))
 
 
-def empty_shard_parity(cls: str) -> dict:
-    """3 image and 3 text tokens on 4 Ulysses ranks: one rank holds none of either, and the plan
-    says the model runs so (empty_shards: true)."""
+def empty_shard_parity(cls: str, ring: int, ulysses: int) -> dict:
+    """3 image tokens per frame and 3 text tokens on 4 ranks: one rank holds none of either, and the
+    plan says the model runs so (empty_shards: true)."""
     from meshsp.plans.verify import parity
 
-    return parity(cls, 1, dist.get_world_size(), None, heads=4, grid=dict(h=1, w=3, frames=1, txt=3, batch=2, text_pad=0))
+    return parity(cls, ring, ulysses, None, heads=4, grid=dict(h=1, w=3, frames=2, txt=3, batch=2, text_pad=0))

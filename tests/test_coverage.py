@@ -56,9 +56,10 @@ EMPTY_OK = ["CogVideoXTransformer3DModel", "LTXVideoTransformer3DModel", "SD3Tra
             "WanTransformer3DModel", "ZImageTransformer2DModel"]
 
 
+@pytest.mark.parametrize("layout", [(1, 4), (4, 1), (2, 2)], ids=["U4", "R4", "U2xR2"])
 @pytest.mark.parametrize("cls", EMPTY_OK)
-def test_plans_that_declare_empty_shards_run_on_them(pools, cls):
+def test_plans_that_declare_empty_shards_run_on_them(pools, cls, layout):
     from meshsp.plans import load_plan
 
     assert load_plan(cls).state.empty_shards
-    assert len(pools(4).run(__import__("rank_tasks").empty_shard_parity, cls, timeout=120)) == 4
+    assert len(pools(4).run(__import__("rank_tasks").empty_shard_parity, cls, *layout, timeout=120)) == 4
