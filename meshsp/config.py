@@ -23,19 +23,25 @@ def _check_degree(name: str, value: object) -> None:
 
 @dataclass(frozen=True, kw_only=True)
 class ParallelConfig:
-    """Degrees of the ``("cfg", "ring", "ulysses")`` mesh and the Ulysses mode.
+    """Degrees of the ``("cfg", "ring", "ulysses", "tp")`` mesh and the Ulysses mode.
+
+    ``tensor_parallel_size`` shards the transformer's weights over the innermost ``tp`` axis (each
+    rank holds ``1 / tp`` of the attention and MLP weights and runs on ``heads / tp`` heads);
+    sequence parallelism then splits those heads and the tokens further.
 
     Example::
 
         cfg = ParallelConfig(ulysses_degree=2, ring_degree=2)
         cfg.sequence_parallel_size  # 4
         ParallelConfig(ulysses_degree=4, ulysses_mode="advanced_uaa")  # 30 heads on 4 ranks
+        ParallelConfig(tensor_parallel_size=2, ulysses_degree=2).world_size  # 4
     """
 
     ulysses_degree: int = 1
     ring_degree: int = 1
     ulysses_mode: str = "strict"
     cfg_degree: int = 1
+    tensor_parallel_size: int = 1
     # Seconds a collective may wait before the process group gives up (see docs: failure behaviour).
     timeout_s: float = field(default=600.0)
 
@@ -43,6 +49,7 @@ class ParallelConfig:
         _check_degree("ulysses_degree", self.ulysses_degree)
         _check_degree("ring_degree", self.ring_degree)
         _check_degree("cfg_degree", self.cfg_degree)
+        _check_degree("tensor_parallel_size", self.tensor_parallel_size)
         if self.cfg_degree > 2:
             raise ValueError(
                 f"cfg_degree must be 1 or 2 (conditional and unconditional branch), got {self.cfg_degree}."
@@ -65,7 +72,25 @@ class ParallelConfig:
 
     @property
     def world_size(self) -> int:
-        return self.cfg_degree * self.sequence_parallel_size
+        return self.cfg_degree * self.sequence_parallel_size * self.tensor_parallel_size
 
 
-DiffusionParallelConfig = ParallelConfig
+@dataclass(frozen=True, kw_only=True)
+class DiffusionParallelConfig(ParallelConfig):
+    """``ParallelConfig`` under vLLM-Omni's names too: ``cfg_parallel_size`` is ``cfg_degree``.
+
+    Example::
+
+        DiffusionParallelConfig(ulysses_degree=2, cfg_parallel_size=2, tensor_parallel_size=2).world_size  # 8
+    """
+
+    cfg_parallel_size: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.cfg_parallel_size is not None:
+            if self.cfg_degree not in (1, self.cfg_parallel_size):
+                raise ValueError(f"cfg_parallel_size={self.cfg_parallel_size} and cfg_degree={self.cfg_degree} are "
+                                 "the same setting; give one of them.")
+            object.__setattr__(self, "cfg_degree", self.cfg_parallel_size)
+        object.__setattr__(self, "cfg_parallel_size", self.cfg_degree)
+        super().__post_init__()

@@ -1,7 +1,8 @@
-"""Build the ``("cfg", "ring", "ulysses")`` device mesh from a ``ParallelConfig``.
+"""Build the ``("cfg", "ring", "ulysses", "tp")`` device mesh from a ``ParallelConfig``.
 
-``ulysses`` is the innermost axis, so a Ulysses group is a run of contiguous ranks (one node, the
-fast interconnect); ``ring`` is strided and may cross nodes, where its P2P traffic overlaps compute.
+``tp`` is the innermost axis (its all-reduces run on every layer: the fastest link), then
+``ulysses`` (a run of contiguous ranks: one node); ``ring`` is strided and may cross nodes, where its
+P2P traffic overlaps compute. Axes of size 1 other than ``ring`` and ``ulysses`` are left out.
 """
 
 from __future__ import annotations
@@ -32,7 +33,8 @@ def _world_size() -> int:
 def init_sp_mesh(config: ParallelConfig, device_type: str | None = None) -> DeviceMesh:
     """Return the named mesh for ``config``, initialising the process group when needed.
 
-    The mesh is ``("ring", "ulysses")``, or ``("cfg", "ring", "ulysses")`` when ``cfg_degree > 1``.
+    The mesh is ``("ring", "ulysses")``, with ``"cfg"`` in front when ``cfg_degree > 1`` and ``"tp"``
+    behind when ``tensor_parallel_size > 1``.
 
     Example::
 
@@ -44,8 +46,9 @@ def init_sp_mesh(config: ParallelConfig, device_type: str | None = None) -> Devi
     if world != config.world_size:
         raise ValueError(
             f"the process world size is {world} but the config needs cfg_degree x ring_degree x "
-            f"ulysses_degree = {config.cfg_degree} x {config.ring_degree} x {config.ulysses_degree} = "
-            f"{config.world_size}; launch {config.world_size} processes or change the degrees."
+            f"ulysses_degree x tensor_parallel_size = {config.cfg_degree} x {config.ring_degree} x "
+            f"{config.ulysses_degree} x {config.tensor_parallel_size} = {config.world_size}; launch "
+            f"{config.world_size} processes or change the degrees."
         )
     device_type = device_type or default_device_type()
     if device_type == "cuda" and torch.cuda.device_count() > 0:
@@ -53,10 +56,7 @@ def init_sp_mesh(config: ParallelConfig, device_type: str | None = None) -> Devi
     if not dist.is_initialized():
         backend = "nccl" if device_type == "cuda" else "gloo"
         dist.init_process_group(backend, timeout=datetime.timedelta(seconds=config.timeout_s))
-    if config.cfg_degree > 1:
-        shape = (config.cfg_degree, config.ring_degree, config.ulysses_degree)
-        names = ("cfg", "ring", "ulysses")
-    else:
-        shape = (config.ring_degree, config.ulysses_degree)
-        names = ("ring", "ulysses")
-    return init_device_mesh(device_type, shape, mesh_dim_names=names)
+    axes = [("cfg", config.cfg_degree), ("ring", config.ring_degree), ("ulysses", config.ulysses_degree),
+            ("tp", config.tensor_parallel_size)]
+    axes = [(name, size) for name, size in axes if size > 1 or name in ("ring", "ulysses")]
+    return init_device_mesh(device_type, tuple(s for _, s in axes), mesh_dim_names=tuple(n for n, _ in axes))

@@ -357,18 +357,28 @@ class CheckInputs(ParallelStyle):
     One 16-byte all-gather per SP axis and forward (``meshsp.ops.consensus.agree``): inputs that
     differ between ranks (another sequence length or batch on one rank) raise the same
     ``ValueError`` on every rank, naming the differing shapes, instead of deadlocking later.
-    ``meshsp.parallelize`` puts it on the model's root, ahead of the plan's own hooks.
+    ``meshsp.parallelize`` puts it on the model's root, ahead of the plan's own hooks; with tensor
+    parallelism the ``tp`` ranks agree too (``tp_group``).
     """
 
+    def __init__(self, tp_group=None) -> None:
+        super().__init__()
+        self.tp_group = tp_group
+
     def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
-        sp = SPMesh(device_mesh)
+        names = device_mesh.mesh_dim_names or ()
+        groups = (None, None)
+        if "ring" in names or "ulysses" in names:
+            sp = SPMesh(device_mesh)
+            groups = (sp.ulysses_group, sp.ring_group)
+        groups += (self.tp_group,)
         name = type(module).__name__
+        device = device_mesh.device_type
 
         @torch.compiler.disable  # bookkeeping stays eager: no recompiles under torch.compile
 
         def pre_hook(mod, args, kwargs):
-            agree(f"{name}.forward", f"args {describe(args)}; kwargs {describe(kwargs)}", None,
-                  (sp.ulysses_group, sp.ring_group), sp.device)
+            agree(f"{name}.forward", f"args {describe(args)}; kwargs {describe(kwargs)}", None, groups, device)
 
         module.register_forward_pre_hook(pre_hook, with_kwargs=True, prepend=True)
         return module

@@ -513,3 +513,41 @@ def empty_shard_parity(cls: str, ring: int, ulysses: int) -> dict:
     from meshsp.plans.verify import parity
 
     return parity(cls, ring, ulysses, None, heads=4, grid=dict(h=1, w=3, frames=2, txt=3, batch=2, text_pad=0))
+
+
+def config_mesh(**degrees):
+    """The mesh of ``ParallelConfig(**degrees)``, built once per pool."""
+    key = tuple(sorted(degrees.items()))
+    if key not in _MESHES:
+        _MESHES[key] = init_sp_mesh(ParallelConfig(**degrees))
+    return _MESHES[key]
+
+
+def local_param_bytes(model) -> int:
+    from torch.distributed.tensor import DTensor
+
+    return sum((p.to_local() if isinstance(p, DTensor) else p).nbytes for p in model.parameters())
+
+
+def tp_parity(family: str, tp: int, ring: int = 1, ulysses: int = 1, mode: str = "strict", heads: int = 4,
+              inputs: dict | None = None, tol: float = 1e-5, config: dict | None = None) -> dict:
+    """Single-device forward vs the model parallelized with its plan on a mesh with a ``tp`` axis;
+    returns the max abs diff, the communication and this rank's parameter bytes."""
+    from meshsp.plans import get_plan, parallelize
+    from meshsp.tiny import build_transformer, make_inputs, output_tensor
+
+    inputs = inputs or dict(h=4, w=4, txt=8, frames=2)
+    mesh = config_mesh(tensor_parallel_size=tp, ring_degree=ring, ulysses_degree=ulysses)
+    model = build_transformer(family, heads=heads, **(config or {}))
+    with torch.no_grad():
+        expected = output_tensor(model(**make_inputs(family, model, **inputs)))
+    full = local_param_bytes(model)
+    parallelize(model, mesh, get_plan(model, ulysses_mode=mode))
+    with torch.no_grad(), record_comm() as stats:
+        out = output_tensor(model(**make_inputs(family, model, **inputs)))
+    scale = expected.abs().max().item()
+    torch.testing.assert_close(out, expected, atol=tol * max(scale, 1.0), rtol=tol,
+                               msg=lambda m: f"{family} TP{tp} R{ring}xU{ulysses} {mode} {inputs}: {m}")
+    assert stats.calls["tp_all_reduce"] > 0 and (stats.calls["all_to_all"] > 0) == (ulysses > 1), stats.calls
+    return {"diff": (out - expected).abs().max().item(), "calls": dict(stats.calls),
+            "bytes": dict(stats.bytes_sent), "param_bytes": local_param_bytes(model), "full_param_bytes": full}

@@ -10,6 +10,15 @@ A plan ships as a YAML file in this folder, one per diffusers transformer class:
       transformer_blocks.*.attn: {style: ParallelAttention}
       proj_out: {style: GatherSequence, outputs: {0: 1}}
 
+Tensor parallelism is a second section, ``tp``, applied on the mesh's ``tp`` axis with torch's
+``ColwiseParallel`` / ``RowwiseParallel`` and the styles of ``meshsp.tp``::
+
+    tp:
+      transformer_blocks.*.attn: {style: LocalHeads}
+      transformer_blocks.*.attn.to_q: {style: ColwiseParallel}
+      transformer_blocks.*.attn.to_out.0: {style: RowwiseParallel}
+      single_transformer_blocks.*.proj_out: {style: PackedRowwiseParallel, blocks: [1, 4]}
+
 Keys are module paths with ``*`` wildcards per path component, as torch's ``parallelize_module``
 takes them, and ``-1`` for the last child of a ``ModuleList`` (a gather after a loop's last layer,
 whatever the depth of the config). ``optional: true`` on an entry allows it to match nothing (a variant module some configs
@@ -31,11 +40,13 @@ from torch.distributed.tensor.parallel import parallelize_module
 from torch.distributed.tensor.parallel.style import ParallelStyle
 
 from meshsp.styles import CheckInputs, GatherSequence, ParallelAttention, PlanState, ShardSequence
+from meshsp.tp import TP_STYLES, tp_requirements
 
 __all__ = ["Plan", "STYLES", "available_plans", "get_plan", "infer_plan", "load_plan", "parallelize", "plan_from_cp_plan"]
 
 STYLES = {"ShardSequence": ShardSequence, "ParallelAttention": ParallelAttention, "GatherSequence": GatherSequence}
 _ENTRY_KEYS = {"style", "inputs", "outputs", "optional", "queries"}
+_TP_ENTRY_KEYS = {"style", "blocks", "outputs", "optional"}
 _PLAN_DIR = Path(__file__).parent
 
 
@@ -54,6 +65,26 @@ def _style_from_entry(path: str, entry) -> tuple[object, bool]:
     if name != "ParallelAttention" and "queries" in kwargs:
         raise ValueError(f"plan entry '{path}': only ParallelAttention takes 'queries'.")
     return STYLES[name](**kwargs), bool(entry.get("optional", False))
+
+
+def _tp_style_from_entry(path: str, entry) -> tuple[object, bool]:
+    if isinstance(entry, str):
+        entry = {"style": entry}
+    if not isinstance(entry, Mapping) or entry.get("style") not in TP_STYLES or set(entry) - _TP_ENTRY_KEYS:
+        raise ValueError(f"plan tp entry '{path}' must be a mapping with a 'style' (one of {sorted(TP_STYLES)}) "
+                         f"and optionally {sorted(_TP_ENTRY_KEYS - {'style'})}; got {entry!r}.")
+    name = entry["style"]
+    if "blocks" in entry and not name.startswith("Packed"):
+        raise ValueError(f"plan tp entry '{path}': only the Packed styles take 'blocks'.")
+    if ("outputs" in entry) != (name == "ShardFeatures"):
+        raise ValueError(f"plan tp entry '{path}': ShardFeatures, and only it, takes 'outputs' ({{index: dim}}).")
+    if name.startswith("Packed"):
+        style = TP_STYLES[name](entry.get("blocks"))
+    elif name == "ShardFeatures":
+        style = TP_STYLES[name](entry["outputs"])
+    else:
+        style = TP_STYLES[name]()
+    return style, bool(entry.get("optional", False))
 
 
 def _spec_to_yaml(spec):
@@ -89,9 +120,14 @@ class Plan(ParallelStyle, dict):
     """
 
     def __init__(self, styles: Mapping[str, object], *, ulysses_mode: str = "strict",
-                 model: str | None = None, optional: set[str] | None = None, empty_shards: bool = False) -> None:
+                 model: str | None = None, optional: set[str] | None = None, empty_shards: bool = False,
+                 tp: Mapping[str, object] | None = None) -> None:
         dict.__init__(self, styles)
         self.model = model
+        self.tp = dict(tp or {})  # the tensor-parallel entries, applied on the mesh's "tp" axis
+        for path, style in self.tp.items():
+            if type(style).__name__ not in TP_STYLES:
+                raise ValueError(f"plan tp entry '{path}': {type(style).__name__} is not a tp style; valid: {sorted(TP_STYLES)}.")
         self.source: str | None = None  # set by get_plan: "shipped", "converted" or "inferred"
         self.optional = set(optional or ())
         self.state = PlanState(ulysses_mode, empty_shards)
@@ -106,16 +142,20 @@ class Plan(ParallelStyle, dict):
 
     @classmethod
     def from_dict(cls, data: Mapping, *, ulysses_mode: str = "strict") -> Plan:
-        unknown = set(data) - {"model", "plan", "empty_shards"}
+        unknown = set(data) - {"model", "plan", "empty_shards", "tp"}
         if unknown or "plan" not in data:
-            raise ValueError(f"a plan file has 'model', 'plan' and optionally 'empty_shards' keys; got {sorted(data)}.")
-        styles, optional = {}, set()
+            raise ValueError(f"a plan file has 'model', 'plan' and optionally 'empty_shards' and 'tp' keys; got {sorted(data)}.")
+        styles, tp, optional = {}, {}, set()
         for path, entry in (data["plan"] or {}).items():
             styles[str(path)], opt = _style_from_entry(str(path), entry)
             if opt:
                 optional.add(str(path))
+        for path, entry in (data.get("tp") or {}).items():
+            tp[str(path)], opt = _tp_style_from_entry(str(path), entry)
+            if opt:
+                optional.add(f"tp:{path}")
         return cls(styles, ulysses_mode=ulysses_mode, model=data.get("model"), optional=optional,
-                   empty_shards=bool(data.get("empty_shards", False)))
+                   empty_shards=bool(data.get("empty_shards", False)), tp=tp)
 
     def to_dict(self) -> dict:
         entries = {}
@@ -133,6 +173,17 @@ class Plan(ParallelStyle, dict):
         out = {"model": self.model, "plan": entries}
         if self.state.empty_shards:
             out["empty_shards"] = True
+        if self.tp:
+            out["tp"] = {}
+            for path, style in self.tp.items():
+                entry = {"style": type(style).__name__}
+                if getattr(style, "blocks", None):
+                    entry["blocks"] = list(style.blocks)
+                if type(style).__name__ == "ShardFeatures":
+                    entry["outputs"] = dict(style.outputs)
+                if f"tp:{path}" in self.optional:
+                    entry["optional"] = True
+                out["tp"][path] = entry
         return out
 
     def to_yaml(self) -> str:
@@ -145,8 +196,8 @@ class Plan(ParallelStyle, dict):
     def validate(self, model: nn.Module) -> None:
         """Raise ``ValueError`` for a path that matches no module (naming the nearest ones)."""
         names = [n for n, _ in model.named_modules()]
-        for path in self:
-            if path in self.optional or self.matches(model, path):
+        for path in [*self, *(f"tp:{p}" for p in self.tp)]:
+            if path in self.optional or self.matches(model, path.removeprefix("tp:")):
                 continue
             near = difflib.get_close_matches(path, names, n=5, cutoff=0.5)
             raise ValueError(
@@ -158,14 +209,40 @@ class Plan(ParallelStyle, dict):
     def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
         self.validate(module)
         names = device_mesh.mesh_dim_names or ()
-        sp_mesh = device_mesh["ring", "ulysses"] if "cfg" in names else device_mesh
-        if sp_mesh.size() == 1:
+        sp_names = tuple(n for n in ("ring", "ulysses") if n in names)
+        sp_mesh = (device_mesh if names == sp_names else device_mesh[sp_names]) if sp_names else None
+        tp_mesh = device_mesh["tp"] if "tp" in names and device_mesh["tp"].size() > 1 else None
+        sp_size = sp_mesh.size() if sp_mesh is not None else 1
+        if tp_mesh is not None:
+            self._check_tp(module, tp_mesh.size())
+        if sp_size == 1 and tp_mesh is None:
             return module  # a plan at degree 1 is the identity: leave the model as it is
         with _all_or_nothing(module):
-            for path, style in self.items():  # concrete names, in plan order: torch never sees "-1"
-                for name in self.matches(module, path):
-                    style._apply(module.get_submodule(name), sp_mesh)
-            return CheckInputs()._apply(module, sp_mesh)
+            if tp_mesh is not None:
+                for path, style in self.tp.items():
+                    for name in self.matches(module, path):
+                        style._apply(module.get_submodule(name), tp_mesh)
+            if sp_size > 1:
+                for path, style in self.items():  # concrete names, in plan order: torch never sees "-1"
+                    for name in self.matches(module, path):
+                        style._apply(module.get_submodule(name), sp_mesh)
+            return CheckInputs(tp_group=tp_mesh.get_group() if tp_mesh is not None else None)._apply(
+                module, sp_mesh if sp_mesh is not None else device_mesh)
+
+    def _check_tp(self, module: nn.Module, tp: int) -> None:
+        """Every width the tp degree must divide, checked before anything is sharded (no collective)."""
+        if not self.tp:
+            raise ValueError(f"the mesh has a 'tp' axis of size {tp} but the plan for {type(module).__name__} has no "
+                             "tp entries; give tensor_parallel_size=1, or a plan with a 'tp' section.")
+        bad = []
+        for path, style in self.tp.items():
+            for name in self.matches(module, path):
+                bad += [f"{what} = {size}" for what, size in tp_requirements(style, module.get_submodule(name), name)
+                        if size % tp]
+        if bad:
+            raise ValueError(f"tensor_parallel_size={tp} must divide every sharded width of {type(module).__name__}; "
+                             f"it does not divide {', '.join(bad[:4])}{' ...' if len(bad) > 4 else ''}. Use a tp "
+                             "degree that divides the head count and hidden sizes (or tensor_parallel_size=1).")
 
 
 def match_path(model: nn.Module, path: str) -> list[str]:
@@ -191,16 +268,24 @@ _HOOK_DICTS = ("_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_forward
 
 @contextlib.contextmanager
 def _all_or_nothing(model: nn.Module):
-    """Remove every hook added inside the block if it raises: a plan is never applied in part."""
-    before = {name: {d: set(getattr(m, d)) for d in _HOOK_DICTS} for name, m in model.named_modules()}
+    """Undo everything done inside the block if it raises: the hooks added, the parameters a tp
+    style replaced, a forward a style set on a module. A plan is never applied in part."""
+    before = {name: ({d: set(getattr(m, d)) for d in _HOOK_DICTS}, dict(m._parameters), m.__dict__.get("forward"))
+              for name, m in model.named_modules()}
     try:
         yield
     except BaseException:
         for name, m in model.named_modules():
+            hooks_before, params, forward = before.get(name, ({}, None, None))
             for d in _HOOK_DICTS:
                 hooks = getattr(m, d)
-                for key in set(hooks) - before.get(name, {}).get(d, set()):
+                for key in set(hooks) - hooks_before.get(d, set()):
                     del hooks[key]
+            if params is not None:
+                m._parameters.clear()
+                m._parameters.update(params)
+            if forward is None:
+                m.__dict__.pop("forward", None)
         raise
 
 
@@ -224,7 +309,9 @@ def get_plan(transformer: nn.Module, *, ulysses_mode: str = "strict") -> Plan:
 
     In order: the shipped YAML plan; else one converted from its diffusers ``_cp_plan`` (checked and
     repaired, ``meshsp.plans.cp_plan``); else one inferred from a tiny instance of the class
-    (``meshsp.plans.infer``). A model none of these can serve raises ``ValueError`` saying why.
+    (``meshsp.plans.infer``). A model none of these can serve raises ``ValueError`` saying why. A
+    plan without a ``tp`` section gets one from ``meshsp.plans.tp_plan.tp_entries`` (the class's
+    ``_tp_plan``, or its recognised attention and feed-forward blocks).
 
     Example::
 
@@ -255,6 +342,8 @@ def get_plan(transformer: nn.Module, *, ulysses_mode: str = "strict") -> Plan:
             "tiny config to infer one from") + f". Shipped plans: {available_plans()}. Write a YAML plan (see "
             "README) for meshsp.load_plan, or infer one with meshsp.plans.infer_plan(model, make_inputs)."
         )
+    if not plan.tp:  # tensor parallel from the class's _tp_plan or recognised blocks (meshsp.plans.tp_plan)
+        plan.tp = tp_entries(transformer)
     plan.validate(transformer)
     return plan
 
@@ -279,3 +368,4 @@ def parallelize(transformer: nn.Module, mesh: DeviceMesh, plan: Plan | None = No
 
 from meshsp.plans.cp_plan import plan_from_cp_plan  # noqa: E402 - they build Plans
 from meshsp.plans.infer import infer_plan  # noqa: E402
+from meshsp.plans.tp_plan import tp_entries  # noqa: E402

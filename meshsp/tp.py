@@ -1,0 +1,253 @@
+"""Tensor-parallel styles: torch's ``ColwiseParallel`` / ``RowwiseParallel`` and what DiTs add to them.
+
+A plan's ``tp`` entries run on the mesh's ``tp`` axis (``meshsp.plans.Plan``):
+
+* ``ColwiseParallel``: torch's, sharding a ``Linear``'s output features (q/k/v, an MLP's up
+  projection); the module returns this rank's slice of the features as a plain tensor.
+* ``RowwiseParallel``: torch's, sharding input features (an output projection); one all-reduce over
+  ``tp`` per call, counted in ``record_comm`` as ``tp_all_reduce`` (a ring all-reduce sends
+  ``2 (P-1) / P`` of the output's bytes per rank).
+* ``PackedColwiseParallel`` / ``PackedRowwiseParallel``: a fused ``Linear`` whose features are
+  blocks (a SwiGLU's gate and value halves; Flux2's q, k, v and MLP in one matrix; Flux's
+  ``proj_out`` over the attention output and the MLP concatenated): every block is sharded on its
+  own, so each rank holds a slice of each. ``blocks`` are proportions (``[1, 1]``) or absolute
+  sizes, as diffusers' markers of the same names; ``None`` reads the ``_tp_packed_col_blocks`` /
+  ``_tp_packed_row_blocks`` attribute diffusers sets on the ``Linear``.
+* ``LocalHeads``: during the attention module's forward, its head-count attributes (``heads``,
+  ``inner_dim``, ...) say what this rank holds (``heads / tp``), so the model's unchanged processor
+  unflattens the local projections correctly; restored after every call, even a failed one.
+* ``ShardFeatures``: a module whose outputs hold one value per feature of every head (LTX's RoPE
+  cos / sin tables over ``heads x head_dim``) returns this rank's slice of them, as the q/k
+  projections do.
+* ``HeadShardedNorm``: an RMSNorm over all heads' features (Wan's and LTX's ``rms_norm_across_heads``)
+  on column-sharded q or k: the sum of squares is all-reduced over ``tp`` (``B x S`` floats), the
+  weight is sharded like the features.
+
+Weights are sliced from each rank's own copy (``src_data_rank=None``): every rank must hold the same
+weights before ``parallelize``, as ranks that load one checkpoint do; nothing is broadcast.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.distributed._functional_collectives as funcol
+import torch.nn as nn
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor import DTensor, Replicate, Shard
+from torch.distributed.tensor.parallel import ColwiseParallel as _TorchColwise
+from torch.distributed.tensor.parallel import RowwiseParallel as _TorchRowwise
+from torch.distributed.tensor.parallel.style import ParallelStyle
+
+from meshsp.ops.comm import _count
+
+__all__ = ["ColwiseParallel", "HeadShardedNorm", "LocalHeads", "PackedColwiseParallel", "PackedRowwiseParallel",
+           "RowwiseParallel", "ShardFeatures", "TP_STYLES", "tp_requirements"]
+
+HEAD_ATTRIBUTES = ("heads", "inner_dim", "inner_kv_dim", "kv_heads", "mlp_hidden_dim")
+
+
+def _local_blocks(param: torch.Tensor, dim: int, sizes: list[int], mesh: DeviceMesh) -> torch.Tensor:
+    """This rank's slice of every block of ``param`` along ``dim``, concatenated."""
+    rank, n = mesh.get_local_rank(), mesh.size()
+    parts, offset = [], 0
+    for size in sizes:
+        parts.append(param.narrow(dim, offset + rank * (size // n), size // n))
+        offset += size
+    return torch.cat(parts, dim=dim).contiguous() if len(parts) > 1 else parts[0].contiguous()
+
+
+def block_sizes(blocks, total: int, where: str) -> list[int]:
+    """Absolute block sizes from proportions (or sizes) that must add up to a divisor of ``total``."""
+    unit, rest = divmod(total, sum(blocks))
+    if rest or any(int(b) != b or b < 1 for b in blocks):
+        raise ValueError(f"{where}: blocks {list(blocks)} do not split {total} features into whole blocks; "
+                         f"give positive proportions whose sum divides {total}.")
+    return [int(b) * unit for b in blocks]
+
+
+def _packed_sizes(style, module: nn.Module, dim: int, where: str) -> list[int]:
+    blocks = style.blocks if style.blocks is not None else getattr(module, style.attribute, None)
+    if not blocks:
+        raise ValueError(f"{where}: {type(style).__name__} needs blocks (e.g. blocks: [1, 1]) or a "
+                         f"'{style.attribute}' attribute on the Linear; it has neither.")
+    return block_sizes(blocks, module.weight.shape[dim], where)
+
+
+class ColwiseParallel(_TorchColwise):
+    """torch's ``ColwiseParallel``, slicing each rank's own weights (no broadcast)."""
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.src_data_rank = None
+
+
+class RowwiseParallel(_TorchRowwise):
+    """torch's ``RowwiseParallel``; its output all-reduce is counted in ``record_comm``."""
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.src_data_rank = None
+
+    @staticmethod
+    def _prepare_output_fn(output_layouts, use_local_output, mod, outputs, device_mesh):
+        n = device_mesh.size()
+        local = outputs.to_local()
+        _count("tp_all_reduce", 2 * (n - 1) * local.numel() * local.element_size() // n)
+        return _TorchRowwise._prepare_output_fn(output_layouts, use_local_output, mod, outputs, device_mesh)
+
+
+class PackedColwiseParallel(ColwiseParallel):
+    """Column-wise for a fused ``Linear``: each output block sharded on its own."""
+
+    attribute = "_tp_packed_col_blocks"
+
+    def __init__(self, blocks: list[int] | None = None) -> None:
+        super().__init__()
+        self.blocks = blocks
+
+    def _partition_linear_fn(self, name, module, device_mesh):
+        sizes = _packed_sizes(self, module, 0, name or type(module).__name__)
+        for pname, param in list(module.named_parameters(recurse=False)):
+            local = _local_blocks(param.detach(), 0, sizes, device_mesh)
+            module.register_parameter(pname, nn.Parameter(
+                DTensor.from_local(local, device_mesh, [Shard(0)], run_check=False), requires_grad=param.requires_grad))
+
+
+class PackedRowwiseParallel(RowwiseParallel):
+    """Row-wise for a ``Linear`` whose input is blocks concatenated: each block sharded on its own."""
+
+    attribute = "_tp_packed_row_blocks"
+
+    def __init__(self, blocks: list[int] | None = None) -> None:
+        super().__init__()
+        self.blocks = blocks
+
+    def _partition_linear_fn(self, name, module, device_mesh):
+        sizes = _packed_sizes(self, module, 1, name or type(module).__name__)
+        weight = _local_blocks(module.weight.detach(), 1, sizes, device_mesh)
+        module.register_parameter("weight", nn.Parameter(
+            DTensor.from_local(weight, device_mesh, [Shard(1)], run_check=False), requires_grad=module.weight.requires_grad))
+        if module.bias is not None:  # added once, after the all-reduce
+            module.register_parameter("bias", nn.Parameter(
+                DTensor.from_local(module.bias.detach(), device_mesh, [Replicate()], run_check=False),
+                requires_grad=module.bias.requires_grad))
+
+
+class LocalHeads(ParallelStyle):
+    """The attention module's head counts are this rank's during its forward (``heads / tp``)."""
+
+    def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
+        n = device_mesh.size()
+        names = [a for a in HEAD_ATTRIBUTES if isinstance(getattr(module, a, None), int)]
+        full = {a: getattr(module, a) for a in names}
+        saved: list[dict] = []
+
+        def enter(mod, args):
+            saved.append({a: getattr(mod, a) for a in names})
+            for a in names:
+                setattr(mod, a, full[a] // n)
+
+        def leave(mod, args, output):
+            for a, value in saved.pop().items():
+                setattr(mod, a, value)
+
+        module.register_forward_pre_hook(enter)
+        module.register_forward_hook(leave, always_call=True)
+        return module
+
+
+class ShardFeatures(ParallelStyle):
+    """Slice the outputs named in ``outputs`` (index -> dim) to this rank's contiguous share of ``dim``."""
+
+    def __init__(self, outputs: dict | None = None) -> None:
+        super().__init__()
+        if not outputs or any(not isinstance(i, int) or not isinstance(d, int) for i, d in outputs.items()):
+            raise ValueError(f"ShardFeatures takes outputs as {{output index: dim}}, e.g. {{0: -1}}; got {outputs!r}.")
+        self.outputs = dict(outputs)
+
+    def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
+        rank, n = device_mesh.get_local_rank(), device_mesh.size()
+        where = type(module).__name__
+
+        def post_hook(mod, args, output):
+            single = isinstance(output, torch.Tensor)
+            values = [output] if single else list(output)
+            for i, dim in self.outputs.items():
+                size = values[i].shape[dim]
+                if size % n:
+                    raise ValueError(f"{where} output {i} has {size} features along dim {dim}, which "
+                                     f"tensor_parallel_size={n} does not divide.")
+                values[i] = values[i].narrow(dim, rank * (size // n), size // n)
+            return values[0] if single else type(output)(values)
+
+        module.register_forward_hook(post_hook)
+        return module
+
+
+def _sharded_rms_norm(module: nn.Module, group, features: int, hidden_states: torch.Tensor) -> torch.Tensor:
+    x = hidden_states.float()  # [..., features / tp]
+    squares = funcol.all_reduce(x.pow(2).sum(-1, keepdim=True), "sum", group)
+    _count("tp_all_reduce", 2 * (group.size() - 1) * squares.numel() * squares.element_size() // group.size())
+    x = x * torch.rsqrt(funcol.wait_tensor(squares) / features + module.eps)
+    weight = getattr(module, "weight", None)
+    if weight is not None:
+        x = x * weight.to_local().float()
+    return x.to(hidden_states.dtype)
+
+
+class HeadShardedNorm(ParallelStyle):
+    """An RMSNorm over every head's features, run on this rank's column-sharded features."""
+
+    def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
+        features = _norm_features(module)
+        if features is None:
+            raise ValueError(f"HeadShardedNorm takes an RMSNorm over one feature dim with an 'eps'; got "
+                             f"{type(module).__name__}.")
+        weight = getattr(module, "weight", None)
+        if weight is not None:
+            local = _local_blocks(weight.detach(), 0, [features], device_mesh)
+            module.register_parameter("weight", nn.Parameter(
+                DTensor.from_local(local, device_mesh, [Shard(0)], run_check=False), requires_grad=weight.requires_grad))
+        # The module's own forward would normalise over this rank's features only; this one is
+        # scoped to the module the plan names (an instance attribute, nothing global).
+        module.forward = functools.partial(_sharded_rms_norm, module, device_mesh.get_group(), features)
+        return module
+
+
+def _norm_features(module: nn.Module) -> int | None:
+    shape = getattr(module, "normalized_shape", None) or getattr(module, "dim", None)
+    if isinstance(shape, int):
+        shape = (shape,)
+    if ("RMSNorm" not in type(module).__name__ or not hasattr(module, "eps") or not shape or len(shape) != 1
+            or getattr(module, "bias", None) is not None):
+        return None
+    return int(shape[0])
+
+
+TP_STYLES = {"ColwiseParallel": ColwiseParallel, "RowwiseParallel": RowwiseParallel,
+             "PackedColwiseParallel": PackedColwiseParallel, "PackedRowwiseParallel": PackedRowwiseParallel,
+             "LocalHeads": LocalHeads, "HeadShardedNorm": HeadShardedNorm, "ShardFeatures": ShardFeatures}
+
+
+def tp_requirements(style: ParallelStyle, module: nn.Module, where: str) -> list[tuple[str, int]]:
+    """``(what, size)`` pairs the ``tp`` degree must divide for ``style`` on ``module``."""
+    if isinstance(style, ShardFeatures):
+        return []  # checked on the outputs, the same on every rank (shapes the ranks agreed on)
+    if isinstance(style, LocalHeads):
+        return [(f"{where}.{a}", getattr(module, a)) for a in HEAD_ATTRIBUTES if isinstance(getattr(module, a, None), int)]
+    if isinstance(style, HeadShardedNorm):
+        features = _norm_features(module)
+        if features is None:
+            raise ValueError(f"plan tp entry '{where}': HeadShardedNorm takes an RMSNorm over one feature dim; "
+                             f"got {type(module).__name__}.")
+        return [(f"{where} features", features)]
+    if not isinstance(module, nn.Linear):
+        raise ValueError(f"plan tp entry '{where}': {type(style).__name__} takes an nn.Linear; got {type(module).__name__}.")
+    if isinstance(style, (PackedColwiseParallel, PackedRowwiseParallel)):
+        dim = 0 if isinstance(style, PackedColwiseParallel) else 1
+        return [(f"{where} block {i}", s) for i, s in enumerate(_packed_sizes(style, module, dim, where))]
+    if isinstance(style, _TorchColwise):
+        return [(f"{where} out_features", module.out_features)]
+    return [(f"{where} in_features", module.in_features)]
