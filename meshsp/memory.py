@@ -34,7 +34,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-__all__ = ["FAMILIES", "LiveBytes", "MemoryModel", "estimate"]
+__all__ = ["FAMILIES", "LiveBytes", "MemoryModel", "estimate", "parallel_weight_bytes"]
 
 GIB = 1024**3
 OVERHEAD = 1.10  # allocator fragmentation and kernel workspaces on top of live bytes (assumption)
@@ -182,18 +182,30 @@ def _fake_world(size: int):
             dist.destroy_process_group()
 
 
-def _weights(spec: MemoryModel, dtype: torch.dtype, ring: int, ulysses: int) -> int:
-    """This rank's transformer weights after its plan is applied for the layout (fake ranks)."""
+def parallel_weight_bytes(model: torch.nn.Module, dtype: torch.dtype, ring: int = 1, ulysses: int = 1,
+                          tp: int = 1) -> int:
+    """This rank's parameter and buffer bytes of ``model`` once its plan is applied for the layout
+    (in a world of fake ranks when no process group is running; ``model`` may be on ``meta``).
+
+    Example::
+
+        parallel_weight_bytes(meta_transformer, torch.bfloat16, ulysses=2, tp=2)
+    """
     from meshsp.config import ParallelConfig
     from meshsp.mesh import init_sp_mesh
     from meshsp.plans import get_plan
 
-    model = _diffusers(spec.transformer)
-    if ring * ulysses > 1:
-        with _fake_world(ring * ulysses):
-            mesh = init_sp_mesh(ParallelConfig(ring_degree=ring, ulysses_degree=ulysses))
+    if ring * ulysses * tp > 1:
+        with _fake_world(ring * ulysses * tp):
+            mesh = init_sp_mesh(ParallelConfig(ring_degree=ring, ulysses_degree=ulysses, tensor_parallel_size=tp),
+                                device_type="cpu")
             get_plan(model, ulysses_mode="advanced_uaa")._apply(model, mesh)
     return _bytes_of(model, dtype)
+
+
+def _weights(spec: MemoryModel, dtype: torch.dtype, ring: int, ulysses: int, tp: int = 1) -> int:
+    """This rank's transformer weights after its plan is applied for the layout (fake ranks)."""
+    return parallel_weight_bytes(_diffusers(spec.transformer), dtype, ring, ulysses, tp)
 
 
 def _family_of(spec: MemoryModel) -> str:

@@ -526,7 +526,7 @@ def config_mesh(**degrees):
 def local_param_bytes(model) -> int:
     from torch.distributed.tensor import DTensor
 
-    return sum((p.to_local() if isinstance(p, DTensor) else p).nbytes for p in model.parameters())
+    return sum((p.to_local() if isinstance(p, DTensor) else p).nbytes for p in [*model.parameters(), *model.buffers()])
 
 
 def tp_parity(family: str, tp: int, ring: int = 1, ulysses: int = 1, mode: str = "strict", heads: int = 4,
@@ -541,8 +541,12 @@ def tp_parity(family: str, tp: int, ring: int = 1, ulysses: int = 1, mode: str =
     model = build_transformer(family, heads=heads, **(config or {}))
     with torch.no_grad():
         expected = output_tensor(model(**make_inputs(family, model, **inputs)))
+    # Fresh (forwards fill some buffers lazily) and in one dtype (CogVideoX keeps a float64 buffer),
+    # as the planner counts it.
+    model = build_transformer(family, heads=heads, **(config or {})).to(torch.float32)
     full = local_param_bytes(model)
     parallelize(model, mesh, get_plan(model, ulysses_mode=mode))
+    mine = local_param_bytes(model)
     with torch.no_grad(), record_comm() as stats:
         out = output_tensor(model(**make_inputs(family, model, **inputs)))
     scale = expected.abs().max().item()
@@ -550,4 +554,33 @@ def tp_parity(family: str, tp: int, ring: int = 1, ulysses: int = 1, mode: str =
                                msg=lambda m: f"{family} TP{tp} R{ring}xU{ulysses} {mode} {inputs}: {m}")
     assert stats.calls["tp_all_reduce"] > 0 and (stats.calls["all_to_all"] > 0) == (ulysses > 1), stats.calls
     return {"diff": (out - expected).abs().max().item(), "calls": dict(stats.calls),
-            "bytes": dict(stats.bytes_sent), "param_bytes": local_param_bytes(model), "full_param_bytes": full}
+            "bytes": dict(stats.bytes_sent), "param_bytes": mine, "full_param_bytes": full}
+
+
+def tp_parity_all(families: list[str], tp: int, ring: int, ulysses: int, mode: str, heads: dict, inputs: dict) -> dict:
+    """``tp_parity`` for several families in one call (``heads[family]``); family -> result."""
+    return {f: tp_parity(f, tp, ring, ulysses, mode, heads[f], inputs) for f in families}
+
+
+def tp_refused(family: str, tp: int, heads: int, ulysses: int = 1, mode: str = "strict") -> str:
+    """Apply the plan where tp does not divide a width: the ValueError text, raised before any communication."""
+    from meshsp.plans import get_plan, parallelize
+    from meshsp.tiny import build_transformer
+
+    mesh = config_mesh(tensor_parallel_size=tp, ulysses_degree=ulysses)
+    model = build_transformer(family, heads=heads)
+    with record_comm() as stats:
+        try:
+            parallelize(model, mesh, get_plan(model, ulysses_mode=mode))
+        except ValueError as exc:
+            untouched = not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
+            assert untouched and stats.total_bytes == 0 and not stats.calls, (untouched, stats)
+            return str(exc)
+    raise AssertionError(f"{family} at tp={tp} with {heads} heads was not refused")
+
+
+def mesh_names(tp: int, ring: int, ulysses: int) -> list:
+    """The mesh's axis names and the ranks of each tp group."""
+    mesh = config_mesh(tensor_parallel_size=tp, ring_degree=ring, ulysses_degree=ulysses)
+    groups = mesh.mesh.reshape(-1, tp).tolist()
+    return [mesh.mesh_dim_names, groups]
