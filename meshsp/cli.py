@@ -122,8 +122,11 @@ def _plan(args) -> int:
         raise SystemExit("meshsp plan: --model is required (or --infer / --coverage)")
     if args.check:
         return _check_plan(args)
-    rows = recommend(args.model, args.hardware, args.width, args.height, args.gpus, frames=args.frames,
-                     interconnect=args.interconnect)
+    try:
+        rows = recommend(args.model, args.hardware, args.width, args.height, args.gpus, frames=args.frames,
+                         interconnect=args.interconnect, steps=args.steps)
+    except ValueError as exc:
+        raise SystemExit(f"meshsp plan: {exc}") from exc
     memory = _plan_memory(args, rows) if (args.gpu_memory is not None or args.json) else None
     if args.json:
         import json
@@ -136,7 +139,7 @@ def _plan(args) -> int:
     s = tokens(MODELS[args.model], args.width, args.height, args.frames)
     print(f"{args.model} {args.width}x{args.height}" + (f"x{args.frames}f" if args.frames > 1 else "")
           + f" ({s} tokens) on {args.gpus} x {args.hardware} over {args.interconnect}; predicted speedup "
-          f"of a denoising step over 1 GPU (alpha-beta model, see meshsp/planner.py)"
+          f"of the whole request ({args.steps} steps, text encoding and VAE decode) over 1 GPU (meshsp/planner.py)"
           + (f"; GiB per rank in {args.dtype} (meshsp/memory.py), {args.gpu_memory:g} GiB per GPU:" if memory else ":"))
     for i, r in enumerate(rows):
         mark = "  <- recommended" if i == 0 else ""
@@ -321,7 +324,8 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--height", type=int, default=1024)
     plan.add_argument("--frames", type=int, default=1)
     plan.add_argument("--gpus", type=int, default=8)
-    plan.add_argument("--hardware", default="h100", help="h100, h800, a100, l20")
+    plan.add_argument("--steps", type=int, default=50, help="denoising steps of the request the speedup is of")
+    plan.add_argument("--hardware", default="h100", help="h100, h800, h200, a100, l20")
     plan.add_argument("--interconnect", default="nvlink", choices=["nvlink", "pcie", "ib"])
     plan.add_argument("--gpu-memory", type=float, default=None, metavar="GiB",
                       help="per-GPU memory: each layout's per-rank memory is estimated and checked against it")

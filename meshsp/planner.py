@@ -1,48 +1,87 @@
-"""``meshsp plan``: pick ulysses / ring / cfg degrees from an alpha-beta model of one denoising step.
+"""``meshsp plan``: pick ulysses / ring / cfg degrees from a model of the whole request.
 
-Per transformer layer and denoising step, with S tokens, hidden size d, MLP width f, h heads and
-P = ring x ulysses sequence-parallel ranks (bf16, 2 bytes per element):
+A request is text encoding, ``steps`` denoising steps and one VAE decode::
 
-* compute:   linear 2·S·(4·d² + 2·d·f) FLOPs at ``mfu_linear`` of peak; attention 4·S²·d FLOPs at
-             ``mfu_attention`` of peak — both divided by P (and by cfg, which halves the work);
-* Ulysses:   4 all-to-alls (q, k, v, out) of S/P·d elements, each costing ``alpha`` per peer plus
-             (U-1)/U of the bytes over the link bandwidth ``beta`` — not overlapped with compute;
-* Ring:      R-1 steps, each moving one K/V block (2·S/P·d elements) over the ring link while the
-             previous block's attention runs: a step costs max(compute, transfer) + ``ring_step``;
-* CFG:       the two branches run on the two halves (the per-step swap of predictions is small
-             next to a step and is not modelled).
+    T(layout) = T_text + steps x T_step(layout) + T_vae        speedup = T(1 GPU) / T(layout)
 
-All communication uses the one ``interconnect`` given (the slowest link the job spans). This is a
-per-step model: text encoding and VAE decoding, which do not parallelize, are outside it, so it
-over-predicts end-to-end speedups at high degrees (see the README's comparison). The constants are rounded
-from vendor peak numbers and the efficiencies attention kernels reach at long sequences; they are
-documented in ``HARDWARE`` and compared with published scaling in the README.
+Text encoding and the VAE decode run whole on every rank (until the VAE is split), so they cap the
+speedup; a step is ``calls`` transformer calls (2 with CFG, split by a cfg axis) of ``layers``
+layer calls each. One layer call, with S tokens, hidden size d, MLP width f, U = ulysses, R = ring,
+P = U x R, bf16 (2 bytes an element), costs on each rank:
+
+* GEMMs:        2·S·(4d² + 2df) / P FLOPs at ``GEMM_EFFICIENCY`` of the dense peak;
+* elementwise:  ``ELEMENTWISE_PASSES`` x S/P·d·2 bytes through HBM (norms, modulation, RoPE, GELU,
+                gates and residuals run eagerly);
+* attention:    4·S²·d / P FLOPs in R blocks of L = S/R keys, each at the hardware's flash-attention
+                efficiency x L / (L + ``ATTENTION_HALF_TOKENS``) — short blocks run slower;
+* Ulysses:      4 all-to-alls (q, k, v, out), (U-1)/U of S/P·d·2 bytes each over the link plus
+                ``ALPHA_US``, not overlapped with compute;
+* Ring:         R-1 steps, each sending a K/V block (2·S/R·d/U·2 bytes) while the previous block is
+                computed — only the part of the transfer longer than the block is exposed — plus
+                ``RING_STEP_US`` of launches and log-sum-exp merge;
+* sync:         ``SYNC_US`` x log2(P): the layer's collectives wait for the last rank of the group.
+
+All communication uses the one ``interconnect`` given (the slowest link the job spans). The README
+compares the model with the eight published runs in ``PUBLISHED`` and with runs it was not set on.
+Not modelled: a single GPU whose host cannot issue kernels as fast as the GPU runs them (eager
+FLUX.1-dev at 1024x1024 on one H100), GEMM efficiency falling on small shards, overlap of the
+Ulysses exchange with compute, and a VAE split across ranks.
 """
 
 from __future__ import annotations
 
 import itertools
+import math
 from dataclasses import dataclass
+from typing import NamedTuple
 
-__all__ = ["HARDWARE", "MODELS", "ModelShape", "Hardware", "predict", "recommend"]
+__all__ = ["HARDWARE", "MODELS", "PUBLISHED", "Hardware", "ModelShape", "Published", "RequestTime", "predict",
+           "predict_step", "recommend", "request_time", "tokens"]
+
+# Shared efficiencies and overheads (every hardware, every model):
+GEMM_EFFICIENCY = 0.70      # cuBLAS bf16 on GEMMs with N, K >= 3072 reaches 70-80% of the dense peak
+#                             (NVIDIA, "Matrix Multiplication Background User's Guide"); the low end
+ELEMENTWISE_PASSES = 80     # bytes the non-matmul ops of one eager Qwen-Image block read and write,
+#                             counted on `meta` with a dispatch mode: ~80 x S·d·2 bytes
+ATTENTION_HALF_TOKENS = 256  # flash attention at L keys runs at L / (L + 256) of its long-sequence
+#                             rate: FlashAttention-2 paper (Dao 2023), forward, head dim 128, A100:
+#                             about 2/3 of the 16k rate at 512 tokens, 4/5 at 1k, 9/10 at 2k
+VAE_EFFICIENCY = 0.13       # VAE decode: sglang PR #36012 measured HunyuanVideo's tiled decode of
+#                             848x480x77 in 5.71 s on an H200, 733 TFLOPs as counted below: 13% of peak
+ALPHA_US = 10.0             # NCCL latency of one collective on NVLink or PCIe (nccl-tests, small messages)
+SYNC_US = 750.0             # per layer call and doubling of the SP group: the layer's collectives
+#                             wait for the last of P ranks, log2(P) rounds deep. xDiT's published
+#                             FLUX.1-dev table on 4xH100 (eager, 28 steps) takes T(P) - T(1)/P =
+#                             0.64 ms per layer call at U2 and 1.60 ms at U4
+RING_STEP_US = 200.0        # per ring step: the P2P pair, the block's attention with its LSE and the
+#                             merge, ~10 eager ops at ~20 µs of host time each (xDiT's host-bound U4
+#                             run: 2.66 ms per FLUX.1-dev block call of ~143 ops)
 
 
 @dataclass(frozen=True)
 class Hardware:
-    peak_tflops: float      # dense bf16
-    mfu_linear: float       # fraction of peak reached by the GEMMs
-    mfu_attention: float    # fraction of peak reached by flash attention at long sequences
-    beta_gbps: dict         # interconnect -> effective per-GPU bandwidth, GB/s, for all-to-all / P2P
-    alpha_us: float = 10.0  # per-peer latency of one collective, microseconds
-    ring_step_us: float = 30.0  # per-step overhead of the ring loop (launches, merge)
+    peak_tflops: float           # dense bf16 tensor-core peak, vendor datasheet
+    hbm_tbps: float              # memory bandwidth, vendor datasheet
+    attention_efficiency: float  # flash attention's forward rate at long sequences, fraction of peak
+    link_gbps: dict              # interconnect -> per-GPU, per-direction GB/s that NCCL reaches
 
 
+# Link rates: 80% of the vendor's per-direction rate (NCCL's usual bus bandwidth). NVLink: H100 and
+# H200 900 GB/s, H800 400 GB/s, A100 600 GB/s bidirectional; PCIe 5.0 x16 64 GB/s and 4.0 x16
+# 32 GB/s a direction; InfiniBand NDR 400 Gb/s (50 GB/s) and HDR 200 Gb/s (25 GB/s), one NIC a GPU.
+# The L20 has no NVLink.
 HARDWARE = {
-    "h800": Hardware(989, 0.55, 0.45, {"nvlink": 160, "pcie": 25, "ib": 40}),
-    "h100": Hardware(989, 0.55, 0.45, {"nvlink": 300, "pcie": 25, "ib": 40}),
-    "a100": Hardware(312, 0.60, 0.50, {"nvlink": 200, "pcie": 20, "ib": 20}),
-    "l20": Hardware(119, 0.65, 0.55, {"nvlink": 20, "pcie": 20, "ib": 12}),
+    # H100 SXM5: 989 dense bf16 TFLOPS, 3.35 TB/s HBM3; FlashAttention-2 reaches ~35% of it
+    # (FlashAttention-3 paper, H100 forward benchmarks), and SDPA's flash backend is FA2
+    "h100": Hardware(989, 3.35, 0.35, {"nvlink": 360, "pcie": 50, "ib": 40}),
+    "h800": Hardware(989, 3.35, 0.35, {"nvlink": 160, "pcie": 50, "ib": 40}),  # H100 with 400 GB/s NVLink
+    "h200": Hardware(989, 4.80, 0.35, {"nvlink": 360, "pcie": 50, "ib": 40}),  # H100 compute, 4.8 TB/s HBM3e
+    # A100 80GB SXM: 312 TFLOPS, 2.04 TB/s; FlashAttention-2's forward reaches ~2/3 of peak (FA2 paper)
+    "a100": Hardware(312, 2.04, 0.65, {"nvlink": 240, "pcie": 25, "ib": 20}),
+    # L20: 119.5 TFLOPS, 864 GB/s GDDR6, PCIe only; Ada runs FA2's sm80 kernels (0.6 is an assumption)
+    "l20": Hardware(119.5, 0.864, 0.60, {"pcie": 25, "ib": 20}),
 }
+INTERCONNECTS = ("nvlink", "pcie", "ib")
 
 
 @dataclass(frozen=True)
@@ -52,23 +91,54 @@ class ModelShape:
     mlp: int
     heads: int
     text_tokens: int
+    text_encoder_b: float    # text encoder parameters run per prompt, billions (non-embedding)
+    vae_mflop_px: float      # VAE decode MFLOPs per output pixel (per frame), torch's FlopCounterMode
+    #                          on the released config on `meta` at 1024x1024 (videos: 832x480x17)
     latent_scale: int = 16   # pixels per token side (VAE 8x, then 2x2 patches)
     frame_scale: int = 1     # frames per latent frame (video VAEs: 4)
     cfg: bool = True         # CFG as two transformer calls per step (what meshsp's cfg axis splits);
     #                          False: no CFG, embedded guidance, or CFG batched into one call
 
 
-MODELS = {  # published configurations, rounded
-    "qwen-image": ModelShape(60, 3072, 12288, 24, 256),
-    "flux": ModelShape(57, 3072, 12288, 24, 512, cfg=False),
-    "flux2": ModelShape(56, 6144, 18432, 48, 512, cfg=False),
-    "z-image": ModelShape(30, 3840, 10240, 30, 256, cfg=False),
-    "sd3": ModelShape(24, 1536, 6144, 24, 333, cfg=False),
-    "wan": ModelShape(40, 5120, 13824, 40, 512, frame_scale=4),
-    "ltx": ModelShape(28, 2048, 8192, 32, 128, latent_scale=32, frame_scale=8, cfg=False),
-    "hunyuan-video": ModelShape(60, 3072, 12288, 24, 256, frame_scale=4, cfg=False),
-    "cogvideox": ModelShape(42, 3072, 12288, 48, 226, frame_scale=4, cfg=False),
+MODELS = {  # published configurations, rounded; text encoders: Qwen2.5-VL-7B, T5-XXL (+ CLIP-L / -G),
+    #         Mistral-Small-3.1-24B, Qwen3-4B, UMT5-XXL, LLaVA-LLaMA-3-8B
+    "qwen-image": ModelShape(60, 3072, 12288, 24, 256, 6.5, 11.1),
+    "flux": ModelShape(57, 3072, 12288, 24, 512, 4.75, 10.0, cfg=False),
+    "flux2": ModelShape(56, 6144, 18432, 48, 512, 23.0, 10.0, cfg=False),
+    "z-image": ModelShape(30, 3840, 10240, 30, 256, 3.6, 10.0, cfg=False),
+    "sd3": ModelShape(24, 1536, 6144, 24, 333, 5.45, 10.0, cfg=False),
+    "wan": ModelShape(40, 5120, 13824, 40, 512, 4.63, 8.6, frame_scale=4),
+    "ltx": ModelShape(28, 2048, 8192, 32, 128, 4.63, 0.89, latent_scale=32, frame_scale=8, cfg=False),
+    "hunyuan-video": ModelShape(60, 3072, 12288, 24, 256, 7.1, 23.4, frame_scale=4, cfg=False),
+    "cogvideox": ModelShape(42, 3072, 12288, 48, 226, 4.63, 18.7, frame_scale=4, cfg=False),
 }
+
+
+class Published(NamedTuple):
+    model: str
+    hardware: str
+    interconnect: str
+    size: int       # width = height
+    steps: int
+    ring: int
+    ulysses: int
+    speedup: float  # end to end, over one GPU
+
+
+PUBLISHED = [
+    # vLLM-Omni's parallelism guide: Qwen-Image, 50 steps, over diffusers on one GPU. Two transformer
+    # calls a step (true CFG): 112.5 s on one H800 is 2 x 50 calls of 421 TFLOPs at 38% of peak.
+    # The A100s' link is not stated; NVLink is assumed (the README shows what PCIe would give).
+    Published("qwen-image", "h800", "nvlink", 2048, 50, 1, 2, 1.73),
+    Published("qwen-image", "h800", "nvlink", 2048, 50, 1, 4, 2.84),
+    Published("qwen-image", "h800", "nvlink", 2048, 50, 1, 8, 3.65),
+    Published("qwen-image", "a100", "nvlink", 1024, 50, 2, 1, 1.51),
+    Published("qwen-image", "a100", "nvlink", 1024, 50, 4, 1, 1.94),
+    Published("qwen-image", "a100", "nvlink", 1024, 50, 2, 2, 1.87),
+    # cache-dit's context-parallel table: FLUX.1-dev, 28 steps, L20 (PCIe only), 23.56 s on one.
+    Published("flux", "l20", "pcie", 1024, 28, 1, 2, 1.71),
+    Published("flux", "l20", "pcie", 1024, 28, 1, 4, 2.85),
+]
 
 
 def tokens(model: ModelShape, width: int, height: int, frames: int = 1) -> int:
@@ -76,65 +146,130 @@ def tokens(model: ModelShape, width: int, height: int, frames: int = 1) -> int:
     return latent_frames * (width // model.latent_scale) * (height // model.latent_scale) + model.text_tokens
 
 
-def _step_seconds(m: ModelShape, hw: Hardware, s: int, ring: int, ulysses: int, cfg: int, link: str) -> float:
-    p = ring * ulysses
-    flops_linear = 2 * s * (4 * m.hidden**2 + 2 * m.hidden * m.mlp)
-    flops_attn = 4 * s * s * m.hidden
-    t_linear = flops_linear / (hw.peak_tflops * 1e12 * hw.mfu_linear) / p
-    t_attn = flops_attn / (hw.peak_tflops * 1e12 * hw.mfu_attention) / p
-    t_comm = 0.0
+@dataclass(frozen=True)
+class RequestTime:
+    """Seconds of one request on each rank: text encoding, one denoising step, the VAE decode."""
+
+    text: float
+    step: float
+    vae: float
+    steps: int
+
+    @property
+    def total(self) -> float:
+        return self.text + self.steps * self.step + self.vae
+
+
+def _layer_seconds(m: ModelShape, hw: Hardware, s: int, ring: int, ulysses: int, link: str) -> float:
+    p, flops, link_bps = ring * ulysses, hw.peak_tflops * 1e12, hw.link_gbps[link] * 1e9
+    gemm = 2 * s * (4 * m.hidden**2 + 2 * m.hidden * m.mlp) / (flops * GEMM_EFFICIENCY) / p
+    elementwise = ELEMENTWISE_PASSES * s / p * m.hidden * 2 / (hw.hbm_tbps * 1e12)
+    keys = s / ring  # a ring block's keys; after the Ulysses exchange a rank also holds S/R queries
+    block_rate = flops * hw.attention_efficiency * keys / (keys + ATTENTION_HALF_TOKENS)
+    block = 4 * keys * keys * m.hidden / ulysses / block_rate
+    seconds = gemm + elementwise + ring * block
     if ulysses > 1:
-        elems = s / p * m.hidden * (ulysses - 1) / ulysses
-        t_comm += 4 * (hw.alpha_us * 1e-6 * (ulysses - 1) + 2 * elems / (hw.beta_gbps[link] * 1e9))
+        shard_bytes = s / p * m.hidden * 2
+        seconds += 4 * (ALPHA_US * 1e-6 + (ulysses - 1) / ulysses * shard_bytes / link_bps)
     if ring > 1:
-        block_bytes = 2 * (2 * s / p * m.hidden)
-        per_block = t_attn / ring
-        exposed = max(0.0, block_bytes / (hw.beta_gbps[link] * 1e9) - per_block)  # transfer not hidden
-        t_attn += (ring - 1) * (exposed + hw.ring_step_us * 1e-6)
-    per_layer = t_linear + t_attn + t_comm
-    branches = 2 if m.cfg else 1
-    return m.layers * per_layer * branches / cfg
+        kv_bytes = 2 * keys * m.hidden / ulysses * 2
+        seconds += (ring - 1) * (max(0.0, kv_bytes / link_bps - block) + RING_STEP_US * 1e-6)
+    return seconds + SYNC_US * 1e-6 * math.log2(p)
 
 
-def predict(model: str, hardware: str, width: int, height: int, *, frames: int = 1, ring: int = 1,
-            ulysses: int = 1, cfg: int = 1, interconnect: str = "nvlink") -> float:
-    """Predicted speedup of one denoising step over one GPU."""
-    m, hw = MODELS[model], HARDWARE[hardware]
-    s = tokens(m, width, height, frames)
-    one = _step_seconds(m, hw, s, 1, 1, 1, interconnect)
-    return one / _step_seconds(m, hw, s, ring, ulysses, cfg, interconnect)
-
-
-def recommend(model: str, hardware: str, width: int, height: int, gpus: int, *, frames: int = 1,
-              interconnect: str = "nvlink") -> list[dict]:
-    """Every (cfg, ring, ulysses) with cfg x ring x ulysses = gpus, best predicted speedup first."""
+def _check(model: str, hardware: str, interconnect: str, steps: int, ring: int = 1, ulysses: int = 1,
+           cfg: int = 1) -> None:
     if model not in MODELS:
         raise ValueError(f"unknown model family {model!r}; known: {sorted(MODELS)}.")
     if hardware not in HARDWARE:
         raise ValueError(f"unknown hardware {hardware!r}; known: {sorted(HARDWARE)}.")
+    if interconnect not in INTERCONNECTS:
+        raise ValueError(f"interconnect must be nvlink, pcie or ib, got {interconnect!r}.")
+    if interconnect not in HARDWARE[hardware].link_gbps:
+        raise ValueError(f"{hardware} has no {interconnect} link; use one of {sorted(HARDWARE[hardware].link_gbps)}.")
+    if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
+        raise ValueError(f"steps must be a positive integer, got {steps!r}.")
+    if ring < 1 or ulysses < 1 or cfg not in (1, 2):
+        raise ValueError(f"ring and ulysses must be >= 1 and cfg 1 or 2, got ring={ring}, ulysses={ulysses}, "
+                         f"cfg={cfg}.")
+    if cfg == 2 and not MODELS[model].cfg:
+        raise ValueError(f"{model} makes one transformer call a step; there is no CFG branch to split (cfg=2).")
+
+
+def request_time(model: str, hardware: str, width: int, height: int, *, frames: int = 1, steps: int = 50,
+                 ring: int = 1, ulysses: int = 1, cfg: int = 1, interconnect: str = "nvlink") -> RequestTime:
+    """Modelled seconds of one request in a layout (see the module docstring).
+
+    Example::
+
+        >>> t = request_time("qwen-image", "h800", 2048, 2048, ulysses=8)
+        >>> round(t.total), round(t.step, 2)
+        (29, 0.58)
+    """
+    _check(model, hardware, interconnect, steps, ring, ulysses, cfg)
+    m, hw = MODELS[model], HARDWARE[hardware]
+    flops, hbm = hw.peak_tflops * 1e12, hw.hbm_tbps * 1e12
+    prompts = 2 if m.cfg else 1  # with CFG the negative prompt is encoded too
+    params = m.text_encoder_b * 1e9
+    text = prompts * max(2 * params * m.text_tokens / (flops * GEMM_EFFICIENCY), 2 * params / hbm)
+    vae = m.vae_mflop_px * 1e6 * width * height * frames / (flops * VAE_EFFICIENCY)
+    calls = (2 if m.cfg else 1) // cfg
+    layer = _layer_seconds(m, hw, tokens(m, width, height, frames), ring, ulysses, interconnect)
+    exchange = SYNC_US * 1e-6 if cfg > 1 else 0.0  # the branches swap their predictions once a step
+    return RequestTime(text=text, step=calls * m.layers * layer + exchange, vae=vae, steps=steps)
+
+
+def predict(model: str, hardware: str, width: int, height: int, *, frames: int = 1, steps: int = 50,
+            ring: int = 1, ulysses: int = 1, cfg: int = 1, interconnect: str = "nvlink") -> float:
+    """Predicted speedup of the whole request (text encoding, ``steps`` steps, VAE decode) over one GPU.
+
+    Example::
+
+        >>> round(predict("qwen-image", "h800", 2048, 2048, ulysses=8), 2)
+        3.69
+    """
+    kw = dict(frames=frames, steps=steps, interconnect=interconnect)
+    one = request_time(model, hardware, width, height, **kw)
+    return one.total / request_time(model, hardware, width, height, ring=ring, ulysses=ulysses, cfg=cfg, **kw).total
+
+
+def predict_step(model: str, hardware: str, width: int, height: int, *, frames: int = 1, ring: int = 1,
+                 ulysses: int = 1, cfg: int = 1, interconnect: str = "nvlink") -> float:
+    """Predicted speedup of one denoising step over one GPU: the limit of ``predict`` as steps grow.
+
+    Example::
+
+        >>> round(predict_step("qwen-image", "h800", 2048, 2048, ulysses=8), 2)
+        3.72
+    """
+    kw = dict(frames=frames, interconnect=interconnect)
+    one = request_time(model, hardware, width, height, **kw)
+    return one.step / request_time(model, hardware, width, height, ring=ring, ulysses=ulysses, cfg=cfg, **kw).step
+
+
+def recommend(model: str, hardware: str, width: int, height: int, gpus: int, *, frames: int = 1,
+              interconnect: str = "nvlink", steps: int = 50) -> list[dict]:
+    """Every (cfg, ring, ulysses) with cfg x ring x ulysses = gpus, best predicted speedup first.
+
+    Example::
+
+        >>> rows = recommend("qwen-image", "h800", 2048, 2048, 8)
+        >>> rows[0]["cfg"], rows[0]["ring"], rows[0]["ulysses"]
+        (2, 1, 4)
+    """
+    _check(model, hardware, interconnect, steps)
     if gpus < 1:
         raise ValueError(f"gpus must be a positive integer, got {gpus}.")
-    if interconnect not in ("nvlink", "pcie", "ib"):
-        raise ValueError(f"interconnect must be nvlink, pcie or ib, got {interconnect!r}.")
     m = MODELS[model]
+    s = tokens(m, width, height, frames)
     rows = []
     for cfg, ring in itertools.product((1, 2), range(1, gpus + 1)):
         if gpus % (cfg * ring) or (cfg == 2 and not m.cfg):
             continue
         ulysses = gpus // (cfg * ring)
-        s = tokens(m, width, height, frames)
         even = (s - m.text_tokens) % (ring * ulysses) == 0 and m.text_tokens % (ring * ulysses) == 0
         mode = "strict" if m.heads % ulysses == 0 and even else "advanced_uaa"
         rows.append({"cfg": cfg, "ring": ring, "ulysses": ulysses, "ulysses_mode": mode,
-                     "speedup": predict(model, hardware, width, height, frames=frames, ring=ring,
+                     "speedup": predict(model, hardware, width, height, frames=frames, steps=steps, ring=ring,
                                         ulysses=ulysses, cfg=cfg, interconnect=interconnect)})
     return sorted(rows, key=lambda r: -r["speedup"])
-
-
-PUBLISHED = [  # (model, hardware, size, ring, ulysses, measured speedup), as published with the guide
-    ("qwen-image", "h800", 2048, 1, 2, 1.73), ("qwen-image", "h800", 2048, 1, 4, 2.84),
-    ("qwen-image", "h800", 2048, 1, 8, 3.65),
-    ("qwen-image", "a100", 1024, 2, 1, 1.51), ("qwen-image", "a100", 1024, 4, 1, 1.94),
-    ("qwen-image", "a100", 1024, 2, 2, 1.87),
-    ("flux", "l20", 1024, 1, 2, 1.71), ("flux", "l20", 1024, 1, 4, 2.85),
-]
