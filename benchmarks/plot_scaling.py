@@ -1,8 +1,8 @@
 """Plot measured and predicted scaling into docs/scaling.png (needs matplotlib: pip install -e .[bench]).
 
-Left: published speedups of the reference system (Qwen-Image on H800 at 2048x2048 and on A100 at
-1024x1024, FLUX on L20 at 1024x1024) as points, and meshsp's planner predictions for the same
-setups as lines. Right: SP-2 speedups measured on this project's 2-core CPU machine by
+Left: published end-to-end speedups (vLLM-Omni: Qwen-Image on H800 at 2048x2048 and on A100 at
+1024x1024; cache-dit: FLUX on L20 at 1024x1024) as points, and meshsp's planner predictions of the
+whole request for the same setups as lines. Right: SP-2 speedups measured on this project's 2-core CPU machine by
 ``meshsp bench models`` (numbers passed on the command line, or the README's defaults).
 
     python benchmarks/plot_scaling.py [--measured flux=1.91,1.95 qwen-image=1.85,1.79 ...]
@@ -27,6 +27,12 @@ MEASURED = {  # family: (U2, R2) speedups from the README's `meshsp bench models
 }
 
 
+def _degrees(kind: str, gpus: int) -> dict:
+    if kind == "U2xR2" and gpus > 1:
+        return {"ring": 2, "ulysses": gpus // 2}
+    return {"ring": gpus, "ulysses": 1} if kind == "Ring" else {"ring": 1, "ulysses": gpus}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--measured", nargs="*", default=[], help="family=U2,R2 speedups")
@@ -39,21 +45,21 @@ def main() -> None:
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
     setups = {}
-    for model, hw, size, ring, ulysses, speedup in PUBLISHED:
-        kind = "Ulysses" if ring == 1 else ("Ring" if ulysses == 1 else "U2xR2")
-        setups.setdefault((model, hw, size, kind), []).append((ring * ulysses, speedup))
-    for (model, hw, size, kind), points in setups.items():
-        label = f"{model} {hw.upper()} {size}px {kind}"
+    for row in PUBLISHED:
+        kind = "Ulysses" if row.ring == 1 else ("Ring" if row.ulysses == 1 else "U2xR2")
+        setups.setdefault((row.model, row.hardware, row.interconnect, row.size, row.steps, kind), []).append(
+            (row.ring * row.ulysses, row.speedup))
+    for (model, hw, link, size, steps, kind), points in setups.items():
+        label = f"{model} {hw.upper()} {link} {size}px {kind}"
         xs = [p for p, _ in points]
         line = left.plot(xs, [s for _, s in points], "o", label=f"{label} (published)")[0]
         grid = sorted({1, *xs})
-        preds = [predict(model, hw, size, size, ring=(g if kind == "Ring" else 2 if kind == "U2xR2" and g > 1 else 1),
-                         ulysses=(g if kind == "Ulysses" else 2 if kind == "U2xR2" and g > 1 else 1)) for g in grid]
+        preds = [predict(model, hw, size, size, steps=steps, interconnect=link, **_degrees(kind, g)) for g in grid]
         left.plot(grid, preds, "--", color=line.get_color(), label=f"{label} (meshsp plan)")
     left.plot([1, 8], [1, 8], ":", color="gray", label="linear")
     left.set_xlabel("GPUs (sequence-parallel degree)")
     left.set_ylabel("speedup over 1 GPU")
-    left.set_title("Published measurements vs planner predictions")
+    left.set_title("Published end-to-end speedups vs planner (whole request)")
     left.legend(fontsize=6)
 
     families = list(measured)
