@@ -44,11 +44,16 @@ def add_generate_args(parser: argparse.ArgumentParser) -> None:
 
 
 def add_dtype_arg(parser: argparse.ArgumentParser) -> None:
-    """Flags shared by generate, serve and the examples: precision and where text is encoded."""
+    """Flags shared by generate, serve and the examples: precision, where text is encoded, where the
+    text encoders and VAE are kept."""
     parser.add_argument("--dtype", default=None, choices=["bfloat16", "float16", "float32"],
                         help="weights and compute (default: bfloat16 on CUDA, float32 on CPU)")
     parser.add_argument("--encode-text-once", action="store_true",
                         help="only rank 0 loads and runs the text encoders; the embeddings are broadcast")
+    parser.add_argument("--cpu-offload", action="store_true",
+                        help="keep the text encoders and VAE in CPU memory on every rank; their layers move to "
+                             "the rank's GPU only while they run (diffusers' group offloading), so the "
+                             "transformer has the GPU")
 
 
 def run_generate(args) -> int:
@@ -64,11 +69,13 @@ def run_generate(args) -> int:
                             height=args.height, seed=args.seed, guidance_scale=args.guidance_scale,
                             negative_prompt=args.negative_prompt, num_frames=args.num_frames)
     t0 = time.perf_counter()
-    with Engine(args.model, config, dtype=args.dtype, encode_text_once=args.encode_text_once) as engine:
+    with Engine(args.model, config, dtype=args.dtype, encode_text_once=args.encode_text_once,
+                cpu_offload=args.cpu_offload) as engine:
         load_s = time.perf_counter() - t0
         images = engine.generate(args.prompt, params)
         if images is None:  # not rank 0 under torchrun
             return 0
+        weights = engine.weights_info()[0]
         frames = images[0] if isinstance(images[0], list) else None
         if frames is not None:
             frames[0].save(args.output, save_all=True, append_images=frames[1:], duration=125, loop=0)
@@ -80,7 +87,17 @@ def run_generate(args) -> int:
               f"generate {engine.last_seconds:.2f} s = {engine.last_seconds / params.num_inference_steps * 1e3:.0f} ms "
               f"per step including text encoding and VAE decode ({params.num_inference_steps} steps, "
               f"{params.width}x{params.height}); wrote {args.output}")
+        print(f"rank 0 weights: {_weights_line(weights)}")
     return 0
+
+
+def _weights_line(weights: dict) -> str:
+    """``Engine.weights_info()`` of one rank in a line: each model's MiB and where it is kept."""
+    mib = lambda n: f"{n / 2**20:,.1f} MiB"
+    parts = [f"{name} {mib(w['bytes'])} on {w['device']}" + (" (offloaded)" if w["offloaded"] else "")
+             for name, w in weights.items()]
+    resident = sum(w["bytes"] for w in weights.values() if not w["offloaded"])
+    return ", ".join(parts) + f"; resident {mib(resident)}"
 
 
 def _serve(args) -> int:
@@ -96,7 +113,9 @@ def _serve(args) -> int:
                             ulysses_mode=args.ulysses_mode, cfg_degree=args.cfg_parallel_size, timeout_s=args.timeout)
     limits = Limits(max_size=args.max_size, max_n=args.max_n, max_steps=args.max_steps,
                     default_size=args.default_size, default_steps=args.default_steps)
-    serve(Engine(args.model, config, dtype=args.dtype, encode_text_once=args.encode_text_once), args.model, host=args.host, port=args.port, limits=limits)
+    engine = Engine(args.model, config, dtype=args.dtype, encode_text_once=args.encode_text_once,
+                    cpu_offload=args.cpu_offload)
+    serve(engine, args.model, host=args.host, port=args.port, limits=limits)
     return 0
 
 

@@ -8,7 +8,9 @@
   images are returned on rank 0 and ``None`` elsewhere.
 
 Text encoding and VAE decoding run as diffusers runs them, on every rank; only the transformer is
-parallelized, with its plan (``meshsp.get_plan``). With ``cfg_degree=2`` the world splits into two
+parallelized, with its plan (``meshsp.get_plan``). On CUDA the weights load straight onto each
+rank's GPU (no CPU copy first); with ``cpu_offload`` the text encoders and VAE stay in CPU memory
+and diffusers' group offloading moves their layers to the GPU while they run. With ``cfg_degree=2`` the world splits into two
 halves on the ``cfg`` mesh axis that compute the conditional and unconditional branches at the same
 time (``meshsp.cfg``), each half sequence-parallel.
 """
@@ -16,6 +18,7 @@ time (``meshsp.cfg``), each half sequence-parallel.
 from __future__ import annotations
 
 import inspect
+import logging
 import os
 import time
 from dataclasses import dataclass
@@ -28,6 +31,8 @@ from meshsp.config import ParallelConfig
 from meshsp.launch import RankFailure, WorkerPool
 
 __all__ = ["DTYPES", "Engine", "SamplingParams", "resolve_dtype", "resolve_model"]
+
+logger = logging.getLogger(__name__)
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
@@ -86,11 +91,94 @@ def _rank() -> int:
     return dist.get_rank() if dist.is_initialized() else int(os.environ.get("RANK", "0"))
 
 
+def _local_rank() -> int:
+    return int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def _rank_device(device: str) -> torch.device:
+    """This rank's device: on CUDA its local GPU (the current one outside a launcher), made current
+    before loading, since diffusers' models read ``device_map="cuda"`` as the current GPU."""
+    if device == "cpu":
+        return torch.device("cpu")
+    index = _local_rank() % torch.cuda.device_count() if "LOCAL_RANK" in os.environ else torch.cuda.current_device()
+    torch.cuda.set_device(index)
+    return torch.device("cuda", index)
+
+
+def _load_kwargs(device: torch.device, *, cpu_offload: bool, local_rank: int) -> tuple[dict, dict]:
+    """``from_pretrained`` keyword arguments that place the weights: (the transformers', the pipeline's).
+
+    On CPU both are empty: everything loads to CPU, as diffusers does by default. On CUDA the
+    transformers load straight onto ``device`` (a diffusers model takes any device as ``device_map``).
+    The pipeline's ``device_map`` must be a string, ``"cuda"``, which diffusers' models read as the
+    current GPU and transformers' as ``cuda:LOCAL_RANK``; it is passed only where both mean ``device``
+    and the other models are to live there too (not with ``cpu_offload``, which keeps them on CPU).
+    Elsewhere they load to CPU and ``_Runner`` moves the pipeline.
+
+    Example::
+
+        _load_kwargs(torch.device("cuda", 1), cpu_offload=False, local_rank=1)
+        # ({"device_map": device(type="cuda", index=1)}, {"device_map": "cuda"})
+    """
+    if device.type == "cpu":
+        return {}, {}
+    whole = not cpu_offload and device.index == local_rank
+    return {"device_map": device}, ({"device_map": "cuda"} if whole else {})
+
+
+def _load_pipeline(path: str, dtype: torch.dtype, kwargs: tuple[dict, dict], skip: dict):
+    """``DiffusionPipeline.from_pretrained`` placed by ``kwargs`` (``_load_kwargs``): the transformers
+    first with theirs (where given), handed to the pipeline, which loads the rest with its own."""
+    from diffusers import DiffusionPipeline
+
+    model_kwargs, pipe_kwargs = kwargs
+    components = dict(skip)
+    if model_kwargs:
+        components.update(_load_transformers(path, dtype, model_kwargs))
+    return DiffusionPipeline.from_pretrained(path, dtype=dtype, **pipe_kwargs, **components)
+
+
+def _load_transformers(path: str, dtype: torch.dtype, kwargs: dict) -> dict:
+    """The pipeline's diffusers transformers (``transformer``, Wan 2.2's ``transformer_2``) by name."""
+    import diffusers
+
+    index = diffusers.DiffusionPipeline.load_config(path)
+    names = {name: entry[1] for name, entry in index.items() if name.startswith("transformer")
+             and isinstance(entry, (list, tuple)) and entry[0] == "diffusers"}
+    return {name: getattr(diffusers, cls).from_pretrained(path, subfolder=name, dtype=dtype, **kwargs)
+            for name, cls in names.items()}
+
+
+def _offload(pipe, device: torch.device) -> None:
+    """Diffusers' group offloading for every model but the transformers (text encoders, VAE): kept in
+    CPU memory, each layer moved to ``device`` for its forward and dropped after it. Leaf level, since
+    a pipeline calls ``vae.decode``, not ``forward``, and only the layers' own hooks see that; on CUDA
+    the next layer's copy runs on a side stream during the current layer (pinned CPU copies)."""
+    keep = [name for name in pipe.components if name.startswith("transformer")]
+    pipe.enable_group_offload(onload_device=device, offload_device=torch.device("cpu"), offload_type="leaf_level",
+                              use_stream=device.type == "cuda", exclude_modules=keep)
+
+
+def _weights_info(pipe) -> dict:
+    """Per model: bytes of its parameters and buffers, the device(s) they are kept on between calls,
+    and whether diffusers' offloading hooks move them (``offloaded``)."""
+    from diffusers.hooks.group_offloading import _is_group_offload_enabled
+
+    out = {}
+    for name, module in pipe.components.items():
+        if isinstance(module, torch.nn.Module):
+            tensors = [*module.parameters(), *module.buffers()]
+            out[name] = {"bytes": sum(t.numel() * t.element_size() for t in tensors),
+                         "device": ",".join(sorted({str(t.device) for t in tensors})),
+                         "offloaded": _is_group_offload_enabled(module)}
+    return out
+
+
 class _Runner:
     """One rank's pipeline, with its transformer parallelized."""
 
     def __init__(self, model: str, config: ParallelConfig, dtype: torch.dtype = torch.float32,
-                 device: str = "cpu", encode_text_once: bool = False) -> None:
+                 device: str = "cpu", encode_text_once: bool = False, cpu_offload: bool = False) -> None:
         from diffusers import DiffusionPipeline
 
         from meshsp.mesh import init_sp_mesh
@@ -111,12 +199,16 @@ class _Runner:
             from meshsp.text_encoding import text_encoder_names
 
             skip = {name: None for name in text_encoder_names(DiffusionPipeline.load_config(path))}
+        self.device = _rank_device(device)
         # diffusers keeps a model's _keep_in_fp32_modules in float32 whatever the dtype.
-        self.pipe = DiffusionPipeline.from_pretrained(path, dtype=dtype, **skip)
+        self.pipe = _load_pipeline(path, dtype, _load_kwargs(self.device, cpu_offload=cpu_offload,
+                                                             local_rank=_local_rank()), skip)
+        if cpu_offload:
+            _offload(self.pipe, self.device)
+        elif self.device.type == "cuda":
+            self.pipe.to(self.device)  # moves only what did not load there (nothing, with LOCAL_RANK set)
         self.mesh = None
         self.cfg_hook = None
-        if device == "cuda":
-            self.pipe.to(torch.device("cuda", torch.cuda.current_device()))
         if config.world_size > 1:
             self.mesh = init_sp_mesh(config)
             for name in ("transformer", "transformer_2"):  # Wan 2.2 has two experts
@@ -177,6 +269,9 @@ class _Runner:
         return {name: sum(p.numel() for p in getattr(self.pipe, name).parameters())
                 for name, value in self.pipe.components.items() if isinstance(value, torch.nn.Module)}
 
+    def weights_info(self) -> dict:
+        return _weights_info(self.pipe)
+
     def _encode_once(self, kwargs: dict, params: SamplingParams) -> dict:
         """Replace the prompts by rank 0's embeddings (a broadcast); the same call kwargs on every rank."""
         from meshsp.text_encoding import broadcast_embeddings, encode
@@ -216,14 +311,19 @@ def _check_cfg_pipeline(pipe) -> None:
 _RUNNER: _Runner | None = None  # the runner of a spawned worker process
 
 
-def _worker_load(model: str, config: ParallelConfig, dtype: torch.dtype, device: str, encode_text_once: bool) -> dict:
+def _worker_load(model: str, config: ParallelConfig, dtype: torch.dtype, device: str, encode_text_once: bool,
+                 cpu_offload: bool) -> dict:
     global _RUNNER
-    _RUNNER = _Runner(model, config, dtype, device, encode_text_once)
+    _RUNNER = _Runner(model, config, dtype, device, encode_text_once, cpu_offload)
     return _RUNNER.info()
 
 
 def _worker_rank_info() -> dict:
     return _RUNNER.rank_info()
+
+
+def _worker_weights_info() -> dict:
+    return _RUNNER.weights_info()
 
 
 def _worker_generate(prompts: list[str], params: SamplingParams):
@@ -235,10 +335,15 @@ class Engine:
 
     ``dtype``: the pipeline's weights and compute, ``"bfloat16"``, ``"float16"`` or ``"float32"``
     (default: bfloat16 where CUDA is available, float32 on CPU). Modules a diffusers model keeps in
-    float32 (``_keep_in_fp32_modules``) stay float32. ``device``: ``"cuda"`` (each rank its current
-    GPU; the default where CUDA is available) or ``"cpu"``. ``encode_text_once``: only rank 0
+    float32 (``_keep_in_fp32_modules``) stay float32. ``device``: ``"cuda"`` (each rank its local GPU,
+    ``LOCAL_RANK``, or the current one in a single process; the weights load straight onto it; the
+    default where CUDA is available) or ``"cpu"``. ``encode_text_once``: only rank 0
     loads and runs the text encoders; the embeddings are broadcast to the other ranks once per
-    request (``meshsp.text_encoding``).
+    request (``meshsp.text_encoding``). ``cpu_offload``: every model but the transformer (text
+    encoders, VAE) is kept in CPU memory on each rank and moved to the rank's GPU layer by layer when
+    it runs (diffusers' group offloading), so the transformer has the GPU; ``weights_info()`` says
+    where each model's weights are. On CPU the same hooks run with the CPU as both devices, which
+    saves nothing (a warning says so).
 
     Example::
 
@@ -250,19 +355,24 @@ class Engine:
 
     def __init__(self, model: str, parallel_config: ParallelConfig | None = None, *,
                  dtype: str | torch.dtype | None = None, device: str | None = None,
-                 encode_text_once: bool = False) -> None:
+                 encode_text_once: bool = False, cpu_offload: bool = False) -> None:
         self.config = parallel_config or ParallelConfig()
         self.model = model
         self.dtype = resolve_dtype(dtype)
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         if self.device not in ("cpu", "cuda") or (self.device == "cuda" and not torch.cuda.is_available()):
             raise ValueError(f"device must be 'cpu' or 'cuda' (with CUDA available); got {device!r}.")
+        if cpu_offload and self.device == "cpu":
+            logger.warning("cpu_offload on device='cpu' saves no memory: the text encoders and VAE get diffusers' "
+                           "offloading hooks with the CPU as both onload and offload device. It keeps them off "
+                           "the GPU with device='cuda'.")
+        self.cpu_offload = cpu_offload
         spmd = int(os.environ.get("WORLD_SIZE", "1")) > 1
         self._pool: WorkerPool | None = None
         self._runner: _Runner | None = None
         self.last_seconds = 0.0
         if spmd or self.config.world_size == 1:
-            self._runner = _Runner(model, self.config, self.dtype, self.device, encode_text_once)
+            self._runner = _Runner(model, self.config, self.dtype, self.device, encode_text_once, cpu_offload)
             info = self._runner.info()
         else:
             model = resolve_model(model)  # build an embedded pipeline here, before any process group
@@ -270,7 +380,7 @@ class Engine:
             self._pool = WorkerPool(self.config.world_size, backend=backend, pg_timeout_s=self.config.timeout_s)
             try:
                 info = self._pool.run(_worker_load, model, self.config, self.dtype, self.device, encode_text_once,
-                                      timeout=self.config.timeout_s)[0]
+                                      cpu_offload, timeout=self.config.timeout_s)[0]
             except BaseException:
                 self._pool.close()
                 raise
@@ -302,6 +412,20 @@ class Engine:
         if self._pool is not None:
             return self._pool.run(_worker_rank_info, timeout=self.config.timeout_s)
         return [self._runner.rank_info()]
+
+    def weights_info(self) -> list[dict]:
+        """Per rank, per model: ``bytes`` of parameters and buffers, the ``device`` they are kept on
+        between calls, and whether they are ``offloaded`` (``cpu_offload``: moved to the rank's
+        device only while the model runs).
+
+        Example::
+
+            with Engine("tiny-flux", cpu_offload=True) as engine:
+                engine.weights_info()[0]["vae"]   # {"bytes": ..., "device": "cpu", "offloaded": True}
+        """
+        if self._pool is not None:
+            return self._pool.run(_worker_weights_info, timeout=self.config.timeout_s)
+        return [self._runner.weights_info()]
 
     @property
     def worker_pids(self) -> list[int]:
