@@ -109,3 +109,12 @@ def test_config_and_mesh_take_tensor_parallel_size():
 
 def test_mesh_puts_tp_innermost(pools):
     assert pools(4).run(rank_tasks.mesh_names, 2, 1, 2) == [[("ring", "ulysses", "tp"), [[0, 1], [2, 3]]]] * 4
+
+
+def test_tp2_u2_r2_on_8_ranks(pools):
+    """Three axes at once: 4 heads -> 2 per tp rank -> 1 per Ulysses rank, and a ring of 2."""
+    families = ["qwen-image", "wan"]
+    results = pools(8).run(rank_tasks.tp_parity_all, families, 2, 2, 2, "strict", HEADS4, EVEN, timeout=600)
+    for family in families:
+        calls = results[0][family]["calls"]
+        assert calls["all_to_all"] > 0 and calls["p2p"] > 0 and calls["tp_all_reduce"] > 0, calls
