@@ -95,7 +95,9 @@ class RowwiseParallel(_TorchRowwise):
         n = device_mesh.size()
         local = outputs.to_local()
         _count("tp_all_reduce", 2 * (n - 1) * local.numel() * local.element_size() // n)
-        return _TorchRowwise._prepare_output_fn(output_layouts, use_local_output, mod, outputs, device_mesh)
+        if outputs.placements != output_layouts:  # Partial -> Replicate: the all-reduce, waited here
+            outputs = outputs.redistribute(placements=output_layouts)
+        return outputs.to_local() if use_local_output else outputs
 
 
 class PackedColwiseParallel(ColwiseParallel):

@@ -19,10 +19,11 @@ def test_bench_models_and_perf_run(capsys):
     rows = models.run(["z-image"], grid=8, txt=8, heads=4, repeats=1)
     assert rows[0]["single_s"] > 0 and rows[0]["U2"] > 0 and rows[0]["R2"] > 0
     (row,) = perf.run(["flux"], grid=8, txt=8, heads=4, repeats=1)
-    for name in ("U2", "R2"):
+    for name in ("U2", "R2", "TP2", "TP2xU2"):  # TP's all-reduces included
         sent = sum(v for k, v in row[f"{name}_bytes"].items() if k != "consensus")
         assert sent == row[f"{name}_theory"] > 0, row
         assert not row[f"{name}_mb"] < 0  # NaN where /proc/self/clear_refs cannot be written
+    assert row["TP2_params_mb"] < 0.75 * row["single_params_mb"]
     # diffusers' Ulysses runs here; its ring refuses CPU attention with a message, reported as such
     assert isinstance(row["diffusers_U2"], float)
     assert isinstance(row["diffusers_R2"], float) or "return_lse" in row["diffusers_R2"]

@@ -57,24 +57,25 @@ def peak_activation_mb(fn) -> float:
     return (_rss_kb("VmHWM:") - base) / 1024
 
 
-def forward_stats(family, heads, shapes, repeats, ring, ulysses, *, plan=False, compile=False, memory=False):
+def forward_stats(family, heads, shapes, repeats, ring, ulysses, *, plan=False, compile=False, memory=False, tp=1):
     """Times (this rank) and bytes sent in one forward, or with ``memory`` the peak activation MB
     of one forward. Plan at degree 1 if plan."""
     model = build_transformer(family, heads=heads, **_overrides(family, shapes))
     inputs = make_inputs(family, model, **shapes)
-    return measure(model, inputs, repeats, ring, ulysses, plan=plan, compile=compile, memory=memory)
+    return measure(model, inputs, repeats, ring, ulysses, plan=plan, compile=compile, memory=memory, tp=tp)
 
 
 def measure(model, inputs: dict, repeats: int, ring: int, ulysses: int, *, plan: bool = False,
-            compile: bool = False, memory: bool = False, count_bytes: bool = True) -> dict:
+            compile: bool = False, memory: bool = False, count_bytes: bool = True, tp: int = 1) -> dict:
     """Parallelize ``model`` on this worker's ``ring x ulysses`` mesh (or leave it whole), warm up,
     then time ``repeats`` forwards (``{"times", "bytes"}``) or, with ``memory``, return the peak
     activation MB of one forward (``{"memory_mb"}``). ``count_bytes=False`` skips the extra
     forward that counts the bytes sent (``bytes`` is then empty)."""
     from meshsp.plans import parallelize
 
-    if plan or ring * ulysses > 1:
-        parallelize(model, sp_mesh(ring, ulysses), ulysses_mode="advanced_uaa")
+    if plan or ring * ulysses * tp > 1:
+        parallelize(model, sp_mesh(ring, ulysses, tp), ulysses_mode="advanced_uaa")
+    params_mb = sum((p.to_local() if hasattr(p, "to_local") else p).nbytes for p in model.parameters()) / 2**20
     fn = torch.compile(model) if compile else model
     with torch.no_grad():
         fn(**inputs)  # warm-up (and compilation)
@@ -89,7 +90,7 @@ def measure(model, inputs: dict, repeats: int, ring: int, ulysses: int, *, plan:
             t0 = time.perf_counter()
             fn(**inputs)
             times.append(time.perf_counter() - t0)
-    return {"times": times, "bytes": dict(stats.bytes_sent)}
+    return {"times": times, "bytes": dict(stats.bytes_sent), "params_mb": params_mb}
 
 
 def median_max(per_rank: list[dict]) -> float:
