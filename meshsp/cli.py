@@ -31,6 +31,8 @@ def add_generate_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ring-degree", type=int, default=1)
     parser.add_argument("--ulysses-mode", default="strict", choices=["strict", "default", "advanced_uaa"])
     parser.add_argument("--cfg-parallel-size", type=int, default=1)
+    parser.add_argument("--tensor-parallel-size", "--tp", type=int, default=1,
+                        help="shard the transformer's weights over this many ranks (the mesh's tp axis)")
     parser.add_argument("--width", type=int, default=256)
     parser.add_argument("--height", type=int, default=256)
     parser.add_argument("--num-inference-steps", type=int, default=4)
@@ -64,7 +66,8 @@ def run_generate(args) -> int:
     from meshsp.engine import Engine, SamplingParams
 
     config = ParallelConfig(ulysses_degree=args.ulysses_degree, ring_degree=args.ring_degree,
-                            ulysses_mode=args.ulysses_mode, cfg_degree=args.cfg_parallel_size, timeout_s=args.timeout)
+                            ulysses_mode=args.ulysses_mode, cfg_degree=args.cfg_parallel_size,
+                            tensor_parallel_size=args.tensor_parallel_size, timeout_s=args.timeout)
     params = SamplingParams(num_inference_steps=args.num_inference_steps, width=args.width,
                             height=args.height, seed=args.seed, guidance_scale=args.guidance_scale,
                             negative_prompt=args.negative_prompt, num_frames=args.num_frames)
@@ -82,7 +85,8 @@ def run_generate(args) -> int:
         else:
             images[0].save(args.output)
         cfg = f"cfg={config.cfg_degree}, " if config.cfg_degree > 1 else ""
-        print(f"{engine.pipeline_class} on mesh ({cfg}ring={config.ring_degree}, ulysses={config.ulysses_degree}, "
+        tp = f", tp={config.tensor_parallel_size}" if config.tensor_parallel_size > 1 else ""
+        print(f"{engine.pipeline_class} on mesh ({cfg}ring={config.ring_degree}, ulysses={config.ulysses_degree}{tp}, "
               f"mode={config.ulysses_mode}), {config.world_size} rank(s), {str(engine.dtype).removeprefix('torch.')}: load {load_s:.1f} s, "
               f"generate {engine.last_seconds:.2f} s = {engine.last_seconds / params.num_inference_steps * 1e3:.0f} ms "
               f"per step including text encoding and VAE decode ({params.num_inference_steps} steps, "
@@ -110,7 +114,8 @@ def _serve(args) -> int:
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise SystemExit("meshsp serve starts its own workers; run it from a plain process, not torchrun.")
     config = ParallelConfig(ulysses_degree=args.ulysses_degree, ring_degree=args.ring_degree,
-                            ulysses_mode=args.ulysses_mode, cfg_degree=args.cfg_parallel_size, timeout_s=args.timeout)
+                            ulysses_mode=args.ulysses_mode, cfg_degree=args.cfg_parallel_size,
+                            tensor_parallel_size=args.tensor_parallel_size, timeout_s=args.timeout)
     limits = Limits(max_size=args.max_size, max_n=args.max_n, max_steps=args.max_steps,
                     default_size=args.default_size, default_steps=args.default_steps)
     engine = Engine(args.model, config, dtype=args.dtype, encode_text_once=args.encode_text_once,
@@ -317,6 +322,7 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--ring-degree", "--ring", type=int, default=1)
     srv.add_argument("--ulysses-mode", default="strict", choices=["strict", "default", "advanced_uaa"])
     srv.add_argument("--cfg-parallel-size", type=int, default=1)
+    srv.add_argument("--tensor-parallel-size", "--tp", type=int, default=1)
     srv.add_argument("--host", default="127.0.0.1", help="bind address (default: loopback only)")
     srv.add_argument("--port", type=int, default=8000)
     srv.add_argument("--max-size", type=int, default=1024, help="largest width or height a request may ask")

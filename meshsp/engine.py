@@ -167,7 +167,8 @@ def _weights_info(pipe) -> dict:
     out = {}
     for name, module in pipe.components.items():
         if isinstance(module, torch.nn.Module):
-            tensors = [*module.parameters(), *module.buffers()]
+            # This rank's share of tensor-parallel weights (a DTensor's local shard).
+            tensors = [t.to_local() if hasattr(t, "to_local") else t for t in [*module.parameters(), *module.buffers()]]
             out[name] = {"bytes": sum(t.numel() * t.element_size() for t in tensors),
                          "device": ",".join(sorted({str(t.device) for t in tensors})),
                          "offloaded": _is_group_offload_enabled(module)}
@@ -215,7 +216,7 @@ class _Runner:
                 model = getattr(self.pipe, name, None)
                 if model is None:
                     continue
-                if config.sequence_parallel_size > 1:
+                if config.sequence_parallel_size * config.tensor_parallel_size > 1:
                     parallelize(model, self.mesh, ulysses_mode=config.ulysses_mode)
                 if config.cfg_degree > 1:
                     _check_cfg_pipeline(self.pipe)

@@ -12,10 +12,16 @@ PARAMS = SamplingParams(num_inference_steps=2, width=64, height=48, seed=3, guid
 PROMPTS = ["a cat", "a red dog on a mat"]
 
 
+class _Reference(list):
+    transformer_bytes = 0
+
+
 @pytest.fixture(scope="module")
 def reference():
     with Engine("tiny-qwen-image") as engine:
-        return [np.asarray(im) for im in engine.generate(PROMPTS, PARAMS)]
+        images = _Reference(np.asarray(im) for im in engine.generate(PROMPTS, PARAMS))
+        images.transformer_bytes = engine.weights_info()[0]["transformer"]["bytes"]
+        return images
 
 
 @pytest.mark.parametrize("config", [
@@ -24,10 +30,16 @@ def reference():
     ParallelConfig(ulysses_degree=2, ring_degree=2, ulysses_mode="advanced_uaa"),
     ParallelConfig(cfg_degree=2),
     ParallelConfig(cfg_degree=2, ulysses_degree=2, ulysses_mode="advanced_uaa"),
-], ids=["U2", "R2", "U2xR2-uaa", "cfg2", "cfg2xU2-uaa"])
+    ParallelConfig(tensor_parallel_size=2),
+    ParallelConfig(cfg_degree=2, tensor_parallel_size=2),
+    ParallelConfig(tensor_parallel_size=2, ulysses_degree=2, ulysses_mode="advanced_uaa"),
+], ids=["U2", "R2", "U2xR2-uaa", "cfg2", "cfg2xU2-uaa", "TP2", "cfg2xTP2", "TP2xU2-uaa"])
 def test_sp_images_equal_single_process(reference, config):
     with Engine("tiny-qwen-image", config) as engine:
         images = engine.generate(PROMPTS, PARAMS)
+        if config.tensor_parallel_size > 1:  # every rank holds part of the transformer's weights
+            sizes = [rank["transformer"]["bytes"] for rank in engine.weights_info()]
+            assert len(set(sizes)) == 1 and sizes[0] < 0.8 * reference.transformer_bytes, sizes
     assert [im.size for im in images] == [(64, 48)] * 2
     for got, want in zip(images, reference):
         # fp32 transformer outputs agree to ~1e-7; after VAE decode and uint8 rounding, pixels agree
