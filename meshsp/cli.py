@@ -155,9 +155,9 @@ def _plan(args) -> int:
     if args.json:
         import json
 
-        print(json.dumps([{"cfg": r["cfg"], "ring": r["ring"], "ulysses": r["ulysses"], "tp": 1,
+        print(json.dumps([{"cfg": r["cfg"], "ring": r["ring"], "ulysses": r["ulysses"], "tp": r["tp"],
                            "ulysses_mode": r["ulysses_mode"], "predicted_speedup": round(r["speedup"], 3),
-                           "memory_gib": memory and {k: round(v, 2) for k, v in memory[(r["ring"], r["ulysses"])].items()},
+                           "memory_gib": memory and {k: round(v, 2) for k, v in memory[_layout(r)].items()},
                            "fits": _fits(args, memory, r)} for r in rows], indent=1))
         return 0
     s = tokens(MODELS[args.model], args.width, args.height, args.frames)
@@ -165,19 +165,24 @@ def _plan(args) -> int:
           + f" ({s} tokens) on {args.gpus} x {args.hardware} over {args.interconnect}; predicted speedup "
           f"of the whole request ({args.steps} steps, text encoding and VAE decode) over 1 GPU (meshsp/planner.py)"
           + (f"; GiB per rank in {args.dtype} (meshsp/memory.py), {args.gpu_memory:g} GiB per GPU:" if memory else ":"))
-    for i, r in enumerate(rows):
-        mark = "  <- recommended" if i == 0 else ""
+    # The fastest layout that fits (the fastest of all when memory is not asked about).
+    best = next((r for r in rows if _fits(args, memory, r) is not False), rows[0])
+    for r in rows:
+        mark = "  <- recommended" if r is best else ""
         mem = ""
         if memory:
-            m = memory[(r["ring"], r["ulysses"])]
+            m = memory[_layout(r)]
             mem = (f"  weights {m['weights']:.1f} + activations {m['activations']:.1f} + text encoder "
                    f"{m['text_encoder']:.1f}, VAE decode {m['vae']:.1f} -> {m['total']:.1f} GiB "
                    f"{'fits' if _fits(args, memory, r) else 'DOES NOT FIT'}")
-        print(f"  cfg={r['cfg']} ring={r['ring']} ulysses={r['ulysses']} ({r['ulysses_mode']}): "
+        print(f"  cfg={r['cfg']} ring={r['ring']} ulysses={r['ulysses']} tp={r['tp']} ({r['ulysses_mode']}): "
               f"{r['speedup']:.2f}x{mark}{mem}")
-    best = rows[0]
+    if memory and args.gpu_memory is not None and not _fits(args, memory, best):
+        least = min(rows, key=lambda r: memory[_layout(r)]["total"])
+        print(f"No layout fits in {args.gpu_memory:g} GiB: the smallest, cfg={least['cfg']} ring={least['ring']} "
+              f"ulysses={least['ulysses']} tp={least['tp']}, needs {memory[_layout(least)]['total']:.1f} GiB per rank.")
     print(f"meshsp generate --model ... --cfg-parallel-size {best['cfg']} --ring-degree {best['ring']} "
-          f"--ulysses-degree {best['ulysses']} --ulysses-mode {best['ulysses_mode']}")
+          f"--ulysses-degree {best['ulysses']} --tensor-parallel-size {best['tp']} --ulysses-mode {best['ulysses_mode']}")
     return 0
 
 
@@ -191,7 +196,7 @@ def _plan_memory(args, rows) -> dict | None:
         if args.gpu_memory is not None:
             raise SystemExit(f"meshsp plan: no memory model for {args.model!r}; known: {sorted(FAMILIES)}")
         return None
-    layouts = sorted({(r["ring"], r["ulysses"]) for r in rows})
+    layouts = sorted({_layout(r) for r in rows})
     return estimate(args.model, args.width, args.height, frames=args.frames, dtype=getattr(torch, args.dtype),
                     layouts=layouts)
 
@@ -199,7 +204,11 @@ def _plan_memory(args, rows) -> dict | None:
 def _fits(args, memory, row) -> bool | None:
     if memory is None or args.gpu_memory is None:
         return None
-    return memory[(row["ring"], row["ulysses"])]["total"] <= args.gpu_memory
+    return memory[_layout(row)]["total"] <= args.gpu_memory
+
+
+def _layout(row: dict) -> tuple[int, int, int]:
+    return row["ring"], row["ulysses"], row["tp"]
 
 
 def _model_class(name_or_dir: str) -> str:

@@ -104,6 +104,7 @@ class LiveBytes(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         for t in tree_leaves(out):
+            t = getattr(t, "_local_tensor", t)  # a DTensor (tensor parallel): this rank's shard
             if not isinstance(t, torch.Tensor) or id(t) in self._seen:
                 continue
             storage = t.untyped_storage()
@@ -213,8 +214,13 @@ def _family_of(spec: MemoryModel) -> str:
 
 
 def _step_activations(spec: MemoryModel, dtype: torch.dtype, h: int, w: int, frames: int, ring: int,
-                      ulysses: int) -> int:
-    """Peak live bytes of one transformer call on this rank's tokens, plus SP attention's buffers."""
+                      ulysses: int, tp: int = 1) -> int:
+    """Peak live bytes of one transformer call on this rank's tokens (and, with tensor parallelism,
+    its shard of the weights: the forward runs on ``meta`` in a world of ``tp`` fake ranks), plus SP
+    attention's buffers."""
+    from meshsp.config import ParallelConfig
+    from meshsp.mesh import init_sp_mesh
+    from meshsp.plans import get_plan
     from meshsp.tiny import make_inputs
 
     p = ring * ulysses
@@ -227,10 +233,14 @@ def _step_activations(spec: MemoryModel, dtype: torch.dtype, h: int, w: int, fra
     inputs = make_inputs(_family_of(spec), model, h=h, w=local_w, frames=frames, txt=local_txt)
     inputs = {k: v.to("meta", dtype if v.is_floating_point() else None) if isinstance(v, torch.Tensor) else v
               for k, v in inputs.items()}
-    with torch.no_grad(), LiveBytes() as live, _FlashAttention():
-        model(**inputs)
+    with _fake_world(tp) if tp > 1 else contextlib.nullcontext():
+        if tp > 1:
+            mesh = init_sp_mesh(ParallelConfig(tensor_parallel_size=tp), device_type="cpu")
+            get_plan(model)._apply(model, mesh)
+        with torch.no_grad(), LiveBytes() as live, _FlashAttention():
+            model(**inputs)
     s = h * w * frames + (txt if spec.joint_text else 0)
-    d = model.config.num_attention_heads * model.config.attention_head_dim
+    d = model.config.num_attention_heads * model.config.attention_head_dim // tp  # this rank's heads
     size = torch.tensor([], dtype=dtype).element_size()
     extra = 0
     if ulysses > 1:  # received q, k, v head chunks of the whole sequence (half of them when pipelined)
@@ -251,14 +261,15 @@ def _vae_decode(spec: MemoryModel, dtype: torch.dtype, h: int, w: int, frames: i
 
 
 def estimate(family: str, width: int, height: int, *, frames: int = 1, dtype: torch.dtype = torch.bfloat16,
-             layouts=((1, 1),)) -> dict[tuple[int, int], dict[str, float]]:
-    """GiB per rank for each (ring, ulysses) layout: ``weights``, ``activations``, ``text_encoder``,
-    ``vae``, and ``total`` — the peak: the text encoder resident, plus the transformer's weights and
-    the larger of one step's activations and the VAE decode, times ``OVERHEAD``.
+             layouts=((1, 1),)) -> dict[tuple[int, ...], dict[str, float]]:
+    """GiB per rank for each ``(ring, ulysses)`` or ``(ring, ulysses, tp)`` layout (the keys of the
+    result, as given): ``weights``, ``activations``, ``text_encoder``, ``vae``, and ``total`` — the
+    peak: the text encoder resident, plus the transformer's weights and the larger of one step's
+    activations and the VAE decode, times ``OVERHEAD``.
 
     Example::
 
-        estimate("qwen-image", 2048, 2048, layouts=[(1, 8)])[(1, 8)]["total"]
+        estimate("qwen-image", 2048, 2048, layouts=[(1, 8), (1, 4, 2)])[(1, 4, 2)]["total"]
     """
     if family not in FAMILIES:
         raise ValueError(f"no memory model for {family!r}; known: {sorted(FAMILIES)}.")
@@ -271,10 +282,11 @@ def estimate(family: str, width: int, height: int, *, frames: int = 1, dtype: to
     text = _text_encoder_bytes(spec, dtype)
     vae = _vae_decode(spec, dtype, h, w, lat_frames)
     out = {}
-    for ring, ulysses in layouts:
-        weights = _weights(spec, dtype, ring, ulysses)
-        acts = _step_activations(spec, dtype, h, w, lat_frames, ring, ulysses)
+    for layout in layouts:
+        ring, ulysses, tp = (*layout, 1)[:3]
+        weights = _weights(spec, dtype, ring, ulysses, tp)
+        acts = _step_activations(spec, dtype, h, w, lat_frames, ring, ulysses, tp)
         total = (text + weights + max(acts, vae)) * OVERHEAD
-        out[(ring, ulysses)] = {"weights": weights / GIB, "activations": acts / GIB, "text_encoder": text / GIB,
-                                "vae": vae / GIB, "total": total / GIB}
+        out[tuple(layout)] = {"weights": weights / GIB, "activations": acts / GIB, "text_encoder": text / GIB,
+                              "vae": vae / GIB, "total": total / GIB}
     return out

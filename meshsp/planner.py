@@ -19,7 +19,11 @@ P = U x R, bf16 (2 bytes an element), costs on each rank:
 * Ring:         R-1 steps, each sending a K/V block (2·S/R·d/U·2 bytes) while the previous block is
                 computed — only the part of the transfer longer than the block is exposed — plus
                 ``RING_STEP_US`` of launches and log-sum-exp merge;
-* sync:         ``SYNC_US`` x log2(P): the layer's collectives wait for the last rank of the group.
+* tensor parallel (T = tp): GEMMs and attention run on 1/T of the weights and heads (the
+                Ulysses and Ring bytes shrink with the heads); two all-reduces a layer (attention and
+                MLP outputs) of S/P·d·2 bytes, each ``ALPHA_US`` plus 2(T-1)/T of the bytes over the
+                link; elementwise work on the hidden states is not split;
+* sync:         ``SYNC_US`` x log2(P·T): the layer's collectives wait for the last rank of the group.
 
 All communication uses the one ``interconnect`` given (the slowest link the job spans). The README
 compares the model with the eight published runs in ``PUBLISHED`` and with runs it was not set on.
@@ -160,25 +164,27 @@ class RequestTime:
         return self.text + self.steps * self.step + self.vae
 
 
-def _layer_seconds(m: ModelShape, hw: Hardware, s: int, ring: int, ulysses: int, link: str) -> float:
+def _layer_seconds(m: ModelShape, hw: Hardware, s: int, ring: int, ulysses: int, link: str, tp: int = 1) -> float:
     p, flops, link_bps = ring * ulysses, hw.peak_tflops * 1e12, hw.link_gbps[link] * 1e9
-    gemm = 2 * s * (4 * m.hidden**2 + 2 * m.hidden * m.mlp) / (flops * GEMM_EFFICIENCY) / p
+    gemm = 2 * s * (4 * m.hidden**2 + 2 * m.hidden * m.mlp) / (flops * GEMM_EFFICIENCY) / p / tp
     elementwise = ELEMENTWISE_PASSES * s / p * m.hidden * 2 / (hw.hbm_tbps * 1e12)
     keys = s / ring  # a ring block's keys; after the Ulysses exchange a rank also holds S/R queries
     block_rate = flops * hw.attention_efficiency * keys / (keys + ATTENTION_HALF_TOKENS)
-    block = 4 * keys * keys * m.hidden / ulysses / block_rate
+    block = 4 * keys * keys * m.hidden / ulysses / tp / block_rate
     seconds = gemm + elementwise + ring * block
     if ulysses > 1:
-        shard_bytes = s / p * m.hidden * 2
+        shard_bytes = s / p * m.hidden / tp * 2
         seconds += 4 * (ALPHA_US * 1e-6 + (ulysses - 1) / ulysses * shard_bytes / link_bps)
     if ring > 1:
-        kv_bytes = 2 * keys * m.hidden / ulysses * 2
+        kv_bytes = 2 * keys * m.hidden / ulysses / tp * 2
         seconds += (ring - 1) * (max(0.0, kv_bytes / link_bps - block) + RING_STEP_US * 1e-6)
-    return seconds + SYNC_US * 1e-6 * math.log2(p)
+    if tp > 1:
+        seconds += 2 * (ALPHA_US * 1e-6 + 2 * (tp - 1) / tp * s / p * m.hidden * 2 / link_bps)
+    return seconds + SYNC_US * 1e-6 * math.log2(p * tp)
 
 
 def _check(model: str, hardware: str, interconnect: str, steps: int, ring: int = 1, ulysses: int = 1,
-           cfg: int = 1) -> None:
+           cfg: int = 1, tp: int = 1) -> None:
     if model not in MODELS:
         raise ValueError(f"unknown model family {model!r}; known: {sorted(MODELS)}.")
     if hardware not in HARDWARE:
@@ -192,12 +198,15 @@ def _check(model: str, hardware: str, interconnect: str, steps: int, ring: int =
     if ring < 1 or ulysses < 1 or cfg not in (1, 2):
         raise ValueError(f"ring and ulysses must be >= 1 and cfg 1 or 2, got ring={ring}, ulysses={ulysses}, "
                          f"cfg={cfg}.")
+    if tp < 1 or MODELS[model].heads % tp:
+        raise ValueError(f"tp must divide {model}'s {MODELS[model].heads} heads, got tp={tp}.")
     if cfg == 2 and not MODELS[model].cfg:
         raise ValueError(f"{model} makes one transformer call a step; there is no CFG branch to split (cfg=2).")
 
 
 def request_time(model: str, hardware: str, width: int, height: int, *, frames: int = 1, steps: int = 50,
-                 ring: int = 1, ulysses: int = 1, cfg: int = 1, interconnect: str = "nvlink") -> RequestTime:
+                 ring: int = 1, ulysses: int = 1, cfg: int = 1, interconnect: str = "nvlink",
+                 tp: int = 1) -> RequestTime:
     """Modelled seconds of one request in a layout (see the module docstring).
 
     Example::
@@ -206,7 +215,7 @@ def request_time(model: str, hardware: str, width: int, height: int, *, frames: 
         >>> round(t.total), round(t.step, 2)
         (29, 0.58)
     """
-    _check(model, hardware, interconnect, steps, ring, ulysses, cfg)
+    _check(model, hardware, interconnect, steps, ring, ulysses, cfg, tp)
     m, hw = MODELS[model], HARDWARE[hardware]
     flops, hbm = hw.peak_tflops * 1e12, hw.hbm_tbps * 1e12
     prompts = 2 if m.cfg else 1  # with CFG the negative prompt is encoded too
@@ -214,13 +223,13 @@ def request_time(model: str, hardware: str, width: int, height: int, *, frames: 
     text = prompts * max(2 * params * m.text_tokens / (flops * GEMM_EFFICIENCY), 2 * params / hbm)
     vae = m.vae_mflop_px * 1e6 * width * height * frames / (flops * VAE_EFFICIENCY)
     calls = (2 if m.cfg else 1) // cfg
-    layer = _layer_seconds(m, hw, tokens(m, width, height, frames), ring, ulysses, interconnect)
+    layer = _layer_seconds(m, hw, tokens(m, width, height, frames), ring, ulysses, interconnect, tp)
     exchange = SYNC_US * 1e-6 if cfg > 1 else 0.0  # the branches swap their predictions once a step
     return RequestTime(text=text, step=calls * m.layers * layer + exchange, vae=vae, steps=steps)
 
 
 def predict(model: str, hardware: str, width: int, height: int, *, frames: int = 1, steps: int = 50,
-            ring: int = 1, ulysses: int = 1, cfg: int = 1, interconnect: str = "nvlink") -> float:
+            ring: int = 1, ulysses: int = 1, cfg: int = 1, interconnect: str = "nvlink", tp: int = 1) -> float:
     """Predicted speedup of the whole request (text encoding, ``steps`` steps, VAE decode) over one GPU.
 
     Example::
@@ -230,11 +239,12 @@ def predict(model: str, hardware: str, width: int, height: int, *, frames: int =
     """
     kw = dict(frames=frames, steps=steps, interconnect=interconnect)
     one = request_time(model, hardware, width, height, **kw)
-    return one.total / request_time(model, hardware, width, height, ring=ring, ulysses=ulysses, cfg=cfg, **kw).total
+    return one.total / request_time(model, hardware, width, height, ring=ring, ulysses=ulysses, cfg=cfg, tp=tp,
+                                    **kw).total
 
 
 def predict_step(model: str, hardware: str, width: int, height: int, *, frames: int = 1, ring: int = 1,
-                 ulysses: int = 1, cfg: int = 1, interconnect: str = "nvlink") -> float:
+                 ulysses: int = 1, cfg: int = 1, interconnect: str = "nvlink", tp: int = 1) -> float:
     """Predicted speedup of one denoising step over one GPU: the limit of ``predict`` as steps grow.
 
     Example::
@@ -244,12 +254,14 @@ def predict_step(model: str, hardware: str, width: int, height: int, *, frames: 
     """
     kw = dict(frames=frames, interconnect=interconnect)
     one = request_time(model, hardware, width, height, **kw)
-    return one.step / request_time(model, hardware, width, height, ring=ring, ulysses=ulysses, cfg=cfg, **kw).step
+    return one.step / request_time(model, hardware, width, height, ring=ring, ulysses=ulysses, cfg=cfg, tp=tp,
+                                   **kw).step
 
 
 def recommend(model: str, hardware: str, width: int, height: int, gpus: int, *, frames: int = 1,
-              interconnect: str = "nvlink", steps: int = 50) -> list[dict]:
-    """Every (cfg, ring, ulysses) with cfg x ring x ulysses = gpus, best predicted speedup first.
+              interconnect: str = "nvlink", steps: int = 50, max_tp: int = 8) -> list[dict]:
+    """Every (cfg, ring, ulysses, tp) with cfg x ring x ulysses x tp = gpus (tp dividing the heads, at
+    most ``max_tp``: one node), best predicted speedup first.
 
     Example::
 
@@ -263,13 +275,13 @@ def recommend(model: str, hardware: str, width: int, height: int, gpus: int, *, 
     m = MODELS[model]
     s = tokens(m, width, height, frames)
     rows = []
-    for cfg, ring in itertools.product((1, 2), range(1, gpus + 1)):
-        if gpus % (cfg * ring) or (cfg == 2 and not m.cfg):
+    for cfg, tp, ring in itertools.product((1, 2), range(1, min(gpus, max_tp) + 1), range(1, gpus + 1)):
+        if gpus % (cfg * tp * ring) or (cfg == 2 and not m.cfg) or m.heads % tp:
             continue
-        ulysses = gpus // (cfg * ring)
+        ulysses = gpus // (cfg * tp * ring)
         even = (s - m.text_tokens) % (ring * ulysses) == 0 and m.text_tokens % (ring * ulysses) == 0
-        mode = "strict" if m.heads % ulysses == 0 and even else "advanced_uaa"
-        rows.append({"cfg": cfg, "ring": ring, "ulysses": ulysses, "ulysses_mode": mode,
+        mode = "strict" if (m.heads // tp) % ulysses == 0 and even else "advanced_uaa"
+        rows.append({"cfg": cfg, "ring": ring, "ulysses": ulysses, "tp": tp, "ulysses_mode": mode,
                      "speedup": predict(model, hardware, width, height, frames=frames, steps=steps, ring=ring,
-                                        ulysses=ulysses, cfg=cfg, interconnect=interconnect)})
+                                        ulysses=ulysses, cfg=cfg, interconnect=interconnect, tp=tp)})
     return sorted(rows, key=lambda r: -r["speedup"])

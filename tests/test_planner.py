@@ -13,7 +13,8 @@ def test_predictions_are_sane(model):
     for gpus in (2, 4, 8):
         rows = recommend(model, "h100", 1024, 1024, gpus, frames=49 if MODELS[model].frame_scale > 1 else 1)
         assert rows == sorted(rows, key=lambda r: -r["speedup"])
-        assert all(r["cfg"] * r["ring"] * r["ulysses"] == gpus for r in rows)
+        assert all(r["cfg"] * r["ring"] * r["ulysses"] * r["tp"] == gpus for r in rows)
+        assert all(MODELS[model].heads % r["tp"] == 0 for r in rows)
         assert all(0.0 < r["speedup"] <= gpus + 1e-9 for r in rows)
 
 
@@ -134,7 +135,22 @@ def test_plan_json_has_memory_and_fit():
                          capture_output=True, text=True)
     assert out.returncode == 0, out.stderr[-2000:]
     rows = json.loads(out.stdout)
-    assert {(r["cfg"], r["ring"], r["ulysses"], r["tp"]) for r in rows} == {(1, 2, 1, 1), (1, 1, 2, 1)}
+    assert {(r["cfg"], r["ring"], r["ulysses"], r["tp"]) for r in rows} == {(1, 2, 1, 1), (1, 1, 2, 1), (1, 1, 1, 2)}
     for r in rows:
         assert set(r["memory_gib"]) == {"weights", "activations", "text_encoder", "vae", "total"}
         assert r["fits"] is False and r["predicted_speedup"] > 1  # 22 GiB of Flux weights + T5 > 24 GiB
+
+
+def test_tensor_parallel_layouts_hold_less_weight_per_rank():
+    """Memory per layout with tp: weights counted on meta after the plan's tp section is applied."""
+    import torch
+
+    from meshsp.memory import estimate
+
+    mem = estimate("flux", 1024, 1024, dtype=torch.bfloat16, layouts=[(1, 2), (1, 1, 2), (1, 2, 2)])
+    assert mem[(1, 1, 2)]["weights"] < 0.7 * mem[(1, 2)]["weights"]
+    assert mem[(1, 2, 2)]["weights"] == mem[(1, 1, 2)]["weights"]
+    assert mem[(1, 2, 2)]["activations"] < mem[(1, 1, 2)]["activations"]  # tokens split too
+    assert predict("flux", "h100", 1024, 1024, tp=2) > 1
+    with pytest.raises(ValueError, match="tp must divide flux's 24 heads"):
+        predict("flux", "h100", 1024, 1024, tp=5)
