@@ -212,6 +212,8 @@ class _Runner:
         self.cfg_hook = None
         if config.world_size > 1:
             self.mesh = init_sp_mesh(config)
+            if config.tensor_parallel_size > 1 and not (cpu_offload or self.encode_once):
+                self._shard_text_encoders()
             for name in ("transformer", "transformer_2"):  # Wan 2.2 has two experts
                 model = getattr(self.pipe, name, None)
                 if model is None:
@@ -225,6 +227,18 @@ class _Runner:
                     self.cfg_hook.append(hook)
         self.pipe.set_progress_bar_config(disable=_rank() != 0)
         self.params = inspect.signature(self.pipe.__call__).parameters
+
+    def _shard_text_encoders(self) -> None:
+        """Text encoders with a transformers tp plan run tensor-parallel on the ``tp`` axis too;
+        others stay whole on every rank (said once, on rank 0). Offloaded encoders (``cpu_offload``)
+        and rank 0's lone encoder (``encode_text_once``) are not sharded."""
+        from meshsp.text_encoding import parallelize_text_encoder
+
+        for name, module in self.pipe.components.items():
+            if name.startswith("text_encoder") and isinstance(module, torch.nn.Module):
+                why = parallelize_text_encoder(module, self.mesh["tp"])
+                if why is not None and _rank() == 0:
+                    logger.info("%s stays whole on every rank: %s", name, why)
 
     def info(self) -> dict:
         """Pipeline class, whether it makes video, and the multiple its width and height need."""

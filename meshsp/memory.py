@@ -10,7 +10,8 @@ Everything is counted on the ``meta`` device from the real-size configs — no w
   tensor an op creates until it is freed), plus what sequence-parallel attention holds beyond the
   local q, k, v: Ulysses' received head chunks of the whole sequence (3 x S x d / U elements,
   halved when the exchange is pipelined), Ring's K/V block in flight and its fp32 accumulator;
-* **text encoder**: its weights (real-size config on ``meta``); its activations for a few hundred
+* **text encoder**: its weights (real-size config on ``meta``; with tensor parallelism sharded by its
+  transformers tp plan where it has one, as the engine does); its activations for a few hundred
   tokens are small next to them and are left out;
 * **VAE decode**: the VAE's weights plus the peak of live bytes of ``vae.decode`` at the
   resolution on ``meta`` (every rank decodes the whole latent until the VAE is split).
@@ -156,14 +157,25 @@ class _FlashAttention(TorchFunctionMode):
         return torch.empty(*q.shape[:-1], v.shape[-1], device=q.device, dtype=q.dtype)
 
 
-def _text_encoder_bytes(spec: MemoryModel, dtype: torch.dtype) -> int:
+def _text_encoder_bytes(spec: MemoryModel, dtype: torch.dtype, tp: int = 1) -> int:
+    """The text encoders' weights on one rank; with ``tp`` > 1 those with a transformers tp plan
+    are sharded as the engine shards them (``meshsp.text_encoding.parallelize_text_encoder``)."""
     import transformers
+
+    from meshsp.config import ParallelConfig
+    from meshsp.mesh import init_sp_mesh
+    from meshsp.text_encoding import parallelize_text_encoder
 
     total = 0
     for cls, config_cls, kwargs in spec.text_encoders:
         config = getattr(transformers, config_cls)(**kwargs)
         with torch.device("meta"):
-            total += _bytes_of(getattr(transformers, cls)(config), dtype)
+            encoder = getattr(transformers, cls)(config)
+        if tp > 1:
+            with _fake_world(tp):
+                parallelize_text_encoder(encoder, init_sp_mesh(ParallelConfig(tensor_parallel_size=tp),
+                                                               device_type="cpu")["tp"])
+        total += _bytes_of(encoder, dtype)
     return total
 
 
@@ -279,11 +291,11 @@ def estimate(family: str, width: int, height: int, *, frames: int = 1, dtype: to
         raise ValueError(f"{family}: width and height must be multiples of {scale}; got {width}x{height}.")
     h, w = height // scale, width // scale
     lat_frames = (frames - 1) // 4 + 1 if spec.video else 1
-    text = _text_encoder_bytes(spec, dtype)
     vae = _vae_decode(spec, dtype, h, w, lat_frames)
     out = {}
     for layout in layouts:
         ring, ulysses, tp = (*layout, 1)[:3]
+        text = _text_encoder_bytes(spec, dtype, tp)
         weights = _weights(spec, dtype, ring, ulysses, tp)
         acts = _step_activations(spec, dtype, h, w, lat_frames, ring, ulysses, tp)
         total = (text + weights + max(acts, vae)) * OVERHEAD

@@ -18,7 +18,7 @@ import inspect
 import torch
 import torch.distributed as dist
 
-__all__ = ["ENCODERS", "broadcast_embeddings", "encode", "text_encoder_names"]
+__all__ = ["ENCODERS", "broadcast_embeddings", "encode", "parallelize_text_encoder", "text_encoder_names"]
 
 # pipeline class -> (names of encode_prompt's outputs, whether one call also encodes the negative)
 ENCODERS: dict[str, tuple[tuple[str | None, ...], bool]] = {
@@ -67,3 +67,56 @@ def broadcast_embeddings(embeddings: dict | None) -> dict:
     box = [embeddings]
     dist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+def _text_tp_plan(encoder: torch.nn.Module) -> tuple[str, dict] | None:
+    """(module path of the text model, its transformers ``base_model_tp_plan``), or None."""
+    config = getattr(encoder, "config", None)
+    for cfg in (getattr(config, "text_config", None), config):
+        plan = getattr(cfg, "base_model_tp_plan", None)
+        if not plan:
+            continue
+        for name, module in encoder.named_modules():
+            if getattr(module, "config", None) is cfg and isinstance(getattr(module, "layers", None), torch.nn.ModuleList):
+                return name, plan
+    return None
+
+
+def parallelize_text_encoder(encoder: torch.nn.Module, tp_mesh) -> str | None:
+    """Shard a transformers text encoder over ``tp_mesh`` with its own ``base_model_tp_plan``
+    (q/k/v and MLP up projections column-wise, output projections row-wise; meshsp's versions of
+    torch's styles, which slice each rank's own weights). Returns None when sharded, else why it
+    stays whole (no plan, a style other than colwise / rowwise, or widths ``tp`` does not divide),
+    checked before anything is sharded.
+
+    Example::
+
+        parallelize_text_encoder(pipe.text_encoder, mesh["tp"])   # Qwen2.5-VL's language model
+    """
+    from torch.distributed.tensor.parallel import parallelize_module
+
+    from meshsp.plans import match_path
+    from meshsp.tp import ColwiseParallel, RowwiseParallel, tp_requirements
+
+    found = _text_tp_plan(encoder)
+    if found is None:
+        return f"{type(encoder).__name__} has no transformers tp plan"
+    prefix, plan = found
+    styles = {"colwise": ColwiseParallel, "rowwise": RowwiseParallel}
+    other = sorted({v for v in plan.values() if v not in styles})
+    if other:
+        return f"{type(encoder).__name__}'s tp plan uses {other}, which meshsp does not apply"
+    tp = tp_mesh.size()
+    entries = {}
+    for key, style in plan.items():
+        for name in match_path(encoder, f"{prefix}.{key}" if prefix else key):
+            module = encoder.get_submodule(name)
+            if any(size % tp for _, size in tp_requirements(styles[style](), module, name)):
+                return f"tensor_parallel_size={tp} does not divide the widths of {name}"
+            entries[name] = styles[style]()
+    text = encoder.get_submodule(prefix) if prefix else encoder
+    heads = [getattr(text.config, a, 0) or 0 for a in ("num_attention_heads", "num_key_value_heads")]
+    if not entries or any(h % tp for h in heads):
+        return f"tensor_parallel_size={tp} does not divide the text encoder's heads {heads}"
+    parallelize_module(encoder, tp_mesh, entries)
+    return None

@@ -584,3 +584,23 @@ def mesh_names(tp: int, ring: int, ulysses: int) -> list:
     mesh = config_mesh(tensor_parallel_size=tp, ring_degree=ring, ulysses_degree=ulysses)
     groups = mesh.mesh.reshape(-1, tp).tolist()
     return [mesh.mesh_dim_names, groups]
+
+
+def text_encoder_tp_parity(tp: int) -> dict:
+    """The tiny Qwen-Image pipeline's Qwen2.5-VL language model, sharded with its transformers tp
+    plan on the tp axis, against the whole one (same token ids on every rank)."""
+    import transformers
+
+    from meshsp.pipelines import tiny_pipeline_path
+    from meshsp.text_encoding import parallelize_text_encoder
+
+    encoder = transformers.Qwen2_5_VLForConditionalGeneration.from_pretrained(
+        tiny_pipeline_path("tiny-qwen-image") / "text_encoder")
+    ids = torch.randint(0, encoder.config.text_config.vocab_size, (2, 11), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = encoder.model.language_model(input_ids=ids).last_hidden_state
+    why = parallelize_text_encoder(encoder, config_mesh(tensor_parallel_size=tp)["tp"])
+    with torch.no_grad(), record_comm() as stats:
+        out = encoder.model.language_model(input_ids=ids).last_hidden_state
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+    return {"why": why, "calls": dict(stats.calls), "bytes": local_param_bytes(encoder)}

@@ -118,3 +118,18 @@ def test_tp2_u2_r2_on_8_ranks(pools):
     for family in families:
         calls = results[0][family]["calls"]
         assert calls["all_to_all"] > 0 and calls["p2p"] > 0 and calls["tp_all_reduce"] > 0, calls
+
+
+def test_text_encoder_runs_tensor_parallel_with_its_transformers_plan(pools):
+    results = pools(2).run(rank_tasks.text_encoder_tp_parity, 2)
+    layers = 2  # the tiny Qwen2.5-VL: an o_proj and a down_proj all-reduce per layer
+    assert all(r["why"] is None and r["calls"]["tp_all_reduce"] == 2 * layers for r in results), results
+
+
+def test_text_encoder_without_a_plan_stays_whole():
+    import transformers
+
+    from meshsp.text_encoding import parallelize_text_encoder
+
+    t5 = transformers.T5EncoderModel(transformers.T5Config(d_model=16, d_ff=32, num_layers=1, num_heads=2, d_kv=8))
+    assert "has no transformers tp plan" in parallelize_text_encoder(t5, tp_mesh=None)
