@@ -604,3 +604,24 @@ def text_encoder_tp_parity(tp: int) -> dict:
         out = encoder.model.language_model(input_ids=ids).last_hidden_state
     torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
     return {"why": why, "calls": dict(stats.calls), "bytes": local_param_bytes(encoder)}
+
+
+def vae_decode_parity(pipeline: str, shape: tuple, tol: float = 1e-5, **degrees) -> dict:
+    """``vae.decode`` split over the mesh of ``degrees`` against the whole decode on one rank."""
+    import diffusers
+
+    from meshsp.pipelines import tiny_pipeline_path
+    from meshsp.vae import parallelize_vae
+
+    path = tiny_pipeline_path(pipeline) / "vae"
+    cls = getattr(diffusers, diffusers.AutoencoderKL.load_config(path)["_class_name"])
+    vae = cls.from_pretrained(path)
+    z = torch.randn(*shape, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected = vae.decode(z).sample
+    parallelize_vae(vae, config_mesh(**degrees))
+    with torch.no_grad(), record_comm() as stats:
+        out = vae.decode(z).sample
+    scale = expected.abs().max().item()
+    torch.testing.assert_close(out, expected, atol=tol * max(scale, 1.0), rtol=tol)
+    return {"diff": (out - expected).abs().max().item(), "calls": dict(stats.calls), "bytes": dict(stats.bytes_sent)}

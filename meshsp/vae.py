@@ -1,0 +1,285 @@
+"""The VAE decode split across every rank of the mesh, equal to the untiled single-device decode.
+
+The latent is cut into bands of rows (``balanced_sizes``: heights that differ by at most one), one
+per rank of the whole mesh (cfg, ring, ulysses and tp alike: the decode runs once per request),
+and every rank decodes its band. Styles on the decoder's modules keep that exact:
+
+* ``SplitBands`` on the decoder: its input latent is cut into this rank's band; its output bands
+  are all-gathered, so ``vae.decode(latents)`` takes and returns full tensors on every rank, as
+  diffusers' pipelines call it;
+* ``HaloConv`` on every convolution taller than one row: the rows its kernel reaches across a band
+  edge come from the neighbouring ranks (one P2P exchange each way), zero rows at the image's own
+  edges — what the convolution's zero padding gives — and the convolution runs with no padding in
+  height, so its output is exactly this band's rows;
+* ``BandGroupNorm`` on every ``GroupNorm``: the per-group sums and sums of squares (float64) are
+  all-reduced, so every band is normalised with the whole image's statistics;
+* the mid-block's spatial attention runs as Ring attention over the bands' tokens (meshsp's
+  ``ParallelAttention``; a band's tokens are a contiguous run of the row-major sequence);
+* upsampling (nearest, x2) doubles every band alike, so bands stay aligned.
+
+``parallelize_vae(vae, mesh)`` applies ``vae_plan(vae)``; ``parallelize_module(vae, mesh,
+vae_plan(vae))`` does the same. Supported: ``AutoencoderKL`` (Flux, SD3, Qwen-Image's 2-D
+decoders of its family). Decoding through diffusers' tiling is refused while the VAE is split.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor.parallel.style import ParallelStyle
+
+from meshsp.ops.comm import _count
+from meshsp.ops.consensus import agree
+from meshsp.placements.sequence import balanced_sizes
+from meshsp.styles import ParallelAttention, PlanState
+
+__all__ = ["BandGroupNorm", "Bands", "HaloConv", "SplitBands", "VaePlan", "parallelize_vae", "vae_plan"]
+
+
+class Bands:
+    """The ranks that decode one image together, and this rank's band of the current forward."""
+
+    def __init__(self, mesh: DeviceMesh) -> None:
+        ranks = mesh.mesh.flatten().tolist()
+        self.device = mesh.device_type
+        self.size, self.rank = len(ranks), ranks.index(dist.get_rank())
+        self.ranks = ranks
+        self.group = dist.new_group(ranks) if len(ranks) < dist.get_world_size() else dist.group.WORLD
+        # Ring attention over the bands' tokens runs on a 1-D "ring" mesh of the same ranks.
+        self.ring_mesh = DeviceMesh(self.device, torch.tensor(ranks), mesh_dim_names=("ring",))
+        self.active = False   # inside a split decode
+        self.rows: tuple[int, ...] = ()   # band heights at the current resolution
+
+    def split(self, rows: int) -> None:
+        self.rows = balanced_sizes(rows, self.size)
+
+    def scale(self, height: int) -> tuple[int, ...]:
+        """Band heights of a tensor ``height`` rows tall: the latent bands times the upsampling so far."""
+        factor, rest = divmod(height, self.rows[self.rank]) if self.rows[self.rank] else (0, 1)
+        total = sum(self.rows)
+        if rest or factor < 1:
+            raise ValueError(f"a decoder tensor with {height} rows does not match this rank's band of "
+                             f"{self.rows[self.rank]} latent rows; meshsp splits decoders that only upsample.")
+        return tuple(r * factor for r in self.rows) if total else ()
+
+
+class SplitBands(ParallelStyle):
+    """Cut the decoder's input into this rank's band; all-gather the output bands."""
+
+    def __init__(self, bands: Bands, state: PlanState) -> None:
+        super().__init__()
+        self.bands, self.state = bands, state
+
+    def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
+        bands = self.bands
+
+        def pre_hook(mod, args, kwargs):
+            z = args[0] if args else kwargs["z"]
+            rows = z.shape[-2]
+            error = None
+            if rows < bands.size:
+                error = (f"the latent has {rows} rows, fewer than the {bands.size} ranks decoding it; decode "
+                         "on fewer ranks (parallelize_vae with a smaller mesh) or a larger image.")
+            agree("vae.decode", f"latent {tuple(z.shape)} {z.dtype}", error, (bands.group,), bands.device)
+            bands.split(rows)
+            bands.active = True
+            self.state.global_lens.update({"vae:rows": rows, "vae:cols": z.shape[-1], "vae:batch": z.shape[0]})
+            start = sum(bands.rows[:bands.rank])
+            band = z.narrow(-2, start, bands.rows[bands.rank])
+            return ((band, *args[1:]), kwargs) if args else (args, {**kwargs, "z": band})
+
+        def post_hook(mod, args, output):
+            bands.active = False
+            sizes = bands.scale(output.shape[-2])
+            return _gather_rows(output, sizes, bands)
+
+        module.register_forward_pre_hook(pre_hook, with_kwargs=True)
+        module.register_forward_hook(post_hook, always_call=True)
+        return module
+
+
+def _gather_rows(band: torch.Tensor, sizes: tuple[int, ...], bands: Bands) -> torch.Tensor:
+    """Every rank's band, concatenated along the rows (bands padded to the tallest for the gather)."""
+    tallest = max(sizes)
+    padded = F.pad(band, (0, 0, 0, tallest - band.shape[-2])).contiguous()
+    _count("vae_gather", padded.numel() * padded.element_size() * (bands.size - 1))
+    parts = [torch.empty_like(padded) for _ in range(bands.size)]
+    dist.all_gather(parts, padded, group=bands.group)
+    return torch.cat([p.narrow(-2, 0, n) for p, n in zip(parts, sizes)], dim=-2)
+
+
+class HaloConv(ParallelStyle):
+    """A convolution over a band: halo rows from the neighbours, no padding in height."""
+
+    def __init__(self, bands: Bands) -> None:
+        super().__init__()
+        self.bands = bands
+
+    def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
+        bands = self.bands
+        if not isinstance(module, nn.Conv2d) or module.padding_mode != "zeros" or module.stride[0] != 1 \
+                or module.dilation[0] != 1 or not isinstance(module.padding, tuple):
+            raise ValueError(f"HaloConv takes a stride-1, zero-padded nn.Conv2d; got {module}.")
+        halo = module.padding[0]
+        if module.kernel_size[0] != 2 * halo + 1:
+            raise ValueError(f"HaloConv needs a kernel of height 2 x padding + 1; got {module}.")
+        saved: list[tuple] = []
+
+        def pre_hook(mod, args):
+            if not bands.active:
+                return None
+            x = _with_halo(args[0], halo, bands)
+            saved.append(mod.padding)
+            mod.padding = (0, *mod.padding[1:])
+            return (x, *args[1:])
+
+        def post_hook(mod, args, output):
+            if saved:
+                mod.padding = saved.pop()
+            return output
+
+        module.register_forward_pre_hook(pre_hook)
+        module.register_forward_hook(post_hook, always_call=True)
+        return module
+
+
+def _with_halo(x: torch.Tensor, halo: int, bands: Bands) -> torch.Tensor:
+    """``x`` [..., h, W] with ``halo`` rows of the previous and next bands around it (zeros at the
+    image's edges). Every band is at least one latent row, so it holds ``halo`` rows to send."""
+    me, n = bands.rank, bands.size
+    top = x.new_zeros(*x.shape[:-2], halo, x.shape[-1])
+    bottom = torch.zeros_like(top)
+    if n > 1 and halo:
+        if x.shape[-2] < halo:
+            raise ValueError(f"a band of {x.shape[-2]} rows is thinner than the convolution's halo of {halo}.")
+        ops = []
+        if me > 0:
+            ops += [dist.P2POp(dist.isend, x[..., :halo, :].contiguous(), bands.ranks[me - 1], bands.group),
+                    dist.P2POp(dist.irecv, top, bands.ranks[me - 1], bands.group)]
+        if me < n - 1:
+            ops += [dist.P2POp(dist.isend, x[..., -halo:, :].contiguous(), bands.ranks[me + 1], bands.group),
+                    dist.P2POp(dist.irecv, bottom, bands.ranks[me + 1], bands.group)]
+        _count("vae_halo", (len(ops) // 2) * top.numel() * top.element_size())
+        for work in dist.batch_isend_irecv(ops):
+            work.wait()
+    return torch.cat([top, x, bottom], dim=-2)
+
+
+class BandGroupNorm(ParallelStyle):
+    """``GroupNorm`` over a band with the whole image's per-group statistics (one all-reduce)."""
+
+    def __init__(self, bands: Bands) -> None:
+        super().__init__()
+        self.bands = bands
+
+    def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
+        if not isinstance(module, nn.GroupNorm):
+            raise ValueError(f"BandGroupNorm takes an nn.GroupNorm; got {type(module).__name__}.")
+        bands, whole = self.bands, module.forward
+
+        def forward(x: torch.Tensor) -> torch.Tensor:
+            if not bands.active:
+                return whole(x)
+            return _band_group_norm(module, x, bands)
+
+        # Scoped to this module (an instance attribute), as the plan names it.
+        module.forward = forward
+        return module
+
+
+def _band_group_norm(norm: nn.GroupNorm, x: torch.Tensor, bands: Bands) -> torch.Tensor:
+    b, c = x.shape[:2]
+    g = norm.num_groups
+    grouped = x.reshape(b, g, -1).double()  # [B, G, C/G x h x W]
+    stats = torch.stack([grouped.sum(-1), grouped.pow(2).sum(-1),
+                         torch.full((b, g), grouped.shape[-1], dtype=torch.float64, device=x.device)], dim=-1)
+    _count("vae_norm_all_reduce", stats.numel() * stats.element_size())
+    dist.all_reduce(stats, group=bands.group)
+    mean = stats[..., 0] / stats[..., 2]
+    var = (stats[..., 1] / stats[..., 2] - mean * mean).clamp_min(0)
+    out = (grouped - mean[..., None]) * torch.rsqrt(var[..., None] + norm.eps)
+    out = out.reshape(x.shape).to(x.dtype)
+    if norm.affine:
+        shape = (1, c) + (1,) * (x.dim() - 2)
+        out = out * norm.weight.reshape(shape) + norm.bias.reshape(shape)
+    return out
+
+
+class _BandAttention(ParallelAttention):
+    """``ParallelAttention`` that routes only inside a split decode (a whole decode stays local)."""
+
+    def __init__(self, bands: Bands, state: PlanState) -> None:
+        super().__init__()
+        self.bands = bands
+        self.bind(state, "vae.mid_block.attention")
+
+    def attention(self, sp, query, key, value, *args, **kwargs):
+        if not self.bands.active:
+            return F.scaled_dot_product_attention(query, key, value, *args, **kwargs)
+        return super().attention(sp, query, key, value, *args, **kwargs)
+
+
+class VaePlan(ParallelStyle, dict):
+    """``{module path: style}`` for a VAE's decoder; itself the style of the VAE (``parallelize_module``)."""
+
+    def __init__(self, vae: nn.Module) -> None:
+        dict.__init__(self)
+        self.vae_class = type(vae).__name__
+        decoder = getattr(vae, "decoder", None)
+        if decoder is None or not hasattr(vae, "decode"):
+            raise ValueError(f"parallelize_vae takes a diffusers VAE with a .decoder; got {self.vae_class}.")
+        for name, module in decoder.named_modules():
+            path = f"decoder.{name}" if name else "decoder"
+            if isinstance(module, nn.Conv2d) and module.kernel_size[0] > 1:
+                self[path] = "HaloConv"
+            elif isinstance(module, nn.GroupNorm):
+                self[path] = "BandGroupNorm"
+            elif hasattr(module, "processor") and hasattr(module, "to_q"):
+                self[path] = "ParallelAttention"
+            elif isinstance(module, (nn.Conv3d, nn.Conv1d)) or (
+                    isinstance(module, nn.Conv2d) and module.stride[0] != 1):
+                raise ValueError(f"{self.vae_class}: {path} is a {type(module).__name__} meshsp cannot split "
+                                 "into row bands; decode it whole.")
+        self["decoder"] = "SplitBands"
+
+    def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
+        if getattr(module, "use_tiling", False):
+            raise ValueError(f"{self.vae_class} has tiling enabled; the split decode is untiled (call "
+                             "vae.disable_tiling() first).")
+        bands, state = Bands(device_mesh), PlanState("advanced_uaa")
+        if bands.size == 1:
+            return module
+        styles = {"HaloConv": lambda: HaloConv(bands), "BandGroupNorm": lambda: BandGroupNorm(bands),
+                  "ParallelAttention": lambda: _BandAttention(bands, state),
+                  "SplitBands": lambda: SplitBands(bands, state)}
+        for path, name in self.items():
+            style = styles[name]()
+            style._apply(module.get_submodule(path), bands.ring_mesh if name == "ParallelAttention" else device_mesh)
+        return module
+
+
+def vae_plan(vae: nn.Module) -> VaePlan:
+    """The split-decode plan of ``vae`` (paths of its decoder's convolutions, norms and attention).
+
+    Example::
+
+        parallelize_module(vae, mesh, vae_plan(vae))   # the same as parallelize_vae(vae, mesh)
+    """
+    return VaePlan(vae)
+
+
+def parallelize_vae(vae: nn.Module, mesh: DeviceMesh) -> nn.Module:
+    """Split ``vae.decode`` across every rank of ``mesh`` (see the module docstring).
+
+    Example::
+
+        mesh = meshsp.init_sp_mesh(ParallelConfig(ulysses_degree=2, ring_degree=2))
+        parallelize_vae(pipe.vae, mesh)
+        image = pipe.vae.decode(latents).sample     # full latents in, the full image out, every rank
+    """
+    from torch.distributed.tensor.parallel import parallelize_module
+
+    return parallelize_module(vae, mesh, vae_plan(vae))
