@@ -18,8 +18,11 @@ and every rank decodes its band. Styles on the decoder's modules keep that exact
 * upsampling (nearest, x2) doubles every band alike, so bands stay aligned.
 
 ``parallelize_vae(vae, mesh)`` applies ``vae_plan(vae)``; ``parallelize_module(vae, mesh,
-vae_plan(vae))`` does the same. Supported: ``AutoencoderKL`` (Flux, SD3, Qwen-Image's 2-D
-decoders of its family). Decoding through diffusers' tiling is refused while the VAE is split.
+vae_plan(vae))`` does the same. Supported: ``AutoencoderKL`` (Flux, SD3) and the causal video
+VAEs ``AutoencoderKLWan`` and ``AutoencoderKLQwenImage``, which decode frame by frame with a cache of
+the previous frames per convolution: each rank caches its own band, and a cached frame's halo rows
+come from the neighbours with the new frame's. Decoding through diffusers' tiling is refused while
+the VAE is split.
 """
 
 from __future__ import annotations
@@ -112,7 +115,11 @@ def _gather_rows(band: torch.Tensor, sizes: tuple[int, ...], bands: Bands) -> to
 
 
 class HaloConv(ParallelStyle):
-    """A convolution over a band: halo rows from the neighbours, no padding in height."""
+    """A convolution over a band: halo rows from the neighbours, no padding in height.
+
+    Takes ``nn.Conv2d`` and ``nn.Conv3d``, and the causal 3-D convolutions of diffusers' video VAEs
+    (Wan, Qwen-Image), which pad in their forward from a ``_padding`` tuple and take the previous
+    frames' cache as a second argument: the cache gets its halo rows too."""
 
     def __init__(self, bands: Bands) -> None:
         super().__init__()
@@ -120,28 +127,46 @@ class HaloConv(ParallelStyle):
 
     def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
         bands = self.bands
-        if not isinstance(module, nn.Conv2d) or module.padding_mode != "zeros" or module.stride[0] != 1 \
-                or module.dilation[0] != 1 or not isinstance(module.padding, tuple):
-            raise ValueError(f"HaloConv takes a stride-1, zero-padded nn.Conv2d; got {module}.")
-        halo = module.padding[0]
-        if module.kernel_size[0] != 2 * halo + 1:
-            raise ValueError(f"HaloConv needs a kernel of height 2 x padding + 1; got {module}.")
+        causal = isinstance(getattr(module, "_padding", None), tuple)
+        halo = module._padding[2] if causal else module.padding[-2] if isinstance(module.padding, tuple) else None
+        if not isinstance(module, (nn.Conv2d, nn.Conv3d)) or module.padding_mode != "zeros" \
+                or module.stride[-2] != 1 or module.dilation[-2] != 1 or halo is None \
+                or module.kernel_size[-2] != 2 * halo + 1:
+            raise ValueError(f"HaloConv takes a zero-padded convolution of stride 1 in height whose kernel is "
+                             f"2 x padding + 1 rows tall; got {module}.")
         saved: list[tuple] = []
 
-        def pre_hook(mod, args):
+        def pre_hook(mod, args, kwargs):
             if not bands.active:
                 return None
-            x = _with_halo(args[0], halo, bands)
-            saved.append(mod.padding)
-            mod.padding = (0, *mod.padding[1:])
-            return (x, *args[1:])
+            args = list(args)
+            cache = args[1] if len(args) > 1 else kwargs.get("cache_x")
+            if cache is not None:  # the cache's halo comes from the neighbours' caches
+                both = _with_halo(torch.cat([cache.to(args[0].device), args[0]], dim=2), halo, bands)
+                cache, args[0] = both.split([cache.shape[2], args[0].shape[2]], dim=2)
+                if len(args) > 1:
+                    args[1] = cache
+                else:
+                    kwargs = {**kwargs, "cache_x": cache}
+            else:
+                args[0] = _with_halo(args[0], halo, bands)
+            if causal:
+                saved.append(mod._padding)
+                mod._padding = (*mod._padding[:2], 0, 0, *mod._padding[4:])
+            else:
+                saved.append(mod.padding)
+                mod.padding = (*mod.padding[:-2], 0, mod.padding[-1])
+            return tuple(args), kwargs
 
         def post_hook(mod, args, output):
             if saved:
-                mod.padding = saved.pop()
+                if causal:
+                    mod._padding = saved.pop()
+                else:
+                    mod.padding = saved.pop()
             return output
 
-        module.register_forward_pre_hook(pre_hook)
+        module.register_forward_pre_hook(pre_hook, with_kwargs=True)
         module.register_forward_hook(post_hook, always_call=True)
         return module
 
@@ -222,6 +247,11 @@ class _BandAttention(ParallelAttention):
         return super().attention(sp, query, key, value, *args, **kwargs)
 
 
+def _per_position(norm: nn.Module) -> bool:
+    """A norm over the channels of one position (the video VAEs' RMS norm): band-local as it is."""
+    return type(norm).__name__.endswith("RMS_norm") or isinstance(norm, (nn.LayerNorm, nn.GroupNorm))
+
+
 class VaePlan(ParallelStyle, dict):
     """``{module path: style}`` for a VAE's decoder; itself the style of the VAE (``parallelize_module``)."""
 
@@ -233,16 +263,19 @@ class VaePlan(ParallelStyle, dict):
             raise ValueError(f"parallelize_vae takes a diffusers VAE with a .decoder; got {self.vae_class}.")
         for name, module in decoder.named_modules():
             path = f"decoder.{name}" if name else "decoder"
-            if isinstance(module, nn.Conv2d) and module.kernel_size[0] > 1:
+            if isinstance(module, (nn.Conv2d, nn.Conv3d)) and module.stride[-2] != 1:
+                raise ValueError(f"{self.vae_class}: {path} is a strided {type(module).__name__}, which meshsp "
+                                 "cannot split into row bands; decode this VAE whole.")
+            if isinstance(module, (nn.Conv2d, nn.Conv3d)) and module.kernel_size[-2] > 1:
                 self[path] = "HaloConv"
             elif isinstance(module, nn.GroupNorm):
                 self[path] = "BandGroupNorm"
-            elif hasattr(module, "processor") and hasattr(module, "to_q"):
+            elif (hasattr(module, "processor") and hasattr(module, "to_q")) or type(module).__name__.endswith(
+                    "AttentionBlock"):  # diffusers' Attention, or the video VAEs' single-head block
                 self[path] = "ParallelAttention"
-            elif isinstance(module, (nn.Conv3d, nn.Conv1d)) or (
-                    isinstance(module, nn.Conv2d) and module.stride[0] != 1):
-                raise ValueError(f"{self.vae_class}: {path} is a {type(module).__name__} meshsp cannot split "
-                                 "into row bands; decode it whole.")
+            elif isinstance(module, nn.Conv1d) or "Norm" in type(module).__name__ and not _per_position(module):
+                raise ValueError(f"{self.vae_class}: {path} ({type(module).__name__}) is not one meshsp can "
+                                 "split into row bands; decode this VAE whole.")
         self["decoder"] = "SplitBands"
 
     def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
