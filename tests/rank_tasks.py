@@ -625,3 +625,41 @@ def vae_decode_parity(pipeline: str, shape: tuple, tol: float = 1e-5, **degrees)
     scale = expected.abs().max().item()
     torch.testing.assert_close(out, expected, atol=tol * max(scale, 1.0), rtol=tol)
     return {"diff": (out - expected).abs().max().item(), "calls": dict(stats.calls), "bytes": dict(stats.bytes_sent)}
+
+
+def vae_entry_points() -> str:
+    """torch's parallelize_module with vae_plan decodes like parallelize_vae; tiling is refused."""
+    import diffusers
+    from torch.distributed.tensor.parallel import parallelize_module
+
+    from meshsp.pipelines import tiny_pipeline_path
+    from meshsp.vae import parallelize_vae, vae_plan
+
+    path = tiny_pipeline_path("tiny-flux") / "vae"
+    z = torch.randn(1, 4, 6, 5, generator=torch.Generator().manual_seed(2))
+    a, b = diffusers.AutoencoderKL.from_pretrained(path), diffusers.AutoencoderKL.from_pretrained(path)
+    mesh = config_mesh(ulysses_degree=2)
+    parallelize_vae(a, mesh)
+    parallelize_module(b, mesh, vae_plan(b))
+    with torch.no_grad():
+        torch.testing.assert_close(a.decode(z).sample, b.decode(z).sample, rtol=0, atol=0)
+    c = diffusers.AutoencoderKL.from_pretrained(path)
+    c.enable_tiling()
+    try:
+        parallelize_vae(c, mesh)
+    except ValueError as exc:
+        assert "tiling" in str(exc)
+        return "ok"
+    raise AssertionError("a tiled VAE was split")
+
+
+def vae_too_few_rows() -> None:
+    import diffusers
+
+    from meshsp.pipelines import tiny_pipeline_path
+    from meshsp.vae import parallelize_vae
+
+    vae = diffusers.AutoencoderKL.from_pretrained(tiny_pipeline_path("tiny-flux") / "vae")
+    parallelize_vae(vae, config_mesh(ulysses_degree=4))
+    with torch.no_grad():
+        vae.decode(torch.zeros(1, 4, 3, 8))

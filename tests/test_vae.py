@@ -1,0 +1,59 @@
+"""The VAE decode split into row bands across the mesh equals the untiled single-device decode."""
+
+import pytest
+import rank_tasks
+import torch
+
+PIPELINES = {"tiny-flux": "AutoencoderKL", "tiny-wan": "AutoencoderKLWan", "tiny-qwen-image": "AutoencoderKLQwenImage"}
+IMAGE = {"even": (1, 4, 8, 8), "uneven": (2, 4, 7, 9)}            # [B, C, H, W]: 7 rows over 2 or 4 ranks
+VIDEO = {"even": (1, 4, 3, 8, 8), "uneven": (1, 4, 2, 7, 9)}      # [B, C, T, H, W]
+
+
+@pytest.mark.parametrize("world,degrees", [(2, dict(ulysses_degree=2)),
+                                           (4, dict(ulysses_degree=2, tensor_parallel_size=2))], ids=["2", "4"])
+@pytest.mark.parametrize("pipeline", list(PIPELINES))
+def test_split_decode_equals_whole_decode(pools, pipeline, world, degrees):
+    shapes = IMAGE if pipeline == "tiny-flux" else VIDEO
+    for bands, shape in shapes.items():
+        r = pools(world).run(rank_tasks.vae_decode_parity, pipeline, shape, **degrees)[0]
+        assert r["calls"]["vae_halo"] > 0 and r["calls"]["p2p"] > 0, (bands, r)  # split, and attention ran Ring
+
+
+def test_halo_and_norm_bytes_equal_theory(pools):
+    """AutoencoderKL on 2 ranks: each 3x3 convolution sends one row of its input to the one
+    neighbour; each GroupNorm all-reduces B x G x 3 float64 sums."""
+    import diffusers
+
+    from meshsp.pipelines import tiny_pipeline_path
+
+    shape = (2, 4, 7, 9)
+    r = pools(2).run(rank_tasks.vae_decode_parity, "tiny-flux", shape, ulysses_degree=2)
+    vae = diffusers.AutoencoderKL.from_pretrained(tiny_pipeline_path("tiny-flux") / "vae")
+    rows = (4, 3)  # balanced bands of 7 latent rows
+    halo, norms, hooks = [0, 0], [0], []
+
+    def conv_hook(mod, args):
+        b, c, h, w = args[0].shape
+        factor = h // 7  # upsampled so far
+        for rank in range(2):
+            halo[rank] += b * c * w * mod.padding[0] * 4 if rows[rank] * factor else 0
+
+    def norm_hook(mod, args):
+        norms[0] += args[0].shape[0] * mod.num_groups * 3 * 8
+
+    for m in vae.decoder.modules():
+        if isinstance(m, torch.nn.Conv2d) and m.kernel_size[0] > 1:
+            hooks.append(m.register_forward_pre_hook(conv_hook))
+        elif isinstance(m, torch.nn.GroupNorm):
+            hooks.append(m.register_forward_pre_hook(norm_hook))
+    with torch.no_grad():
+        vae.decode(torch.zeros(shape))
+    for rank in range(2):
+        assert r[rank]["bytes"]["vae_halo"] == halo[rank]
+        assert r[rank]["bytes"]["vae_norm_all_reduce"] == norms[0]
+
+
+def test_plan_through_torch_and_refusals(pools):
+    assert pools(2).run(rank_tasks.vae_entry_points) == ["ok"] * 2
+    msgs = pools(4).run(rank_tasks.raises, "vae_too_few_rows")
+    assert len(set(msgs)) == 1 and "the latent has 3 rows, fewer than the 4 ranks" in msgs[0], msgs
