@@ -3,7 +3,9 @@
 ``verify(cls, plan)`` spawns gloo ranks (``meshsp.launch.WorkerPool``) for each layout and runs
 ``parity`` on every rank: the tiny random-weight instance of ``cls`` (``meshsp.zoo``) with and
 without the plan (applied through torch's ``parallelize_module``), on an odd token grid, batch 2,
-padded text. ``meshsp plan --infer`` and the coverage tests use it.
+padded text. A layout is ``(ring, ulysses)`` or ``(ring, ulysses, tp)``; with ``tp > 1`` the plan's
+``tp`` section runs too, and parity also checks that the parameters were sharded and that TP's
+all-reduces ran. ``meshsp plan --infer`` and the coverage tests use it.
 """
 
 from __future__ import annotations
@@ -22,11 +24,24 @@ def grid_for(cls: str) -> dict:
     return dict(h=3, w=5, frames=2 if entry.video else 1, txt=7, batch=2, text_pad=2 if entry.text_mask else 0)
 
 
-def parity(cls: str, ring: int, ulysses: int, plan_dict: dict | None = None, *, mode: str = "advanced_uaa",
-           heads: int | None = 3, grid: dict | None = None, tol: float = 1e-5) -> dict:
+def _local_bytes(model: torch.nn.Module) -> int:
+    from torch.distributed.tensor import DTensor
+
+    return sum((p.to_local() if isinstance(p, DTensor) else p).nbytes for p in model.parameters())
+
+
+def parity(cls: str, ring: int, ulysses: int, plan_dict: dict | None = None, *, tp: int = 1,
+           mode: str = "advanced_uaa", heads: int | None = 3, grid: dict | None = None, tol: float = 1e-5) -> dict:
     """On one rank: single-device vs parallel output of tiny ``cls`` (plan: ``plan_dict`` or
-    ``get_plan``); raises if they differ or the forward did not communicate. Returns the max
-    difference, the output scale and this rank's share of the attention's query tokens."""
+    ``get_plan``) on a ring x ulysses x tp mesh; raises if they differ, if the forward did not
+    communicate as the layout says, or (``tp > 1``) if no parameter was sharded. Returns the max
+    difference, the output scale, this rank's share of the attention's query tokens (1.0 without
+    SP) and of the parameter bytes.
+
+    Example::
+
+        pool.run(parity, "PixArtTransformer2DModel", 1, 2, tp=2, heads=4)   # on 4 gloo ranks
+    """
     from torch.distributed.tensor.parallel import parallelize_module
 
     from meshsp.bench import sp_mesh
@@ -35,31 +50,55 @@ def parity(cls: str, ring: int, ulysses: int, plan_dict: dict | None = None, *, 
     from meshsp.zoo import build, inputs_for, output_of
 
     grid = grid or grid_for(cls)
+    where = f"{cls} R{ring}xU{ulysses}xTP{tp} {mode}"
     model = build(cls, heads=heads)
     with torch.no_grad():
         expected = output_of(model, model(**inputs_for(model, **grid)))
     plan = Plan.from_dict(plan_dict, ulysses_mode=mode) if plan_dict else get_plan(model, ulysses_mode=mode)
-    parallelize_module(model, sp_mesh(ring, ulysses), plan)
+    full = _local_bytes(model)
+    parallelize_module(model, sp_mesh(ring, ulysses, tp), plan)
+    mine = _local_bytes(model)
     with torch.no_grad(), record_comm() as stats:
         out = output_of(model, model(**inputs_for(model, **grid)))
     scale = expected.abs().max().item()
     torch.testing.assert_close(out, expected, atol=tol * max(scale, 1.0), rtol=tol,
-                               msg=lambda m: f"{cls} R{ring}xU{ulysses} {mode} {grid}: {m}")
-    communicated = (stats.calls["all_to_all"] > 0) == (ulysses > 1) and (stats.calls["p2p"] > 0) == (ring > 1)
-    assert communicated, f"{cls} R{ring}xU{ulysses}: the forward did not run sequence-parallel: {dict(stats.calls)}"
+                               msg=lambda m: f"{where} {grid}: {m}")
+    calls = stats.calls
+    communicated = ((calls["all_to_all"] > 0) == (ulysses > 1) and (calls["p2p"] > 0) == (ring > 1)
+                    and (calls["tp_all_reduce"] > 0) == (tp > 1))
+    assert communicated, f"{where}: the forward did not run as the layout says: {dict(calls)}"
+    assert (mine < full) == (tp > 1), f"{where}: {mine} of {full} parameter bytes on this rank"
     local, total = plan.state.attention_tokens
-    return {"diff": (out - expected).abs().max().item(), "scale": scale, "share": local / total}
+    return {"diff": (out - expected).abs().max().item(), "scale": scale, "share": local / total if total else 1.0,
+            "param_share": mine / full}
 
 
-def verify(cls: str, plan, layouts=LAYOUTS, timeout: float = 300.0) -> list[str]:
-    """Run ``parity`` for each (ring, ulysses) layout on spawned gloo ranks; one line per layout."""
+def verify(cls: str, plan, layouts=LAYOUTS, timeout: float = 300.0, **kwargs) -> list[str]:
+    """Run ``parity`` for each ``(ring, ulysses)`` or ``(ring, ulysses, tp)`` layout on spawned gloo
+    ranks (one pool per world size); one line per layout. ``kwargs`` go to ``parity`` (``heads``, ``mode``, ...).
+
+    Example::
+
+        verify("PixArtTransformer2DModel", plan, layouts=[(1, 2), (1, 1, 2)], heads=4)
+    """
+    import contextlib
+
     from meshsp.launch import WorkerPool
 
     lines = []
-    for ring, ulysses in layouts:
-        with WorkerPool(ring * ulysses) as pool:
-            results = pool.run(parity, cls, ring, ulysses, plan.to_dict(), timeout=timeout)
-        diff = max(r["diff"] for r in results)
-        lines.append(f"R{ring}xU{ulysses}: equal to the single-device output (max diff {diff:.1e}, output scale "
-                     f"{results[0]['scale']:.2f}); attention shares per rank {[round(r['share'], 2) for r in results]}")
+    with contextlib.ExitStack() as stack:
+        pools: dict[int, WorkerPool] = {}
+        for layout in layouts:
+            ring, ulysses, tp = (*layout, 1) if len(layout) == 2 else layout
+            world = ring * ulysses * tp
+            if world not in pools:
+                pools[world] = stack.enter_context(WorkerPool(world))
+            results = pools[world].run(parity, cls, ring, ulysses, plan.to_dict(), tp=tp, timeout=timeout, **kwargs)
+            diff = max(r["diff"] for r in results)
+            name = f"R{ring}xU{ulysses}" + (f"xTP{tp}" if tp > 1 else "")
+            line = (f"{name}: equal to the single-device output (max diff {diff:.1e}, output scale "
+                    f"{results[0]['scale']:.2f}); attention shares per rank {[round(r['share'], 2) for r in results]}")
+            if tp > 1:
+                line += f"; parameter bytes per rank {results[0]['param_share']:.2f} of the model's"
+            lines.append(line)
     return lines
