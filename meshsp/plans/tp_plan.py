@@ -11,17 +11,31 @@
   all heads and ``LocalHeads``. One without an output projection (Flux-style single blocks) is
   sharded only when its block has ``proj_mlp`` and a ``proj_out`` over the attention output and
   the MLP concatenated (packed row-wise). Feed-forwards: diffusers' ``FeedForward`` (GELU up
-  projection column-wise, GEGLU / SwiGLU packed, ``net.2`` row-wise), ``w1`` / ``w3`` -> ``w2``
-  (SwiGLU) and ``linear_in`` -> ``linear_out``.
+  projection column-wise, GEGLU / SwiGLU packed, ``net.2`` row-wise), the gated triples ``w1`` /
+  ``w3`` -> ``w2``, ``gate`` / ``up`` -> ``down`` and ``gate_proj`` / ``up_proj`` -> ``down_proj``
+  (beside no norm over their hidden width), and the pairs ``linear_in`` -> ``linear_out`` and
+  ``in_layer`` -> ``out_layer`` (a width ``d`` back to ``d``, nothing with weights between them).
 
-Anything not recognised stays replicated, which is always correct: an attention module with a
-``Linear`` of unknown role, or a norm over features other than one head's or all heads', is left
-whole. Modulation (AdaLN) and embedding layers stay replicated, as in diffusers' own plans.
+Anything not recognised stays replicated, which is always correct. Left whole, and why:
+
+* an attention module with a ``Linear`` of unknown role, or a norm over features other than one
+  head's or all heads' (what it mixes is unknown);
+* grouped-query attention (k/v projections narrower than q): ``tp`` would have to divide the
+  key/value heads, a count no sharded width states, and a ``tp`` that splits a key/value head
+  passes every width check;
+* an attention without ``to_add_out`` whose siblings (the same attribute of blocks of one class)
+  have one: the blocks run one forward, which reads the second stream's attention output there
+  too, unprojected (EasyAnimate's non-MMDiT blocks) — it would leave holding this rank's heads only.
+
+Modulation (AdaLN) and embedding layers stay replicated, as in diffusers' own plans. RoPE tables
+with a heads dimension (Mochi's, LTX-2's) are not visible here: such a class ships a ``tp`` section
+with ``ShardFeatures`` on its RoPE module.
 """
 
 from __future__ import annotations
 
 import math
+from collections import defaultdict
 
 import torch.nn as nn
 
@@ -32,6 +46,8 @@ __all__ = ["tp_entries"]
 
 _QKV = ("to_q", "to_k", "to_v", "add_q_proj", "add_k_proj", "add_v_proj")
 _NORMS = ("norm_q", "norm_k", "norm_added_q", "norm_added_k")
+_GATED = (("w1", "w3", "w2"), ("gate", "up", "down"), ("gate_proj", "up_proj", "down_proj"))  # (gate, up, down)
+_PLAIN = (("linear_in", "linear_out"), ("in_layer", "out_layer"))  # (up, down)
 
 
 def tp_entries(model: nn.Module) -> dict[str, object]:
@@ -78,13 +94,34 @@ def _is_attention(module: nn.Module) -> bool:
 def _recognise(model: nn.Module) -> dict[str, object]:
     entries: dict[str, object] = {}
     modules = dict(model.named_modules())
+    attentions = {name: m for name, m in modules.items() if _is_attention(m)}
+    unprojected = _unprojected_second_streams(modules, attentions)
     for name, module in modules.items():
-        if _is_attention(module):
-            parent = modules[name.rpartition(".")[0]] if "." in name else model
-            entries.update(_attention(name, module, parent))
+        if name in attentions:
+            if name not in unprojected:
+                entries.update(_attention(name, module, modules[name.rpartition(".")[0]]))
         else:
             entries.update(_feed_forward(name, module))
     return entries
+
+
+def _has_add_out(attn: nn.Module) -> bool:
+    return isinstance(getattr(attn, "to_add_out", None), nn.Linear)
+
+
+def _unprojected_second_streams(modules: dict[str, nn.Module], attentions: dict[str, nn.Module]) -> set[str]:
+    """Attentions without ``to_add_out`` among siblings (same block class, same attribute) with one,
+    whose second stream's output is used (not ``context_pre_only``)."""
+    siblings: dict[tuple, list[str]] = defaultdict(list)
+    for name in attentions:
+        parent, _, attr = name.rpartition(".")
+        siblings[(type(modules[parent]), attr)].append(name)
+    out: set[str] = set()
+    for names in siblings.values():
+        if any(_has_add_out(attentions[n]) for n in names):
+            out.update(n for n in names if not _has_add_out(attentions[n])
+                       and not getattr(attentions[n], "context_pre_only", False))
+    return out
 
 
 def _attention(path: str, attn: nn.Module, parent: nn.Module) -> dict[str, object]:
@@ -92,7 +129,10 @@ def _attention(path: str, attn: nn.Module, parent: nn.Module) -> dict[str, objec
     if not isinstance(children.get("to_q"), nn.Linear):
         return {}  # a fused projection with no _tp_plan saying how it is packed
     inner, heads = attn.to_q.out_features, attn.heads
-    out: dict[str, object] = {f"{path}.{n}": ColwiseParallel() for n in _QKV if isinstance(children.get(n), nn.Linear)}
+    projections = {n: children[n] for n in _QKV if isinstance(children.get(n), nn.Linear)}
+    if any(p.out_features != inner for p in projections.values()):
+        return {}  # grouped-query attention: tp would have to divide the key/value heads
+    out: dict[str, object] = {f"{path}.{n}": ColwiseParallel() for n in projections}
     known = set(_QKV) | set(_NORMS) | {"to_out", "to_add_out"}
     for name, child in children.items():
         if name in known:
@@ -144,10 +184,10 @@ def _feed_forward(path: str, module: nn.Module) -> dict[str, object]:
         return f"{path}.{name}" if path else name
 
     net = getattr(module, "net", None)
-    if isinstance(net, nn.ModuleList) and len(net) >= 3 and isinstance(net[-1] if isinstance(net[-1], nn.Linear) else net[2], nn.Linear):
+    if isinstance(net, nn.ModuleList) and len(net) >= 3 and isinstance(net[2], nn.Linear):
         act, down = net[0], net[2]
         proj = getattr(act, "proj", None)
-        if not (isinstance(proj, nn.Linear) and isinstance(down, nn.Linear)) or len(list(act.children())) != 1:
+        if not (isinstance(proj, nn.Linear) and _weightless_besides(act, {"proj"})):
             return {}
         gated = type(act).__name__ in ("GEGLU", "SwiGLU")
         if proj.out_features != down.in_features * (2 if gated else 1):
@@ -156,15 +196,43 @@ def _feed_forward(path: str, module: nn.Module) -> dict[str, object]:
                 at("net.2"): RowwiseParallel()}
     children = dict(module.named_children())
     linears = {n: c for n, c in children.items() if isinstance(c, nn.Linear)}
-    if set(children) == {"w1", "w2", "w3"} and len(linears) == 3:
-        return {at("w1"): ColwiseParallel(), at("w3"): ColwiseParallel(), at("w2"): RowwiseParallel()}
-    if {"linear_in", "linear_out"} <= set(linears) and len(linears) == 2:
-        up, down = linears["linear_in"], linears["linear_out"]
-        if up.out_features == 2 * down.in_features:
-            return {at("linear_in"): PackedColwiseParallel([1, 1]), at("linear_out"): RowwiseParallel()}
-        if up.out_features == down.in_features:
-            return {at("linear_in"): ColwiseParallel(), at("linear_out"): RowwiseParallel()}
+    for gate, up, down in _GATED:
+        if not {gate, up, down} <= set(linears):
+            continue
+        g, u, d = linears[gate], linears[up], linears[down]
+        if _widths(g, d) == _widths(u, d) == 1 and not _normalises(module, d.in_features):
+            return {at(gate): ColwiseParallel(), at(up): ColwiseParallel(), at(down): RowwiseParallel()}
+    for up, down in _PLAIN:
+        if {up, down} <= set(linears) and len(linears) == 2 and _weightless_besides(module, {up, down}):
+            ratio = _widths(linears[up], linears[down])
+            if ratio == 2:
+                return {at(up): PackedColwiseParallel([1, 1]), at(down): RowwiseParallel()}
+            if ratio == 1:
+                return {at(up): ColwiseParallel(), at(down): RowwiseParallel()}
     return {}
+
+
+def _widths(up: nn.Linear, down: nn.Linear) -> int | None:
+    """``up``'s output width over ``down``'s input width, for a pair that maps ``d`` back to ``d``."""
+    if up.in_features != down.out_features or up.out_features % down.in_features:
+        return None
+    return up.out_features // down.in_features
+
+
+def _normalises(module: nn.Module, width: int) -> bool:
+    """A child norm over ``width`` features (the hidden width of a gated triple it may sit between)."""
+    for child in module.children():
+        shape = getattr(child, "normalized_shape", None) or getattr(child, "dim", None)
+        shape = (shape,) if isinstance(shape, int) else tuple(shape or ())
+        widths = {*shape[-1:], *(p.shape[-1] for p in child.parameters() if p.ndim)}
+        if "Norm" in type(child).__name__ and width in widths:
+            return True
+    return False
+
+
+def _weightless_besides(module: nn.Module, names: set[str]) -> bool:
+    """Every child but ``names`` has no parameters (activations, dropout): nothing mixes features."""
+    return all(not any(True for _ in c.parameters()) for n, c in module.named_children() if n not in names)
 
 
 def _star_first(path: str) -> str:
