@@ -52,6 +52,8 @@ def add_dtype_arg(parser: argparse.ArgumentParser) -> None:
                         help="weights and compute (default: bfloat16 on CUDA, float32 on CPU)")
     parser.add_argument("--encode-text-once", action="store_true",
                         help="only rank 0 loads and runs the text encoders; the embeddings are broadcast")
+    parser.add_argument("--no-vae-parallel", dest="vae_parallel", action="store_false",
+                        help="decode with the whole VAE on every rank (default: split into row bands across the ranks)")
     parser.add_argument("--cpu-offload", action="store_true",
                         help="keep the text encoders and VAE in CPU memory on every rank; their layers move to "
                              "the rank's GPU only while they run (diffusers' group offloading), so the "
@@ -73,7 +75,7 @@ def run_generate(args) -> int:
                             negative_prompt=args.negative_prompt, num_frames=args.num_frames)
     t0 = time.perf_counter()
     with Engine(args.model, config, dtype=args.dtype, encode_text_once=args.encode_text_once,
-                cpu_offload=args.cpu_offload) as engine:
+                cpu_offload=args.cpu_offload, vae_parallel=args.vae_parallel) as engine:
         load_s = time.perf_counter() - t0
         images = engine.generate(args.prompt, params)
         if images is None:  # not rank 0 under torchrun
@@ -91,7 +93,7 @@ def run_generate(args) -> int:
               f"generate {engine.last_seconds:.2f} s = {engine.last_seconds / params.num_inference_steps * 1e3:.0f} ms "
               f"per step including text encoding and VAE decode ({params.num_inference_steps} steps, "
               f"{params.width}x{params.height}); wrote {args.output}")
-        print(f"rank 0 weights: {_weights_line(weights)}")
+        print(f"rank 0 weights: {_weights_line(weights)}; VAE decode split over {engine.vae_ranks} rank(s)")
     return 0
 
 
@@ -119,7 +121,7 @@ def _serve(args) -> int:
     limits = Limits(max_size=args.max_size, max_n=args.max_n, max_steps=args.max_steps,
                     default_size=args.default_size, default_steps=args.default_steps)
     engine = Engine(args.model, config, dtype=args.dtype, encode_text_once=args.encode_text_once,
-                    cpu_offload=args.cpu_offload)
+                    cpu_offload=args.cpu_offload, vae_parallel=args.vae_parallel)
     serve(engine, args.model, host=args.host, port=args.port, limits=limits)
     return 0
 

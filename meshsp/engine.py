@@ -179,7 +179,8 @@ class _Runner:
     """One rank's pipeline, with its transformer parallelized."""
 
     def __init__(self, model: str, config: ParallelConfig, dtype: torch.dtype = torch.float32,
-                 device: str = "cpu", encode_text_once: bool = False, cpu_offload: bool = False) -> None:
+                 device: str = "cpu", encode_text_once: bool = False, cpu_offload: bool = False,
+                 vae_parallel: bool = True) -> None:
         from diffusers import DiffusionPipeline
 
         from meshsp.mesh import init_sp_mesh
@@ -214,6 +215,10 @@ class _Runner:
             self.mesh = init_sp_mesh(config)
             if config.tensor_parallel_size > 1 and not (cpu_offload or self.encode_once):
                 self._shard_text_encoders()
+            if vae_parallel:
+                from meshsp.vae import parallelize_vae
+
+                parallelize_vae(self.pipe.vae, self.mesh)  # every rank decodes a band (meshsp.vae)
             for name in ("transformer", "transformer_2"):  # Wan 2.2 has two experts
                 model = getattr(self.pipe, name, None)
                 if model is None:
@@ -245,7 +250,9 @@ class _Runner:
         pipe = self.pipe
         scale = getattr(pipe, "vae_scale_factor_spatial", None) or getattr(pipe, "vae_scale_factor", 8)
         # Latents are packed (Flux, Qwen-Image) or patchified (Wan) 2x2 after the VAE's downscaling.
-        return {"pipeline": type(pipe).__name__, "video": "num_frames" in self.params, "size_multiple": scale * 2}
+        bands = getattr(getattr(pipe, "vae", None), "meshsp_bands", None)
+        return {"pipeline": type(pipe).__name__, "video": "num_frames" in self.params, "size_multiple": scale * 2,
+                "vae_ranks": bands.size if bands is not None else 1}
 
     def _uses_cfg(self, kw: dict) -> bool:
         """Whether this call runs a conditional and an unconditional branch per step."""
@@ -327,9 +334,9 @@ _RUNNER: _Runner | None = None  # the runner of a spawned worker process
 
 
 def _worker_load(model: str, config: ParallelConfig, dtype: torch.dtype, device: str, encode_text_once: bool,
-                 cpu_offload: bool) -> dict:
+                 cpu_offload: bool, vae_parallel: bool) -> dict:
     global _RUNNER
-    _RUNNER = _Runner(model, config, dtype, device, encode_text_once, cpu_offload)
+    _RUNNER = _Runner(model, config, dtype, device, encode_text_once, cpu_offload, vae_parallel)
     return _RUNNER.info()
 
 
@@ -358,7 +365,9 @@ class Engine:
     encoders, VAE) is kept in CPU memory on each rank and moved to the rank's GPU layer by layer when
     it runs (diffusers' group offloading), so the transformer has the GPU; ``weights_info()`` says
     where each model's weights are. On CPU the same hooks run with the CPU as both devices, which
-    saves nothing (a warning says so).
+    saves nothing (a warning says so). ``vae_parallel`` (default on with more than one rank): the
+    VAE decode is split into row bands across every rank (``meshsp.vae``), exact against the whole
+    decode; a VAE it cannot split raises ``ValueError`` (pass ``vae_parallel=False``).
 
     Example::
 
@@ -370,7 +379,7 @@ class Engine:
 
     def __init__(self, model: str, parallel_config: ParallelConfig | None = None, *,
                  dtype: str | torch.dtype | None = None, device: str | None = None,
-                 encode_text_once: bool = False, cpu_offload: bool = False) -> None:
+                 encode_text_once: bool = False, cpu_offload: bool = False, vae_parallel: bool = True) -> None:
         self.config = parallel_config or ParallelConfig()
         self.model = model
         self.dtype = resolve_dtype(dtype)
@@ -387,7 +396,8 @@ class Engine:
         self._runner: _Runner | None = None
         self.last_seconds = 0.0
         if spmd or self.config.world_size == 1:
-            self._runner = _Runner(model, self.config, self.dtype, self.device, encode_text_once, cpu_offload)
+            self._runner = _Runner(model, self.config, self.dtype, self.device, encode_text_once, cpu_offload,
+                                   vae_parallel)
             info = self._runner.info()
         else:
             model = resolve_model(model)  # build an embedded pipeline here, before any process group
@@ -395,13 +405,14 @@ class Engine:
             self._pool = WorkerPool(self.config.world_size, backend=backend, pg_timeout_s=self.config.timeout_s)
             try:
                 info = self._pool.run(_worker_load, model, self.config, self.dtype, self.device, encode_text_once,
-                                      cpu_offload, timeout=self.config.timeout_s)[0]
+                                      cpu_offload, vae_parallel, timeout=self.config.timeout_s)[0]
             except BaseException:
                 self._pool.close()
                 raise
         self.pipeline_class: str = info["pipeline"]
         self.is_video: bool = info["video"]
         self.size_multiple: int = info["size_multiple"]
+        self.vae_ranks: int = info["vae_ranks"]  # ranks the VAE decode is split across (1: whole)
 
     def generate(self, prompt: str | list[str], params: SamplingParams | None = None):
         """Images (PIL) for the prompt(s); for video pipelines, a list of frame lists. None off rank 0."""

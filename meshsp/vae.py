@@ -291,6 +291,7 @@ class VaePlan(ParallelStyle, dict):
         for path, name in self.items():
             style = styles[name]()
             style._apply(module.get_submodule(path), bands.ring_mesh if name == "ParallelAttention" else device_mesh)
+        module.meshsp_bands = bands  # how many ranks split the decode (read by the engine and tests)
         return module
 
 

@@ -37,6 +37,7 @@ def reference():
 def test_sp_images_equal_single_process(reference, config):
     with Engine("tiny-qwen-image", config) as engine:
         images = engine.generate(PROMPTS, PARAMS)
+        assert engine.vae_ranks == config.world_size  # the decode was split too (meshsp.vae)
         if config.tensor_parallel_size > 1:  # every rank holds part of the transformer and text encoder
             # (the tiny Qwen2.5-VL is mostly embeddings and a vision tower, which stay whole)
             for name, share in (("transformer", 0.8), ("text_encoder", 0.97)):
@@ -78,6 +79,7 @@ def test_cli_writes_output(tmp_path, command, name):
                           cwd=root, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "mesh (ring=1, ulysses=2" in proc.stdout and Image.open(out).size == (64, 64)
+    assert "VAE decode split over 2 rank(s)" in proc.stdout
     assert getattr(Image.open(out), "n_frames", 1) == (5 if name.endswith(".gif") else 1)
 
 
