@@ -238,7 +238,13 @@ def tp_requirements(style: ParallelStyle, module: nn.Module, where: str) -> list
     if isinstance(style, ShardFeatures):
         return []  # checked on the outputs, the same on every rank (shapes the ranks agreed on)
     if isinstance(style, LocalHeads):
-        return [(f"{where}.{a}", getattr(module, a)) for a in HEAD_ATTRIBUTES if isinstance(getattr(module, a, None), int)]
+        out = [(f"{where}.{a}", getattr(module, a)) for a in HEAD_ATTRIBUTES if isinstance(getattr(module, a, None), int)]
+        q, k = getattr(module, "to_q", None), getattr(module, "to_k", None)
+        heads = getattr(module, "heads", None)
+        if isinstance(q, nn.Linear) and isinstance(k, nn.Linear) and isinstance(heads, int) and heads:
+            # grouped-query attention: tp must split the key/value heads too, not only their features
+            out.append((f"{where} key/value heads", k.out_features // (q.out_features // heads)))
+        return out
     if isinstance(style, HeadShardedNorm):
         features = _norm_features(module)
         if features is None:

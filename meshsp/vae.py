@@ -27,6 +27,8 @@ the VAE is split.
 
 from __future__ import annotations
 
+from fractions import Fraction
+
 import torch
 import torch.distributed as dist
 import torch.nn as nn
@@ -39,7 +41,8 @@ from meshsp.ops.consensus import agree
 from meshsp.placements.sequence import balanced_sizes
 from meshsp.styles import ParallelAttention, PlanState
 
-__all__ = ["BandGroupNorm", "Bands", "HaloConv", "SplitBands", "VaePlan", "parallelize_vae", "vae_plan"]
+__all__ = ["BandGroupNorm", "Bands", "HaloConv", "HaloDownConv", "SplitBands", "VaePlan", "parallelize_vae",
+           "vae_plan"]
 
 
 class Bands:
@@ -56,43 +59,47 @@ class Bands:
         self.active = False   # inside a split decode
         self.rows: tuple[int, ...] = ()   # band heights at the current resolution
 
-    def split(self, rows: int) -> None:
-        self.rows = balanced_sizes(rows, self.size)
+    def split(self, rows: int, unit: int = 1) -> None:
+        """Bands of whole ``unit``s of rows (an encoder's input: 2 ** downsamplings, so that every
+        band stays whole rows at every resolution)."""
+        self.rows = tuple(n * unit for n in balanced_sizes(rows // unit, self.size))
 
     def scale(self, height: int) -> tuple[int, ...]:
-        """Band heights of a tensor ``height`` rows tall: the latent bands times the upsampling so far."""
-        factor, rest = divmod(height, self.rows[self.rank]) if self.rows[self.rank] else (0, 1)
-        total = sum(self.rows)
-        if rest or factor < 1:
-            raise ValueError(f"a decoder tensor with {height} rows does not match this rank's band of "
-                             f"{self.rows[self.rank]} latent rows; meshsp splits decoders that only upsample.")
-        return tuple(r * factor for r in self.rows) if total else ()
+        """Every rank's band height in a tensor whose band here is ``height`` rows (the input bands
+        scaled by the up- or downsampling so far)."""
+        factor = Fraction(height, self.rows[self.rank])
+        sizes = tuple(r * factor for r in self.rows)
+        if any(s.denominator != 1 for s in sizes):
+            raise ValueError(f"a band of {height} rows does not scale the input bands {self.rows} evenly.")
+        return tuple(int(s) for s in sizes)
 
 
 class SplitBands(ParallelStyle):
-    """Cut the decoder's input into this rank's band; all-gather the output bands."""
+    """Cut the decoder's (or encoder's) input into this rank's band; all-gather the output bands.
+    ``unit``: band heights are multiples of it (an encoder's total downsampling)."""
 
-    def __init__(self, bands: Bands, state: PlanState) -> None:
+    def __init__(self, bands: Bands, state: PlanState, unit: int = 1, arg: str = "z") -> None:
         super().__init__()
-        self.bands, self.state = bands, state
+        self.bands, self.state, self.unit, self.arg = bands, state, unit, arg
 
     def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
         bands = self.bands
 
         def pre_hook(mod, args, kwargs):
-            z = args[0] if args else kwargs["z"]
-            rows = z.shape[-2]
+            z = args[0] if args else kwargs[self.arg]
+            rows, unit = z.shape[-2], self.unit
             error = None
-            if rows < bands.size:
-                error = (f"the latent has {rows} rows, fewer than the {bands.size} ranks decoding it; decode "
+            if rows % unit or rows // unit < bands.size:
+                what = "latent" if unit == 1 else f"image (in bands of {unit} rows)"
+                error = (f"the {what} has {rows} rows, fewer than the {bands.size} ranks splitting it; run "
                          "on fewer ranks (parallelize_vae with a smaller mesh) or a larger image.")
-            agree("vae.decode", f"latent {tuple(z.shape)} {z.dtype}", error, (bands.group,), bands.device)
-            bands.split(rows)
+            agree(f"vae {self.arg}", f"input {tuple(z.shape)} {z.dtype}", error, (bands.group,), bands.device)
+            bands.split(rows, unit)
             bands.active = True
             self.state.global_lens.update({"vae:rows": rows, "vae:cols": z.shape[-1], "vae:batch": z.shape[0]})
             start = sum(bands.rows[:bands.rank])
             band = z.narrow(-2, start, bands.rows[bands.rank])
-            return ((band, *args[1:]), kwargs) if args else (args, {**kwargs, "z": band})
+            return ((band, *args[1:]), kwargs) if args else (args, {**kwargs, self.arg: band})
 
         def post_hook(mod, args, output):
             bands.active = False
@@ -193,6 +200,41 @@ def _with_halo(x: torch.Tensor, halo: int, bands: Bands) -> torch.Tensor:
     return torch.cat([top, x, bottom], dim=-2)
 
 
+class HaloDownConv(ParallelStyle):
+    """A stride-2 convolution behind diffusers' ``Downsample2D`` padding (one zero row appended at
+    the bottom): under an inner band that row is the next band's first row instead."""
+
+    def __init__(self, bands: Bands) -> None:
+        super().__init__()
+        self.bands = bands
+
+    def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
+        bands = self.bands
+        if not (isinstance(module, nn.Conv2d) and module.stride == (2, 2) and module.padding == (0, 0)
+                and module.kernel_size == (3, 3)):
+            raise ValueError(f"HaloDownConv takes a 3x3, stride-2, unpadded nn.Conv2d; got {module}.")
+
+        def pre_hook(mod, args):
+            if not bands.active or bands.size == 1:
+                return None
+            x, me = args[0], bands.rank
+            row = x.new_zeros(*x.shape[:-2], 1, x.shape[-1])
+            ops = []
+            if me > 0:
+                ops.append(dist.P2POp(dist.isend, x[..., :1, :].contiguous(), bands.ranks[me - 1], bands.group))
+            if me < bands.size - 1:
+                ops.append(dist.P2POp(dist.irecv, row, bands.ranks[me + 1], bands.group))
+            _count("vae_halo", (me > 0) * row.numel() * row.element_size())
+            for work in dist.batch_isend_irecv(ops):
+                work.wait()
+            if me == bands.size - 1:
+                return None  # the image's own bottom edge: the zero row stays
+            return (torch.cat([x[..., :-1, :], row], dim=-2), *args[1:])
+
+        module.register_forward_pre_hook(pre_hook)
+        return module
+
+
 class BandGroupNorm(ParallelStyle):
     """``GroupNorm`` over a band with the whole image's per-group statistics (one all-reduce)."""
 
@@ -253,59 +295,93 @@ def _per_position(norm: nn.Module) -> bool:
 
 
 class VaePlan(ParallelStyle, dict):
-    """``{module path: style}`` for a VAE's decoder; itself the style of the VAE (``parallelize_module``)."""
+    """``{module path: style}`` for a VAE's decoder (and encoder, where it splits); itself the style
+    of the VAE, so torch's ``parallelize_module(vae, mesh, plan)`` applies it.
 
-    def __init__(self, vae: nn.Module) -> None:
+    ``encode``: ``None`` splits the encoder where meshsp can (``AutoencoderKL``: stride-2
+    downsampling behind diffusers' ``Downsample2D`` padding) and leaves it whole elsewhere (the
+    video VAEs' temporally strided encoders; ``bands.encoder_split`` says which); ``True`` raises
+    where it cannot; ``False`` leaves it whole."""
+
+    def __init__(self, vae: nn.Module, encode: bool | None = None) -> None:
         dict.__init__(self)
         self.vae_class = type(vae).__name__
         decoder = getattr(vae, "decoder", None)
         if decoder is None or not hasattr(vae, "decode"):
             raise ValueError(f"parallelize_vae takes a diffusers VAE with a .decoder; got {self.vae_class}.")
-        for name, module in decoder.named_modules():
-            path = f"decoder.{name}" if name else "decoder"
-            if isinstance(module, (nn.Conv2d, nn.Conv3d)) and module.stride[-2] != 1:
-                raise ValueError(f"{self.vae_class}: {path} is a strided {type(module).__name__}, which meshsp "
-                                 "cannot split into row bands; decode this VAE whole.")
-            if isinstance(module, (nn.Conv2d, nn.Conv3d)) and module.kernel_size[-2] > 1:
-                self[path] = "HaloConv"
-            elif isinstance(module, nn.GroupNorm):
-                self[path] = "BandGroupNorm"
-            elif (hasattr(module, "processor") and hasattr(module, "to_q")) or type(module).__name__.endswith(
-                    "AttentionBlock"):  # diffusers' Attention, or the video VAEs' single-head block
-                self[path] = "ParallelAttention"
-            elif isinstance(module, nn.Conv1d) or "Norm" in type(module).__name__ and not _per_position(module):
-                raise ValueError(f"{self.vae_class}: {path} ({type(module).__name__}) is not one meshsp can "
-                                 "split into row bands; decode this VAE whole.")
+        self.update(_part_plan(decoder, "decoder", self.vae_class))
         self["decoder"] = "SplitBands"
+        self.encoder_unit = 0
+        encoder = getattr(vae, "encoder", None)
+        if encode is not False and encoder is not None:
+            try:
+                entries = _part_plan(encoder, "encoder", self.vae_class)
+            except ValueError:
+                if encode:
+                    raise
+                entries = None
+            if entries is not None:
+                self.update(entries)
+                self.encoder_unit = 2 ** sum(1 for v in entries.values() if v == "HaloDownConv")
+                self["encoder"] = "SplitBands"
 
     def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
         if getattr(module, "use_tiling", False):
             raise ValueError(f"{self.vae_class} has tiling enabled; the split decode is untiled (call "
                              "vae.disable_tiling() first).")
         bands, state = Bands(device_mesh), PlanState("advanced_uaa")
+        bands.encoder_split = "encoder" in self
         if bands.size == 1:
             return module
-        styles = {"HaloConv": lambda: HaloConv(bands), "BandGroupNorm": lambda: BandGroupNorm(bands),
-                  "ParallelAttention": lambda: _BandAttention(bands, state),
-                  "SplitBands": lambda: SplitBands(bands, state)}
+        styles = {"HaloConv": lambda p: HaloConv(bands), "HaloDownConv": lambda p: HaloDownConv(bands),
+                  "BandGroupNorm": lambda p: BandGroupNorm(bands),
+                  "ParallelAttention": lambda p: _BandAttention(bands, state),
+                  "SplitBands": lambda p: SplitBands(bands, state, *((self.encoder_unit, "x") if p == "encoder"
+                                                                      else (1, "z")))}
         for path, name in self.items():
-            style = styles[name]()
+            style = styles[name](path)
             style._apply(module.get_submodule(path), bands.ring_mesh if name == "ParallelAttention" else device_mesh)
         module.meshsp_bands = bands  # how many ranks split the decode (read by the engine and tests)
         return module
 
 
-def vae_plan(vae: nn.Module) -> VaePlan:
+def _part_plan(part: nn.Module, prefix: str, vae_class: str) -> dict[str, str]:
+    """Styles for the decoder's or encoder's modules; ``ValueError`` for a module bands cannot split."""
+    plan = {}
+    modules = dict(part.named_modules())
+    for name, module in modules.items():
+        path = f"{prefix}.{name}" if name else prefix
+        parent = type(modules[name.rpartition(".")[0]]).__name__ if name else ""
+        if isinstance(module, (nn.Conv2d, nn.Conv3d)) and module.stride[-2] != 1:
+            if parent == "Downsample2D" and isinstance(module, nn.Conv2d) and module.padding == (0, 0):
+                plan[path] = "HaloDownConv"
+                continue
+            raise ValueError(f"{vae_class}: {path} is a strided {type(module).__name__} that meshsp cannot split "
+                             "into row bands.")
+        if isinstance(module, (nn.Conv2d, nn.Conv3d)) and module.kernel_size[-2] > 1:
+            plan[path] = "HaloConv"
+        elif isinstance(module, nn.GroupNorm):
+            plan[path] = "BandGroupNorm"
+        elif (hasattr(module, "processor") and hasattr(module, "to_q")) or type(module).__name__.endswith(
+                "AttentionBlock"):  # diffusers' Attention, or the video VAEs' single-head block
+            plan[path] = "ParallelAttention"
+        elif isinstance(module, nn.Conv1d) or "Norm" in type(module).__name__ and not _per_position(module):
+            raise ValueError(f"{vae_class}: {path} ({type(module).__name__}) is not one meshsp can split into "
+                             "row bands.")
+    return plan
+
+
+def vae_plan(vae: nn.Module, encode: bool | None = None) -> VaePlan:
     """The split-decode plan of ``vae`` (paths of its decoder's convolutions, norms and attention).
 
     Example::
 
         parallelize_module(vae, mesh, vae_plan(vae))   # the same as parallelize_vae(vae, mesh)
     """
-    return VaePlan(vae)
+    return VaePlan(vae, encode)
 
 
-def parallelize_vae(vae: nn.Module, mesh: DeviceMesh) -> nn.Module:
+def parallelize_vae(vae: nn.Module, mesh: DeviceMesh, encode: bool | None = None) -> nn.Module:
     """Split ``vae.decode`` across every rank of ``mesh`` (see the module docstring).
 
     Example::
@@ -316,4 +392,4 @@ def parallelize_vae(vae: nn.Module, mesh: DeviceMesh) -> nn.Module:
     """
     from torch.distributed.tensor.parallel import parallelize_module
 
-    return parallelize_module(vae, mesh, vae_plan(vae))
+    return parallelize_module(vae, mesh, vae_plan(vae, encode))

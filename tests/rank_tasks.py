@@ -663,3 +663,22 @@ def vae_too_few_rows() -> None:
     parallelize_vae(vae, config_mesh(ulysses_degree=4))
     with torch.no_grad():
         vae.decode(torch.zeros(1, 4, 3, 8))
+
+
+def vae_encode_parity(shape: tuple, tol: float = 1e-5, **degrees) -> dict:
+    """``vae.encode`` of the tiny Flux VAE split over the mesh against the whole encode."""
+    import diffusers
+
+    from meshsp.pipelines import tiny_pipeline_path
+    from meshsp.vae import parallelize_vae
+
+    vae = diffusers.AutoencoderKL.from_pretrained(tiny_pipeline_path("tiny-flux") / "vae")
+    x = torch.rand(*shape, generator=torch.Generator().manual_seed(3)) * 2 - 1
+    with torch.no_grad():
+        expected = vae.encode(x).latent_dist
+    parallelize_vae(vae, config_mesh(**degrees), encode=True)
+    with torch.no_grad(), record_comm() as stats:
+        got = vae.encode(x).latent_dist
+    for a, b in ((got.mean, expected.mean), (got.std, expected.std)):
+        torch.testing.assert_close(a, b, atol=tol * max(b.abs().max().item(), 1.0), rtol=tol)
+    return {"diff": (got.mean - expected.mean).abs().max().item(), "calls": dict(stats.calls)}

@@ -57,3 +57,24 @@ def test_plan_through_torch_and_refusals(pools):
     assert pools(2).run(rank_tasks.vae_entry_points) == ["ok"] * 2
     msgs = pools(4).run(rank_tasks.raises, "vae_too_few_rows")
     assert len(set(msgs)) == 1 and "the latent has 3 rows, fewer than the 4 ranks" in msgs[0], msgs
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_split_encode_equals_whole_encode(pools, world):
+    """AutoencoderKL's encoder: bands of 8-row units (its three stride-2 downsamplings); 56 rows =
+    7 units over 2 or 4 ranks. The video VAEs' temporally strided encoders stay whole."""
+    for shape in [(1, 3, 64, 64), (2, 3, 56, 72)]:
+        r = pools(world).run(rank_tasks.vae_encode_parity, shape, ulysses_degree=world)[0]
+        assert r["calls"]["vae_halo"] > 0, r
+
+
+def test_video_vae_encoders_are_left_whole_or_refused():
+    import diffusers
+
+    from meshsp.pipelines import tiny_pipeline_path
+    from meshsp.vae import vae_plan
+
+    wan = diffusers.AutoencoderKLWan.from_pretrained(tiny_pipeline_path("tiny-wan") / "vae")
+    assert "encoder" not in vae_plan(wan) and "decoder" in vae_plan(wan)
+    with pytest.raises(ValueError, match="encoder.down_blocks.1.resample.1 is a strided Conv2d"):
+        vae_plan(wan, encode=True)
