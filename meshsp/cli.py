@@ -54,6 +54,8 @@ def add_dtype_arg(parser: argparse.ArgumentParser) -> None:
                         help="only rank 0 loads and runs the text encoders; the embeddings are broadcast")
     parser.add_argument("--no-vae-parallel", dest="vae_parallel", action="store_false",
                         help="decode with the whole VAE on every rank (default: split into row bands across the ranks)")
+    parser.add_argument("--vae-tiling", action="store_true",
+                        help="diffusers' tiled VAE decode; with more than one rank its tiles are shared out")
     parser.add_argument("--cpu-offload", action="store_true",
                         help="keep the text encoders and VAE in CPU memory on every rank; their layers move to "
                              "the rank's GPU only while they run (diffusers' group offloading), so the "
@@ -75,7 +77,7 @@ def run_generate(args) -> int:
                             negative_prompt=args.negative_prompt, num_frames=args.num_frames)
     t0 = time.perf_counter()
     with Engine(args.model, config, dtype=args.dtype, encode_text_once=args.encode_text_once,
-                cpu_offload=args.cpu_offload, vae_parallel=args.vae_parallel) as engine:
+                cpu_offload=args.cpu_offload, vae_parallel=args.vae_parallel, vae_tiling=args.vae_tiling) as engine:
         load_s = time.perf_counter() - t0
         images = engine.generate(args.prompt, params)
         if images is None:  # not rank 0 under torchrun
@@ -121,7 +123,7 @@ def _serve(args) -> int:
     limits = Limits(max_size=args.max_size, max_n=args.max_n, max_steps=args.max_steps,
                     default_size=args.default_size, default_steps=args.default_steps)
     engine = Engine(args.model, config, dtype=args.dtype, encode_text_once=args.encode_text_once,
-                    cpu_offload=args.cpu_offload, vae_parallel=args.vae_parallel)
+                    cpu_offload=args.cpu_offload, vae_parallel=args.vae_parallel, vae_tiling=args.vae_tiling)
     serve(engine, args.model, host=args.host, port=args.port, limits=limits)
     return 0
 

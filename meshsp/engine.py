@@ -180,7 +180,7 @@ class _Runner:
 
     def __init__(self, model: str, config: ParallelConfig, dtype: torch.dtype = torch.float32,
                  device: str = "cpu", encode_text_once: bool = False, cpu_offload: bool = False,
-                 vae_parallel: bool = True) -> None:
+                 vae_parallel: bool = True, vae_tiling: bool = False) -> None:
         from diffusers import DiffusionPipeline
 
         from meshsp.mesh import init_sp_mesh
@@ -211,6 +211,8 @@ class _Runner:
             self.pipe.to(self.device)  # moves only what did not load there (nothing, with LOCAL_RANK set)
         self.mesh = None
         self.cfg_hook = None
+        if vae_tiling:
+            self.pipe.vae.enable_tiling()  # diffusers' tiles; shared out across the ranks below
         if config.world_size > 1:
             self.mesh = init_sp_mesh(config)
             if config.tensor_parallel_size > 1 and not (cpu_offload or self.encode_once):
@@ -334,9 +336,9 @@ _RUNNER: _Runner | None = None  # the runner of a spawned worker process
 
 
 def _worker_load(model: str, config: ParallelConfig, dtype: torch.dtype, device: str, encode_text_once: bool,
-                 cpu_offload: bool, vae_parallel: bool) -> dict:
+                 cpu_offload: bool, vae_parallel: bool, vae_tiling: bool) -> dict:
     global _RUNNER
-    _RUNNER = _Runner(model, config, dtype, device, encode_text_once, cpu_offload, vae_parallel)
+    _RUNNER = _Runner(model, config, dtype, device, encode_text_once, cpu_offload, vae_parallel, vae_tiling)
     return _RUNNER.info()
 
 
@@ -367,7 +369,9 @@ class Engine:
     where each model's weights are. On CPU the same hooks run with the CPU as both devices, which
     saves nothing (a warning says so). ``vae_parallel`` (default on with more than one rank): the
     VAE decode is split into row bands across every rank (``meshsp.vae``), exact against the whole
-    decode; a VAE it cannot split raises ``ValueError`` (pass ``vae_parallel=False``).
+    decode; a VAE it cannot split raises ``ValueError`` (pass ``vae_parallel=False``). ``vae_tiling``:
+    diffusers' tiled decode, for outputs too large to decode untiled; with ``vae_parallel`` its tiles
+    are decoded round-robin across the ranks (``AutoencoderKL``), equal to one process's tiled decode.
 
     Example::
 
@@ -379,7 +383,8 @@ class Engine:
 
     def __init__(self, model: str, parallel_config: ParallelConfig | None = None, *,
                  dtype: str | torch.dtype | None = None, device: str | None = None,
-                 encode_text_once: bool = False, cpu_offload: bool = False, vae_parallel: bool = True) -> None:
+                 encode_text_once: bool = False, cpu_offload: bool = False, vae_parallel: bool = True,
+                 vae_tiling: bool = False) -> None:
         self.config = parallel_config or ParallelConfig()
         self.model = model
         self.dtype = resolve_dtype(dtype)
@@ -397,7 +402,7 @@ class Engine:
         self.last_seconds = 0.0
         if spmd or self.config.world_size == 1:
             self._runner = _Runner(model, self.config, self.dtype, self.device, encode_text_once, cpu_offload,
-                                   vae_parallel)
+                                   vae_parallel, vae_tiling)
             info = self._runner.info()
         else:
             model = resolve_model(model)  # build an embedded pipeline here, before any process group
@@ -405,7 +410,7 @@ class Engine:
             self._pool = WorkerPool(self.config.world_size, backend=backend, pg_timeout_s=self.config.timeout_s)
             try:
                 info = self._pool.run(_worker_load, model, self.config, self.dtype, self.device, encode_text_once,
-                                      cpu_offload, vae_parallel, timeout=self.config.timeout_s)[0]
+                                      cpu_offload, vae_parallel, vae_tiling, timeout=self.config.timeout_s)[0]
             except BaseException:
                 self._pool.close()
                 raise

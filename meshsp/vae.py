@@ -21,8 +21,9 @@ and every rank decodes its band. Styles on the decoder's modules keep that exact
 vae_plan(vae))`` does the same. Supported: ``AutoencoderKL`` (Flux, SD3) and the causal video
 VAEs ``AutoencoderKLWan`` and ``AutoencoderKLQwenImage``, which decode frame by frame with a cache of
 the previous frames per convolution: each rank caches its own band, and a cached frame's halo rows
-come from the neighbours with the new frame's. Decoding through diffusers' tiling is refused while
-the VAE is split.
+come from the neighbours with the new frame's. With diffusers' tiling enabled (``AutoencoderKL``),
+its tiles are decoded round-robin across the ranks and blended by diffusers' own code
+(``DistributedTiles``): equal to the single-device tiled decode.
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ from meshsp.ops.consensus import agree
 from meshsp.placements.sequence import balanced_sizes
 from meshsp.styles import ParallelAttention, PlanState
 
-__all__ = ["BandGroupNorm", "Bands", "HaloConv", "HaloDownConv", "SplitBands", "VaePlan", "parallelize_vae",
+__all__ = ["BandGroupNorm", "Bands", "DistributedTiles", "HaloConv", "HaloDownConv", "SplitBands", "VaePlan", "parallelize_vae",
            "vae_plan"]
 
 
@@ -57,6 +58,7 @@ class Bands:
         # Ring attention over the bands' tokens runs on a 1-D "ring" mesh of the same ranks.
         self.ring_mesh = DeviceMesh(self.device, torch.tensor(ranks), mesh_dim_names=("ring",))
         self.active = False   # inside a split decode
+        self.tiling = False   # inside diffusers' tiled decode (tiles shared out, not split into bands)
         self.rows: tuple[int, ...] = ()   # band heights at the current resolution
 
     def split(self, rows: int, unit: int = 1) -> None:
@@ -86,6 +88,8 @@ class SplitBands(ParallelStyle):
         bands = self.bands
 
         def pre_hook(mod, args, kwargs):
+            if bands.tiling:
+                return None  # a tile of diffusers' tiled decode: DistributedTiles shares the tiles out
             z = args[0] if args else kwargs[self.arg]
             rows, unit = z.shape[-2], self.unit
             error = None
@@ -102,6 +106,8 @@ class SplitBands(ParallelStyle):
             return ((band, *args[1:]), kwargs) if args else (args, {**kwargs, self.arg: band})
 
         def post_hook(mod, args, output):
+            if bands.tiling:
+                return output
             bands.active = False
             sizes = bands.scale(output.shape[-2])
             return _gather_rows(output, sizes, bands)
@@ -275,6 +281,59 @@ def _band_group_norm(norm: nn.GroupNorm, x: torch.Tensor, bands: Bands) -> torch
     return out
 
 
+class DistributedTiles(ParallelStyle):
+    """diffusers' own tiled decode, its tiles decoded round-robin across the ranks.
+
+    ``vae.tiled_decode`` runs twice: first with the decoder computing only this rank's tiles (tile
+    ``t`` on rank ``t mod P``; the others stand in as zeros and their blending is discarded), then,
+    after every tile is broadcast from the rank that decoded it, with the decoder replaying the
+    decoded tiles — so the tiles are cut and blended by diffusers' code, exactly as one process
+    blends them."""
+
+    def __init__(self, bands: Bands) -> None:
+        super().__init__()
+        self.bands = bands
+
+    def _apply(self, vae: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
+        bands, whole, decoder = self.bands, vae.tiled_decode, vae.decoder
+        scale = 2 ** sum(1 for m in decoder.modules() if type(m).__name__.startswith("Upsample"))
+        channels = decoder.conv_out.out_channels
+
+        def run(z, return_dict, forward):
+            bands.tiling = True
+            decoder.forward = forward  # scoped to this call, removed below
+            try:
+                return whole(z, return_dict=return_dict)
+            finally:
+                del decoder.forward
+                bands.tiling = False
+
+        def tiled_decode(z, return_dict: bool = True):
+            mine, shapes, real = {}, [], type(decoder).forward.__get__(decoder)
+
+            def first(tile, *args, **kwargs):
+                t = len(shapes)
+                shapes.append((tile.shape[0], channels, tile.shape[-2] * scale, tile.shape[-1] * scale))
+                if t % bands.size != bands.rank:
+                    return tile.new_zeros(shapes[-1])
+                mine[t] = real(tile, *args, **kwargs)
+                return mine[t].clone()  # blending writes into the tiles it is given
+
+            run(z, False, first)
+            tiles = []
+            for t, shape in enumerate(shapes):
+                owner = t % bands.size
+                tile = mine[t].contiguous() if owner == bands.rank else z.new_empty(shape)
+                if owner == bands.rank:
+                    _count("vae_tiles", tile.numel() * tile.element_size() * (bands.size - 1))
+                dist.broadcast(tile, bands.ranks[owner], group=bands.group)
+                tiles.append(tile)
+            return run(z, return_dict, lambda tile, *args, **kwargs: tiles.pop(0))
+
+        vae.tiled_decode = tiled_decode
+        return vae
+
+
 class _BandAttention(ParallelAttention):
     """``ParallelAttention`` that routes only inside a split decode (a whole decode stays local)."""
 
@@ -326,9 +385,9 @@ class VaePlan(ParallelStyle, dict):
                 self["encoder"] = "SplitBands"
 
     def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
-        if getattr(module, "use_tiling", False):
-            raise ValueError(f"{self.vae_class} has tiling enabled; the split decode is untiled (call "
-                             "vae.disable_tiling() first).")
+        if getattr(module, "use_tiling", False) and self.vae_class != "AutoencoderKL":
+            raise ValueError(f"{self.vae_class} has tiling enabled; meshsp shares out the tiles of "
+                             "AutoencoderKL only: call vae.disable_tiling() for the (exact, untiled) split decode.")
         bands, state = Bands(device_mesh), PlanState("advanced_uaa")
         bands.encoder_split = "encoder" in self
         if bands.size == 1:
@@ -341,6 +400,8 @@ class VaePlan(ParallelStyle, dict):
         for path, name in self.items():
             style = styles[name](path)
             style._apply(module.get_submodule(path), bands.ring_mesh if name == "ParallelAttention" else device_mesh)
+        if self.vae_class == "AutoencoderKL":  # latents larger than a tile, with tiling on
+            DistributedTiles(bands)._apply(module, device_mesh)
         module.meshsp_bands = bands  # how many ranks split the decode (read by the engine and tests)
         return module
 

@@ -78,3 +78,11 @@ def test_video_vae_encoders_are_left_whole_or_refused():
     assert "encoder" not in vae_plan(wan) and "decoder" in vae_plan(wan)
     with pytest.raises(ValueError, match="encoder.down_blocks.1.resample.1 is a strided Conv2d"):
         vae_plan(wan, encode=True)
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_distributed_tiled_decode_equals_single_process_tiled_decode(pools, world):
+    """diffusers' tiles (4x4 latents, 1/4 overlap) decoded round-robin, blended by diffusers' code."""
+    for shape in [(1, 4, 7, 9), (2, 4, 12, 10)]:
+        r = pools(world).run(rank_tasks.vae_tiled_parity, shape, ulysses_degree=world)
+        assert sum(x["calls"]["vae_tiles"] for x in r) == {(1, 4, 7, 9): 9, (2, 4, 12, 10): 16}[shape]
