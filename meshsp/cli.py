@@ -202,7 +202,7 @@ def _plan_memory(args, rows) -> dict | None:
         return None
     layouts = sorted({_layout(r) for r in rows})
     return estimate(args.model, args.width, args.height, frames=args.frames, dtype=getattr(torch, args.dtype),
-                    layouts=layouts)
+                    layouts=layouts, vae_ranks=args.gpus)  # the engine splits the decode across every rank
 
 
 def _fits(args, memory, row) -> bool | None:
@@ -287,7 +287,16 @@ def _check_plan(args) -> int:
 
 
 def _bench(args) -> int:
-    if args.what == "attention":
+    if args.repeats is None:
+        args.repeats = 1 if args.what == "vae" else 5
+    if args.what == "vae":
+        from meshsp.bench.vae import run as run_vae
+
+        width, _, height = args.clip.partition("x")
+        run_vae(tuple(args.vaes.split(",")), sizes=tuple(int(s) for s in args.sizes.split(",")), frames=args.frames,
+                clip=(int(width), int(height)), repeats=args.repeats, e2e_model=args.e2e_model,
+                e2e_size=args.e2e_size)
+    elif args.what == "attention":
         from meshsp.bench.attention import run
 
         run(seq=args.seq, heads=args.heads, head_dim=args.head_dim, repeats=args.repeats)
@@ -374,18 +383,25 @@ def build_parser() -> argparse.ArgumentParser:
     plan.set_defaults(func=_plan)
 
     bench = sub.add_parser("bench", help="benchmarks printed side by side")
-    bench.add_argument("what", choices=["attention", "models", "perf"])
+    bench.add_argument("what", choices=["attention", "models", "perf", "vae"])
     bench.add_argument("--seq", type=int, default=8192, help="attention: sequence length")
     bench.add_argument("--heads", type=int, default=8)
     bench.add_argument("--families", default="flux,qwen-image,wan", help="models: comma-separated families")
     bench.add_argument("--grid", type=int, default=64, help="models: token grid side")
     bench.add_argument("--txt", type=int, default=256, help="models: text tokens")
     bench.add_argument("--head-dim", type=int, default=64)
-    bench.add_argument("--repeats", type=int, default=5)
+    bench.add_argument("--repeats", type=int, default=None, help="default 5; vae: 1")
     bench.add_argument("--real-width", action="store_true",
                        help="models: each family at its real hidden size and heads, 1 block per stack")
     bench.add_argument("--dtypes", default="float32,bfloat16", help="models --real-width: comma-separated")
     bench.add_argument("--tokens", type=int, default=2048, help="models --real-width: image tokens")
+    bench.add_argument("--vaes", default="flux,qwen-image,wan", help="vae: comma-separated VAEs")
+    bench.add_argument("--sizes", default="512,1024", help="vae: square image sizes in pixels, comma-separated")
+    bench.add_argument("--frames", type=int, default=5, help="vae: frames of the video VAEs' clip (1 + 4k)")
+    bench.add_argument("--clip", default="480x272", help="vae: WIDTHxHEIGHT of the video VAEs' clip")
+    bench.add_argument("--e2e-model", default="tiny-qwen-image", help="vae: the pipeline of the whole-request "
+                       "comparison ('' skips it)")
+    bench.add_argument("--e2e-size", type=int, default=1024, help="vae: image size of the whole request")
     bench.set_defaults(func=_bench)
     return parser
 

@@ -14,7 +14,8 @@ Everything is counted on the ``meta`` device from the real-size configs — no w
   transformers tp plan where it has one, as the engine does); its activations for a few hundred
   tokens are small next to them and are left out;
 * **VAE decode**: the VAE's weights plus the peak of live bytes of ``vae.decode`` at the
-  resolution on ``meta`` (every rank decodes the whole latent until the VAE is split).
+  resolution on ``meta``: the whole latent, or this rank's band of it when the decode is split
+  across the ranks (``meshsp.vae``), plus the gathered output.
 
 The peak of live bytes is what an ideal allocator needs; CUDA's caching allocator and kernel
 workspaces add to it (``OVERHEAD``). ``meshsp bench models --real-width`` measures real peaks on CPU
@@ -262,22 +263,29 @@ def _step_activations(spec: MemoryModel, dtype: torch.dtype, h: int, w: int, fra
     return live.peak + extra
 
 
-def _vae_decode(spec: MemoryModel, dtype: torch.dtype, h: int, w: int, frames: int) -> int:
+def _vae_decode(spec: MemoryModel, dtype: torch.dtype, h: int, w: int, frames: int, ranks: int = 1) -> int:
+    """The VAE's weights plus the peak of ``vae.decode`` on one rank: the whole latent, or with
+    ``ranks`` > 1 this rank's band of rows (``meshsp.vae``) plus the gathered output twice (the
+    padded bands received and the image they are joined into)."""
     vae = _diffusers(spec.vae, spec.vae_config, dtype)
     lat_h, lat_w = h * spec.patch, w * spec.patch
+    band = -(-lat_h // ranks)
     channels = vae.config.latent_channels if hasattr(vae.config, "latent_channels") else vae.config.z_dim
-    shape = (1, channels, frames, lat_h, lat_w) if spec.video or spec.vae != "AutoencoderKL" else (1, channels, lat_h, lat_w)
+    video = spec.video or spec.vae != "AutoencoderKL"
+    shape = (1, channels, frames, band, lat_w) if video else (1, channels, band, lat_w)
     with torch.no_grad(), LiveBytes() as live, _FlashAttention():
-        vae.decode(torch.empty(shape, device="meta", dtype=dtype))
-    return _bytes_of(vae, dtype) + live.peak
+        out = vae.decode(torch.empty(shape, device="meta", dtype=dtype)).sample
+    gathered = 2 * out.numel() * out.element_size() * ranks if ranks > 1 else 0
+    return _bytes_of(vae, dtype) + live.peak + gathered
 
 
 def estimate(family: str, width: int, height: int, *, frames: int = 1, dtype: torch.dtype = torch.bfloat16,
-             layouts=((1, 1),)) -> dict[tuple[int, ...], dict[str, float]]:
+             layouts=((1, 1),), vae_ranks: int = 1) -> dict[tuple[int, ...], dict[str, float]]:
     """GiB per rank for each ``(ring, ulysses)`` or ``(ring, ulysses, tp)`` layout (the keys of the
     result, as given): ``weights``, ``activations``, ``text_encoder``, ``vae``, and ``total`` — the
     peak: the text encoder resident, plus the transformer's weights and the larger of one step's
-    activations and the VAE decode, times ``OVERHEAD``.
+    activations and the VAE decode (split across ``vae_ranks``, as the engine splits it across
+    the whole mesh), times ``OVERHEAD``.
 
     Example::
 
@@ -291,7 +299,7 @@ def estimate(family: str, width: int, height: int, *, frames: int = 1, dtype: to
         raise ValueError(f"{family}: width and height must be multiples of {scale}; got {width}x{height}.")
     h, w = height // scale, width // scale
     lat_frames = (frames - 1) // 4 + 1 if spec.video else 1
-    vae = _vae_decode(spec, dtype, h, w, lat_frames)
+    vae = _vae_decode(spec, dtype, h, w, lat_frames, vae_ranks)
     out = {}
     for layout in layouts:
         ring, ulysses, tp = (*layout, 1)[:3]

@@ -4,8 +4,8 @@ A request is text encoding, ``steps`` denoising steps and one VAE decode::
 
     T(layout) = T_text + steps x T_step(layout) + T_vae        speedup = T(1 GPU) / T(layout)
 
-Text encoding and the VAE decode run whole on every rank (until the VAE is split), so they cap the
-speedup; a step is ``calls`` transformer calls (2 with CFG, split by a cfg axis) of ``layers``
+Text encoding runs whole on every rank and caps the speedup; the VAE decode is split across
+``vae_ranks`` (meshsp's engine: every rank, ``recommend``; the published runs decoded whole); a step is ``calls`` transformer calls (2 with CFG, split by a cfg axis) of ``layers``
 layer calls each. One layer call, with S tokens, hidden size d, MLP width f, U = ulysses, R = ring,
 P = U x R, bf16 (2 bytes an element), costs on each rank:
 
@@ -206,8 +206,10 @@ def _check(model: str, hardware: str, interconnect: str, steps: int, ring: int =
 
 def request_time(model: str, hardware: str, width: int, height: int, *, frames: int = 1, steps: int = 50,
                  ring: int = 1, ulysses: int = 1, cfg: int = 1, interconnect: str = "nvlink",
-                 tp: int = 1) -> RequestTime:
-    """Modelled seconds of one request in a layout (see the module docstring).
+                 tp: int = 1, vae_ranks: int = 1) -> RequestTime:
+    """Modelled seconds of one request in a layout (see the module docstring). ``vae_ranks``: the
+    ranks the VAE decode is split across (meshsp splits it across the whole mesh; the published
+    runs decode whole, 1); its halo and norm traffic are small next to the decode and left out.
 
     Example::
 
@@ -221,7 +223,7 @@ def request_time(model: str, hardware: str, width: int, height: int, *, frames: 
     prompts = 2 if m.cfg else 1  # with CFG the negative prompt is encoded too
     params = m.text_encoder_b * 1e9
     text = prompts * max(2 * params * m.text_tokens / (flops * GEMM_EFFICIENCY), 2 * params / hbm)
-    vae = m.vae_mflop_px * 1e6 * width * height * frames / (flops * VAE_EFFICIENCY)
+    vae = m.vae_mflop_px * 1e6 * width * height * frames / (flops * VAE_EFFICIENCY) / vae_ranks
     calls = (2 if m.cfg else 1) // cfg
     layer = _layer_seconds(m, hw, tokens(m, width, height, frames), ring, ulysses, interconnect, tp)
     exchange = SYNC_US * 1e-6 if cfg > 1 else 0.0  # the branches swap their predictions once a step
@@ -229,7 +231,8 @@ def request_time(model: str, hardware: str, width: int, height: int, *, frames: 
 
 
 def predict(model: str, hardware: str, width: int, height: int, *, frames: int = 1, steps: int = 50,
-            ring: int = 1, ulysses: int = 1, cfg: int = 1, interconnect: str = "nvlink", tp: int = 1) -> float:
+            ring: int = 1, ulysses: int = 1, cfg: int = 1, interconnect: str = "nvlink", tp: int = 1,
+            vae_ranks: int = 1) -> float:
     """Predicted speedup of the whole request (text encoding, ``steps`` steps, VAE decode) over one GPU.
 
     Example::
@@ -240,7 +243,7 @@ def predict(model: str, hardware: str, width: int, height: int, *, frames: int =
     kw = dict(frames=frames, steps=steps, interconnect=interconnect)
     one = request_time(model, hardware, width, height, **kw)
     return one.total / request_time(model, hardware, width, height, ring=ring, ulysses=ulysses, cfg=cfg, tp=tp,
-                                    **kw).total
+                                    vae_ranks=vae_ranks, **kw).total
 
 
 def predict_step(model: str, hardware: str, width: int, height: int, *, frames: int = 1, ring: int = 1,
@@ -259,9 +262,10 @@ def predict_step(model: str, hardware: str, width: int, height: int, *, frames: 
 
 
 def recommend(model: str, hardware: str, width: int, height: int, gpus: int, *, frames: int = 1,
-              interconnect: str = "nvlink", steps: int = 50, max_tp: int = 8) -> list[dict]:
+              interconnect: str = "nvlink", steps: int = 50, max_tp: int = 8, vae_parallel: bool = True) -> list[dict]:
     """Every (cfg, ring, ulysses, tp) with cfg x ring x ulysses x tp = gpus (tp dividing the heads, at
-    most ``max_tp``: one node), best predicted speedup first.
+    most ``max_tp``: one node), best predicted speedup first. ``vae_parallel``: the decode split across
+    all ``gpus``, as meshsp's engine does by default.
 
     Example::
 
@@ -283,5 +287,6 @@ def recommend(model: str, hardware: str, width: int, height: int, gpus: int, *, 
         mode = "strict" if (m.heads // tp) % ulysses == 0 and even else "advanced_uaa"
         rows.append({"cfg": cfg, "ring": ring, "ulysses": ulysses, "tp": tp, "ulysses_mode": mode,
                      "speedup": predict(model, hardware, width, height, frames=frames, steps=steps, ring=ring,
-                                        ulysses=ulysses, cfg=cfg, interconnect=interconnect, tp=tp)})
+                                        ulysses=ulysses, cfg=cfg, interconnect=interconnect, tp=tp,
+                                        vae_ranks=gpus if vae_parallel else 1)})
     return sorted(rows, key=lambda r: -r["speedup"])
