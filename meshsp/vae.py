@@ -140,13 +140,7 @@ class HaloConv(ParallelStyle):
 
     def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
         bands = self.bands
-        causal = isinstance(getattr(module, "_padding", None), tuple)
-        halo = module._padding[2] if causal else module.padding[-2] if isinstance(module.padding, tuple) else None
-        if not isinstance(module, (nn.Conv2d, nn.Conv3d)) or module.padding_mode != "zeros" \
-                or module.stride[-2] != 1 or module.dilation[-2] != 1 or halo is None \
-                or module.kernel_size[-2] != 2 * halo + 1:
-            raise ValueError(f"HaloConv takes a zero-padded convolution of stride 1 in height whose kernel is "
-                             f"2 x padding + 1 rows tall; got {module}.")
+        halo, causal = _halo_of(module, type(module).__name__)
         saved: list[tuple] = []
 
         def pre_hook(mod, args, kwargs):
@@ -182,6 +176,20 @@ class HaloConv(ParallelStyle):
         module.register_forward_pre_hook(pre_hook, with_kwargs=True)
         module.register_forward_hook(post_hook, always_call=True)
         return module
+
+
+def _halo_of(module: nn.Module, where: str) -> tuple[int, bool]:
+    """(halo rows, whether the padding is the causal ``_padding`` tuple) of a convolution HaloConv
+    can run over a band; ``ValueError`` otherwise."""
+    causal = isinstance(getattr(module, "_padding", None), tuple)
+    halo = module._padding[2] if causal else module.padding[-2] if isinstance(module.padding, tuple) else None
+    if not isinstance(module, (nn.Conv2d, nn.Conv3d)) or module.padding_mode != "zeros" \
+            or module.stride[-2] != 1 or module.dilation[-2] != 1 or halo is None \
+            or module.kernel_size[-2] != 2 * halo + 1:
+        raise ValueError(f"{where}: HaloConv takes a zero-padded convolution of stride 1 in height whose kernel "
+                         f"is 2 x padding + 1 rows tall (padding in the convolution or a causal _padding); got "
+                         f"{module}.")
+    return halo, causal
 
 
 def _with_halo(x: torch.Tensor, halo: int, bands: Bands) -> torch.Tensor:
@@ -420,6 +428,7 @@ def _part_plan(part: nn.Module, prefix: str, vae_class: str) -> dict[str, str]:
             raise ValueError(f"{vae_class}: {path} is a strided {type(module).__name__} that meshsp cannot split "
                              "into row bands.")
         if isinstance(module, (nn.Conv2d, nn.Conv3d)) and module.kernel_size[-2] > 1:
+            _halo_of(module, f"{vae_class}: {path}")  # refused here, before any rank communicates
             plan[path] = "HaloConv"
         elif isinstance(module, nn.GroupNorm):
             plan[path] = "BandGroupNorm"

@@ -4,7 +4,8 @@ import pytest
 import rank_tasks
 import torch
 
-PIPELINES = {"tiny-flux": "AutoencoderKL", "tiny-wan": "AutoencoderKLWan", "tiny-qwen-image": "AutoencoderKLQwenImage"}
+PIPELINES = {"tiny-flux": "AutoencoderKL", "tiny-wan": "AutoencoderKLWan", "tiny-qwen-image": "AutoencoderKLQwenImage",
+             "AutoencoderKLFlux2": "AutoencoderKLFlux2"}  # Flux2's VAE, built at toy width
 IMAGE = {"even": (1, 4, 8, 8), "uneven": (2, 4, 7, 9)}            # [B, C, H, W]: 7 rows over 2 or 4 ranks
 VIDEO = {"even": (1, 4, 3, 8, 8), "uneven": (1, 4, 2, 7, 9)}      # [B, C, T, H, W]
 
@@ -13,7 +14,7 @@ VIDEO = {"even": (1, 4, 3, 8, 8), "uneven": (1, 4, 2, 7, 9)}      # [B, C, T, H,
                                            (4, dict(ulysses_degree=2, tensor_parallel_size=2))], ids=["2", "4"])
 @pytest.mark.parametrize("pipeline", list(PIPELINES))
 def test_split_decode_equals_whole_decode(pools, pipeline, world, degrees):
-    shapes = IMAGE if pipeline == "tiny-flux" else VIDEO
+    shapes = IMAGE if pipeline in ("tiny-flux", "AutoencoderKLFlux2") else VIDEO
     for bands, shape in shapes.items():
         r = pools(world).run(rank_tasks.vae_decode_parity, pipeline, shape, **degrees)[0]
         assert r["calls"]["vae_halo"] > 0 and r["calls"]["p2p"] > 0, (bands, r)  # split, and attention ran Ring
