@@ -3,7 +3,8 @@
 A plan's ``tp`` entries run on the mesh's ``tp`` axis (``meshsp.plans.Plan``):
 
 * ``ColwiseParallel``: torch's, sharding a ``Linear``'s output features (q/k/v, an MLP's up
-  projection); the module returns this rank's slice of the features as a plain tensor.
+  projection); the module returns this rank's slice of the features as a plain tensor — or, with
+  ``output_layouts=Replicate()`` (an AdaLN modulation projection), all of them, all-gathered.
 * ``RowwiseParallel``: torch's, sharding input features (an output projection); one all-reduce over
   ``tp`` per call, counted in ``record_comm`` as ``tp_all_reduce`` (a ring all-reduce sends
   ``2 (P-1) / P`` of the output's bytes per rank).
@@ -76,11 +77,28 @@ def _packed_sizes(style, module: nn.Module, dim: int, where: str) -> list[int]:
 
 
 class ColwiseParallel(_TorchColwise):
-    """torch's ``ColwiseParallel``, slicing each rank's own weights (no broadcast)."""
+    """torch's ``ColwiseParallel``, slicing each rank's own weights (no broadcast). With
+    ``output_layouts=Replicate()`` the output features are all-gathered (an AdaLN modulation
+    projection: its weights are sharded, its small per-sample output is whole on every rank); the
+    all-gather is counted in ``record_comm`` as ``tp_all_gather``."""
 
     def __init__(self, **kwargs) -> None:
         super().__init__(**kwargs)
         self.src_data_rank = None
+
+    @property
+    def gathered(self) -> bool:
+        return isinstance(self.output_layouts[0], Replicate)
+
+    @staticmethod
+    def _prepare_output_fn(output_layouts, use_local_output, mod, outputs, device_mesh):
+        if isinstance(output_layouts[0], Replicate) and not isinstance(outputs.placements[0], Replicate):
+            local = outputs.to_local()  # Shard -> Replicate: the all-gather, waited here
+            _count("tp_all_gather", (device_mesh.size() - 1) * local.numel() * local.element_size())
+            outputs = outputs.redistribute(placements=output_layouts)
+        elif outputs.placements != output_layouts:  # Shard(2) vs Shard(-1): the same layout, no data moves
+            outputs = outputs.redistribute(placements=output_layouts, async_op=True)
+        return outputs.to_local() if use_local_output else outputs
 
 
 class RowwiseParallel(_TorchRowwise):

@@ -50,6 +50,9 @@ def test_tp_all_reduce_bytes_equal_theory(pools):
     per_block = 2 * (img + txt) * d * b * 4  # fp32
     assert r["calls"]["tp_all_reduce"] == 4 * blocks
     assert r["bytes"]["tp_all_reduce"] == blocks * per_block * 2 * (2 - 1) // 2
+    # AdaLN modulation (img_mod, txt_mod per block: 6d; norm_out: 2d) all-gathered: (P-1)/P of [B, k·d]
+    assert r["calls"]["tp_all_gather"] == 2 * blocks + 1
+    assert r["bytes"]["tp_all_gather"] == b * (12 * blocks + 2) * d * 4 * (2 - 1) // 2
 
 
 def test_wan_norm_across_heads_bytes(pools):

@@ -60,20 +60,24 @@ def theory_bytes(family: str, heads: int, shapes: dict, layers: int, ring: int, 
 
 
 def theory_tp_bytes(family: str, model, heads: int, shapes: dict, ring: int, ulysses: int, tp: int) -> int | None:
-    """TP's all-reduces per rank and forward (even shards; a ring all-reduce sends 2 (P-1)/P of its
-    bytes): every row-wise projection's output, and Wan's all-heads q/k norms (one float per token).
+    """TP's collectives per rank and forward (even shards; a ring all-reduce sends 2 (P-1)/P of its
+    bytes, an all-gather (P-1)/P): every row-wise projection's output, Wan's all-heads q/k norms (one
+    float per token), and the gathered AdaLN modulation outputs.
     ``None`` for families without a closed form here."""
     p = ring * ulysses
     img, txt, d = shapes["h"] * shapes["w"] * shapes.get("frames", 1) // p, shapes["txt"], heads * 16
+    # AdaLN modulation outputs are all-gathered: (P-1)/P of each [1, k·d] output per rank.
     if family == "qwen-image":
         elems = len(model.transformer_blocks) * 2 * (img + txt // p) * d
+        gathered = (len(model.transformer_blocks) * 2 * 6 + 2) * d
     elif family == "flux":
         elems = (2 * len(model.transformer_blocks) + len(model.single_transformer_blocks)) * (img + txt // p) * d
+        gathered = (len(model.transformer_blocks) * 2 * 6 + len(model.single_transformer_blocks) * 3 + 2) * d
     elif family == "wan":  # text stays whole: cross-attention's k norm runs over all of it
-        elems = len(model.blocks) * (3 * img * d + 3 * img + txt)
+        elems, gathered = len(model.blocks) * (3 * img * d + 3 * img + txt), 0
     else:
         return None
-    return 4 * elems * 2 * (tp - 1) // tp  # fp32
+    return 4 * elems * 2 * (tp - 1) // tp + 4 * gathered * (tp - 1) // tp  # fp32
 
 
 def run(families: list[str], grid: int = 64, txt: int = 256, heads: int = 8, repeats: int = 5) -> list[dict]:

@@ -36,6 +36,7 @@ from pathlib import Path
 import torch.nn as nn
 import yaml
 from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor import Replicate
 from torch.distributed.tensor.parallel import parallelize_module
 from torch.distributed.tensor.parallel.style import ParallelStyle
 
@@ -46,7 +47,7 @@ __all__ = ["Plan", "STYLES", "available_plans", "get_plan", "infer_plan", "load_
 
 STYLES = {"ShardSequence": ShardSequence, "ParallelAttention": ParallelAttention, "GatherSequence": GatherSequence}
 _ENTRY_KEYS = {"style", "inputs", "outputs", "optional", "queries"}
-_TP_ENTRY_KEYS = {"style", "blocks", "outputs", "optional"}
+_TP_ENTRY_KEYS = {"style", "blocks", "outputs", "output_layouts", "optional"}
 _PLAN_DIR = Path(__file__).parent
 
 
@@ -78,8 +79,13 @@ def _tp_style_from_entry(path: str, entry) -> tuple[object, bool]:
         raise ValueError(f"plan tp entry '{path}': only the Packed styles take 'blocks'.")
     if ("outputs" in entry) != (name == "ShardFeatures"):
         raise ValueError(f"plan tp entry '{path}': ShardFeatures, and only it, takes 'outputs' ({{index: dim}}).")
+    if "output_layouts" in entry and (name != "ColwiseParallel" or entry["output_layouts"] != "Replicate"):
+        raise ValueError(f"plan tp entry '{path}': 'output_layouts: Replicate' is for ColwiseParallel only (a "
+                         f"gathered output); got {entry!r}.")
     if name.startswith("Packed"):
         style = TP_STYLES[name](entry.get("blocks"))
+    elif "output_layouts" in entry:
+        style = TP_STYLES[name](output_layouts=Replicate())
     elif name == "ShardFeatures":
         style = TP_STYLES[name](entry["outputs"])
     else:
@@ -181,6 +187,8 @@ class Plan(ParallelStyle, dict):
                     entry["blocks"] = list(style.blocks)
                 if type(style).__name__ == "ShardFeatures":
                     entry["outputs"] = dict(style.outputs)
+                if getattr(style, "gathered", False):
+                    entry["output_layouts"] = "Replicate"
                 if f"tp:{path}" in self.optional:
                     entry["optional"] = True
                 out["tp"][path] = entry

@@ -38,6 +38,7 @@ import math
 from collections import defaultdict
 
 import torch.nn as nn
+from torch.distributed.tensor import Replicate
 
 from meshsp.tp import (ColwiseParallel, HeadShardedNorm, LocalHeads, PackedColwiseParallel, PackedRowwiseParallel,
                        RowwiseParallel, _norm_features)
@@ -59,7 +60,25 @@ def tp_entries(model: nn.Module) -> dict[str, object]:
     """
     tp_plan = getattr(model, "_tp_plan", None)
     entries = _from_tp_plan(model, tp_plan) if tp_plan else _recognise(model)
+    entries.update(_modulations(model))
     return _collapse(model, entries)
+
+
+def _modulations(model: nn.Module) -> dict[str, object]:
+    """AdaLN modulation projections (the ``linear`` of an ``AdaLayerNorm*`` / ``*LayerNormZero``,
+    the ``Linear`` of an ``*_mod`` or ``adaLN_modulation`` sequence): column-wise with the output
+    all-gathered. They read the per-sample conditioning, so the gather is ``B x k·d`` numbers,
+    while their weights are a third of Flux's and Qwen-Image's transformer."""
+    out = {}
+    for name, module in model.named_modules():
+        parent, _, child = name.rpartition(".")
+        owner = model.get_submodule(parent) if parent else model
+        kind = type(owner).__name__
+        adaln = child == "linear" and ("AdaLayerNorm" in kind or kind.endswith("LayerNormZero"))
+        sequence = isinstance(owner, nn.Sequential) and (parent.endswith("_mod") or parent.endswith("adaLN_modulation"))
+        if isinstance(module, nn.Linear) and (adaln or sequence) and module.out_features >= 2 * module.in_features:
+            out[name] = ColwiseParallel(output_layouts=Replicate())
+    return out
 
 
 def _from_tp_plan(model: nn.Module, tp_plan: dict) -> dict[str, object]:
@@ -246,7 +265,7 @@ def _star_first(path: str) -> str:
 
 
 def _spec(style) -> tuple:
-    return type(style).__name__, tuple(getattr(style, "blocks", None) or ())
+    return type(style).__name__, tuple(getattr(style, "blocks", None) or ()), getattr(style, "gathered", False)
 
 
 def _collapse(model: nn.Module, entries: dict[str, object]) -> dict[str, object]:
