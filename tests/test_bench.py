@@ -5,7 +5,7 @@
 
 import pytest
 
-from meshsp.bench import attention, models, perf, realwidth
+from meshsp.bench import attention, models, perf, realwidth, vae
 
 
 def test_bench_attention_counts_theory_bytes(capsys):
@@ -38,6 +38,20 @@ def test_bench_real_width_runs(capsys):
     for name in ("U2", "R2"):
         assert not row[f"{name}_mem_ratio"] <= 0  # NaN where /proc/self/clear_refs cannot be written
     assert "R2 mem" in capsys.readouterr().out
+
+
+def test_bench_vae_split_equals_whole_and_request_runs(capsys):
+    # the real-size Flux VAE on an 8x8 latent (2 rows per rank at 4 ranks); a 1-step tiny request
+    decode, request = vae.run(("flux",), sizes=(64,), repeats=1, e2e_model="tiny-flux", e2e_size=128, e2e_steps=1,
+                              e2e_repeats=1)
+    assert decode["latent"] == (1, 16, 8, 8) and decode["single_s"] > 0 and decode["max_diff"] < 1e-4, decode
+    for world in vae.WORLDS:
+        assert decode[f"split_{world}_s"] > 0 and decode[f"bytes_{world}"] > 0, decode
+        assert not decode[f"mb_{world}"] <= 0  # NaN where /proc/self/clear_refs cannot be written
+    assert request["vae_ranks"] == 2 and request["split_s"] > 0 and request["whole_s"] > 0, request
+    assert "max diff" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="1 \\+ a multiple of 4"):
+        vae.cases(("wan",), (), 4, (480, 272))
 
 
 def test_real_width_shapes_give_the_token_count():
