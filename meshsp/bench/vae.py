@@ -14,8 +14,12 @@ configs). Image VAEs decode one square image per size; Wan decodes a short clip.
 * the largest ``|split - whole|`` over the output, the split decodes against the 1-process one.
 
 Every pool's workers start with ``MALLOC_MMAP_THRESHOLD_=65536`` so freed tensors leave the
-resident set. The timings come from the same decodes: at these sizes nearly every activation is
-above glibc's 32 MiB ceiling for its dynamic threshold and is mmapped in any worker.
+resident set. The timings come from the same decodes: the activations that dominate a real VAE's
+decode (hundreds of MB at full resolution) are above glibc's 32 MiB ceiling for its dynamic
+threshold and are mmapped in any worker.
+
+Defaults: Flux and Qwen-Image at 512² and 1024², Wan 5 frames at 480x272, one timed decode per case
+(one fp32 decode at 1024² takes 1.5-2 minutes on one core): about 13 minutes on 2 cores.
 
 Then a whole request: ``Engine(e2e_model, ParallelConfig(ulysses_degree=2))`` with the VAE split
 (``vae_parallel=True``) and whole, both engines up at once and their requests interleaved.
