@@ -11,8 +11,9 @@ and every rank decodes its band. Styles on the decoder's modules keep that exact
   edge come from the neighbouring ranks (one P2P exchange each way), zero rows at the image's own
   edges — what the convolution's zero padding gives — and the convolution runs with no padding in
   height, so its output is exactly this band's rows;
-* ``BandGroupNorm`` on every ``GroupNorm``: the per-group sums and sums of squares (float64) are
-  all-reduced, so every band is normalised with the whole image's statistics;
+* ``BandGroupNorm`` on every ``GroupNorm``: the per-group counts, sums and sums of squares (float64,
+  from each band's fp32 mean and variance) are all-reduced, so every band is normalised with the
+  whole image's statistics, applied as one per-channel scale and shift;
 * the mid-block's spatial attention runs as Ring attention over the bands' tokens (meshsp's
   ``ParallelAttention``; a band's tokens are a contiguous run of the row-major sequence);
 * upsampling (nearest, x2) doubles every band alike, so bands stay aligned.
@@ -272,21 +273,24 @@ class BandGroupNorm(ParallelStyle):
 
 
 def _band_group_norm(norm: nn.GroupNorm, x: torch.Tensor, bands: Bands) -> torch.Tensor:
+    """Each band's per-group mean and variance (fp32, no copy of the band), combined across the
+    ranks as float64 counts, sums and sums of squares, then applied as one per-channel scale and
+    shift: the band's memory once, as ``nn.GroupNorm`` holds it."""
     b, c = x.shape[:2]
     g = norm.num_groups
-    grouped = x.reshape(b, g, -1).double()  # [B, G, C/G x h x W]
-    stats = torch.stack([grouped.sum(-1), grouped.pow(2).sum(-1),
-                         torch.full((b, g), grouped.shape[-1], dtype=torch.float64, device=x.device)], dim=-1)
+    var, mean = torch.var_mean(x.reshape(b, g, -1).float(), dim=-1, correction=0)  # [B, G]
+    n = x[0, : c // g].numel()
+    mean, var = mean.double(), var.double()
+    stats = torch.stack([mean * n, (var + mean * mean) * n, torch.full_like(mean, n)], dim=-1)
     _count("vae_norm_all_reduce", stats.numel() * stats.element_size())
     dist.all_reduce(stats, group=bands.group)
     mean = stats[..., 0] / stats[..., 2]
-    var = (stats[..., 1] / stats[..., 2] - mean * mean).clamp_min(0)
-    out = (grouped - mean[..., None]) * torch.rsqrt(var[..., None] + norm.eps)
-    out = out.reshape(x.shape).to(x.dtype)
+    inv = torch.rsqrt((stats[..., 1] / stats[..., 2] - mean * mean).clamp_min(0) + norm.eps)  # [B, G]
+    scale, shift = inv.repeat_interleave(c // g, dim=1), (-mean * inv).repeat_interleave(c // g, dim=1)
     if norm.affine:
-        shape = (1, c) + (1,) * (x.dim() - 2)
-        out = out * norm.weight.reshape(shape) + norm.bias.reshape(shape)
-    return out
+        scale, shift = scale * norm.weight.double(), shift * norm.weight.double() + norm.bias.double()
+    shape = (b, c) + (1,) * (x.dim() - 2)
+    return torch.addcmul(shift.to(x.dtype).reshape(shape), x, scale.to(x.dtype).reshape(shape))
 
 
 class DistributedTiles(ParallelStyle):
