@@ -300,10 +300,12 @@ def estimate(family: str, width: int, height: int, *, frames: int = 1, dtype: to
     h, w = height // scale, width // scale
     lat_frames = (frames - 1) // 4 + 1 if spec.video else 1
     vae = _vae_decode(spec, dtype, h, w, lat_frames, vae_ranks)
-    out = {}
+    out, text_by_tp = {}, {}
     for layout in layouts:
         ring, ulysses, tp = (*layout, 1)[:3]
-        text = _text_encoder_bytes(spec, dtype, tp)
+        if tp not in text_by_tp:  # the encoders depend on tp alone: build them once per degree
+            text_by_tp[tp] = _text_encoder_bytes(spec, dtype, tp)
+        text = text_by_tp[tp]
         weights = _weights(spec, dtype, ring, ulysses, tp)
         acts = _step_activations(spec, dtype, h, w, lat_frames, ring, ulysses, tp)
         total = (text + weights + max(acts, vae)) * OVERHEAD

@@ -611,7 +611,6 @@ def vae_decode_parity(pipeline: str, shape: tuple, tol: float = 1e-5, **degrees)
     import diffusers
 
     from meshsp.pipelines import tiny_pipeline_path
-    from meshsp.vae import parallelize_vae
 
     if pipeline.startswith("Autoencoder"):  # a VAE class no tiny pipeline uses, at toy width
         torch.manual_seed(0)
@@ -620,12 +619,7 @@ def vae_decode_parity(pipeline: str, shape: tuple, tol: float = 1e-5, **degrees)
     else:
         path = tiny_pipeline_path(pipeline) / "vae"
         vae = getattr(diffusers, diffusers.AutoencoderKL.load_config(path)["_class_name"]).from_pretrained(path)
-    z = torch.randn(*shape, generator=torch.Generator().manual_seed(1))
-    with torch.no_grad():
-        expected = vae.decode(z).sample
-    parallelize_vae(vae, config_mesh(**degrees))
-    with torch.no_grad(), record_comm() as stats:
-        out = vae.decode(z).sample
+    expected, out, stats = _split_decode(vae, torch.randn(*shape, generator=torch.Generator().manual_seed(1)), degrees)
     scale = expected.abs().max().item()
     torch.testing.assert_close(out, expected, atol=tol * max(scale, 1.0), rtol=tol)
     return {"diff": (out - expected).abs().max().item(), "calls": dict(stats.calls), "bytes": dict(stats.bytes_sent)}
@@ -693,16 +687,22 @@ def vae_tiled_parity(shape: tuple, **degrees) -> dict:
     import diffusers
 
     from meshsp.pipelines import tiny_pipeline_path
-    from meshsp.vae import parallelize_vae
 
     vae = diffusers.AutoencoderKL.from_pretrained(tiny_pipeline_path("tiny-flux") / "vae")
     vae.enable_tiling()
     vae.tile_sample_min_size, vae.tile_latent_min_size = 32, 4  # tiles of 4x4 latents, overlapping by 1/4
-    z = torch.randn(*shape, generator=torch.Generator().manual_seed(4))
+    expected, out, stats = _split_decode(vae, torch.randn(*shape, generator=torch.Generator().manual_seed(4)), degrees)
+    torch.testing.assert_close(out, expected, atol=1e-6, rtol=1e-6)
+    return {"calls": dict(stats.calls), "bytes": dict(stats.bytes_sent)}
+
+
+def _split_decode(vae, z: torch.Tensor, degrees: dict):
+    """``vae.decode(z)`` whole, then split over the mesh of ``degrees``: (whole, split, comm stats)."""
+    from meshsp.vae import parallelize_vae
+
     with torch.no_grad():
         expected = vae.decode(z).sample
     parallelize_vae(vae, config_mesh(**degrees))
     with torch.no_grad(), record_comm() as stats:
         out = vae.decode(z).sample
-    torch.testing.assert_close(out, expected, atol=1e-6, rtol=1e-6)
-    return {"calls": dict(stats.calls), "bytes": dict(stats.bytes_sent)}
+    return expected, out, stats
