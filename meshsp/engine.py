@@ -7,8 +7,9 @@
 * under ``torchrun`` (``WORLD_SIZE`` > 1 in the environment) every process is one rank (SPMD); the
   images are returned on rank 0 and ``None`` elsewhere.
 
-Text encoding and VAE decoding run as diffusers runs them, on every rank; only the transformer is
-parallelized, with its plan (``meshsp.get_plan``). On CUDA the weights load straight onto each
+Text encoding runs as diffusers runs it, on every rank (text encoders with a transformers tp plan
+sharded on the ``tp`` axis); the transformer is parallelized with its plan (``meshsp.get_plan``),
+and with more than one rank the VAE decode is split across all of them (``meshsp.vae``). On CUDA the weights load straight onto each
 rank's GPU (no CPU copy first); with ``cpu_offload`` the text encoders and VAE stay in CPU memory
 and diffusers' group offloading moves their layers to the GPU while they run. With ``cfg_degree=2`` the world splits into two
 halves on the ``cfg`` mesh axis that compute the conditional and unconditional branches at the same
