@@ -109,22 +109,36 @@ def _weights_line(weights: dict) -> str:
 
 
 def _serve(args) -> int:
+    """Serve from a plain process (the engine spawns its workers) or under torchrun, where rank 0
+    serves HTTP and the other ranks follow it (``Engine.lead`` / ``Engine.follow``)."""
     import os
+    import signal
 
     from meshsp.config import ParallelConfig
     from meshsp.engine import Engine
     from meshsp.serve import Limits, serve
 
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise SystemExit("meshsp serve starts its own workers; run it from a plain process, not torchrun.")
     config = ParallelConfig(ulysses_degree=args.ulysses_degree, ring_degree=args.ring_degree,
                             ulysses_mode=args.ulysses_mode, cfg_degree=args.cfg_parallel_size,
                             tensor_parallel_size=args.tensor_parallel_size, timeout_s=args.timeout)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and world != config.world_size:
+        raise SystemExit(f"torchrun started {world} processes but the mesh needs {config.world_size} "
+                         f"(cfg x ring x ulysses x tp); make them equal.")
     limits = Limits(max_size=args.max_size, max_n=args.max_n, max_steps=args.max_steps,
-                    default_size=args.default_size, default_steps=args.default_steps)
+                    default_size=args.default_size, default_steps=args.default_steps, max_frames=args.max_frames,
+                    default_frames=args.default_frames, max_batch_size=args.max_batch_size)
     engine = Engine(args.model, config, dtype=args.dtype, encode_text_once=args.encode_text_once,
                     cpu_offload=args.cpu_offload, vae_parallel=args.vae_parallel, vae_tiling=args.vae_tiling)
-    serve(engine, args.model, host=args.host, port=args.port, limits=limits)
+    if world > 1 and int(os.environ.get("RANK", "0")) != 0:
+        # torchrun passes SIGTERM to every rank: the followers finish the running request and exit
+        # when rank 0, shutting down, tells them to.
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        engine.follow()
+        return 0
+    if world > 1:
+        engine.lead()
+    serve(engine, args.model, host=args.host, port=args.port, limits=limits, video_dir=args.video_dir)
     return 0
 
 
@@ -338,7 +352,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_generate_args(gen)
     gen.set_defaults(func=run_generate)
 
-    srv = sub.add_parser("serve", help="OpenAI-compatible image server over sequence-parallel workers")
+    srv = sub.add_parser("serve", help="OpenAI-compatible image and video server over sequence-parallel workers "
+                         "(from a plain process, or under torchrun: rank 0 serves)")
     srv.add_argument("model", help="pipeline directory, hub id or tiny-* name; also the served model name")
     srv.add_argument("--ulysses-degree", "--usp", type=int, default=1)
     srv.add_argument("--ring-degree", "--ring", type=int, default=1)
@@ -352,6 +367,13 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--max-steps", type=int, default=100)
     srv.add_argument("--default-size", type=int, default=256)
     srv.add_argument("--default-steps", type=int, default=4)
+    srv.add_argument("--max-frames", type=int, default=129, help="video: most frames a job may ask")
+    srv.add_argument("--default-frames", type=int, default=9, help="video: frames of a job that names none")
+    srv.add_argument("--max-batch-size", type=int, default=1,
+                     help="queued requests with the same size, steps, frames and guidance mode run as one batch "
+                          "of up to this many images (default 1: one request at a time)")
+    srv.add_argument("--video-dir", default=None,
+                     help="video pipelines: where the MP4s and jobs.json are kept (default: a new temporary directory)")
     srv.add_argument("--timeout", type=float, default=600.0,
                      help="seconds a collective may wait before the process group gives up")
     add_dtype_arg(srv)

@@ -18,6 +18,7 @@ time (``meshsp.cfg``), each half sequence-parallel.
 
 from __future__ import annotations
 
+import datetime
 import inspect
 import logging
 import os
@@ -31,7 +32,7 @@ from meshsp.cfg import apply_cfg_parallel
 from meshsp.config import ParallelConfig
 from meshsp.launch import RankFailure, WorkerPool
 
-__all__ = ["DTYPES", "Engine", "SamplingParams", "resolve_dtype", "resolve_model"]
+__all__ = ["DTYPES", "Engine", "SamplingParams", "batch_key", "resolve_dtype", "resolve_model"]
 
 logger = logging.getLogger(__name__)
 
@@ -86,6 +87,18 @@ def resolve_model(model: str) -> str:
     from meshsp.pipelines import TINY_PIPELINES, tiny_pipeline_path
 
     return str(tiny_pipeline_path(model)) if model in TINY_PIPELINES else model
+
+
+def batch_key(params: SamplingParams) -> tuple:
+    """What requests must share to run as one batch: size, steps, frames and guidance. Seeds, prompts
+    and negative prompts may differ (whether there is a negative prompt may not: it selects true CFG).
+
+    Example::
+
+        batch_key(SamplingParams(seed=1)) == batch_key(SamplingParams(seed=2))   # True
+    """
+    return (params.width, params.height, params.num_inference_steps, params.num_frames, params.guidance_scale,
+            params.negative_prompt is not None)
 
 
 def _rank() -> int:
@@ -235,6 +248,12 @@ class _Runner:
                     self.cfg_hook.append(hook)
         self.pipe.set_progress_bar_config(disable=_rank() != 0)
         self.params = inspect.signature(self.pipe.__call__).parameters
+        self.stages = _Stages(self.pipe, self.device)
+        self.progress = 0.0  # of the running call, 0..1, updated after every denoising step
+        self.progress_sink = self._set_progress
+
+    def _set_progress(self, fraction: float) -> None:
+        self.progress = fraction
 
     def _shard_text_encoders(self) -> None:
         """Text encoders with a transformers tp plan run tensor-parallel on the ``tp`` axis too;
@@ -249,13 +268,15 @@ class _Runner:
                     logger.info("%s stays whole on every rank: %s", name, why)
 
     def info(self) -> dict:
-        """Pipeline class, whether it makes video, and the multiple its width and height need."""
+        """Pipeline class, whether it makes video, the multiple its width and height need, the ranks
+        its VAE decode is split across and the temporal step of its frame counts."""
         pipe = self.pipe
         scale = getattr(pipe, "vae_scale_factor_spatial", None) or getattr(pipe, "vae_scale_factor", 8)
         # Latents are packed (Flux, Qwen-Image) or patchified (Wan) 2x2 after the VAE's downscaling.
         bands = getattr(getattr(pipe, "vae", None), "meshsp_bands", None)
         return {"pipeline": type(pipe).__name__, "video": "num_frames" in self.params, "size_multiple": scale * 2,
-                "vae_ranks": bands.size if bands is not None else 1}
+                "vae_ranks": bands.size if bands is not None else 1,
+                "frame_multiple": getattr(pipe, "vae_scale_factor_temporal", 1) or 1}
 
     def _uses_cfg(self, kw: dict) -> bool:
         """Whether this call runs a conditional and an unconditional branch per step."""
@@ -268,16 +289,28 @@ class _Runner:
             return value("guidance_scale") > 1
         return False
 
-    def _kwargs(self, prompts: list[str], p: SamplingParams) -> dict:
+    def _kwargs(self, requests: list[tuple[list[str], SamplingParams]]) -> dict:
+        """The pipeline call of a batch: every request's prompts, each repeated per image, one
+        generator per request drawn image by image (so an image's noise does not depend on what it is
+        batched with); size, steps, frames and guidance shared (``batch_key``)."""
+        p = requests[0][1]
+        keys = {batch_key(params) for _, params in requests}
+        if len(keys) > 1:
+            raise ValueError(f"requests batched together must share size, steps, frames and guidance "
+                             f"(batch_key); got {sorted(keys, key=str)}. Run them in separate batches.")
+        prompts, negatives, generators = [], [], []
+        for texts, params in requests:
+            generator = torch.Generator().manual_seed(params.seed)
+            for text in texts:
+                prompts += [text] * params.num_images_per_prompt
+                negatives += [params.negative_prompt] * params.num_images_per_prompt
+                generators += [generator] * params.num_images_per_prompt
         kw = dict(prompt=prompts, num_inference_steps=p.num_inference_steps, width=p.width, height=p.height,
-                  generator=torch.Generator().manual_seed(p.seed), output_type="pil")
+                  generator=generators, output_type="pil")
         if p.negative_prompt is not None:
             if "negative_prompt" not in self.params:
                 raise ValueError(f"{type(self.pipe).__name__} takes no negative_prompt; leave it unset.")
-            kw["negative_prompt"] = [p.negative_prompt] * len(prompts)
-        for name in ("num_images_per_prompt", "num_videos_per_prompt"):
-            if name in self.params:
-                kw[name] = p.num_images_per_prompt
+            kw["negative_prompt"] = negatives
         if p.guidance_scale is not None:
             # With a negative prompt, pipelines with "true" CFG take true_cfg_scale; otherwise the
             # value is the pipeline's guidance_scale (CFG, or embedded guidance for distilled models).
@@ -297,30 +330,80 @@ class _Runner:
     def weights_info(self) -> dict:
         return _weights_info(self.pipe)
 
-    def _encode_once(self, kwargs: dict, params: SamplingParams) -> dict:
+    def _encode_once(self, kwargs: dict) -> dict:
         """Replace the prompts by rank 0's embeddings (a broadcast); the same call kwargs on every rank."""
         from meshsp.text_encoding import broadcast_embeddings, encode
 
         embeddings = None
         if _rank() == 0:
-            embeddings = encode(self.pipe, kwargs["prompt"], kwargs.get("negative_prompt"), params.num_images_per_prompt,
-                                self._uses_cfg(kwargs))
+            embeddings = encode(self.pipe, kwargs["prompt"], kwargs.get("negative_prompt"), 1, self._uses_cfg(kwargs))
         embeddings = broadcast_embeddings(embeddings)
         device = self.pipe.device
         call = {k: v for k, v in kwargs.items() if k not in ("prompt", "negative_prompt")}
         return {**call, **{k: v.to(device) for k, v in embeddings.items()}}
 
-    def generate(self, prompts: list[str], params: SamplingParams):
-        kwargs = self._kwargs(prompts, params)
+    def generate(self, requests: list[tuple[list[str], SamplingParams]]):
+        """One pipeline call for a batch of requests (``batch_key`` equal). On rank 0: (per request
+        its images or videos, the call's seconds, its stage seconds); elsewhere None."""
+        kwargs = self._kwargs(requests)
         for hook in self.cfg_hook or ():
             hook.enabled = self._uses_cfg(kwargs)
         if self.encode_once:
-            kwargs = self._encode_once(kwargs, params)
+            kwargs = self._encode_once(kwargs)
+        steps = kwargs["num_inference_steps"]
+        if "callback_on_step_end" in self.params:
+            def step_end(pipe, i, t, tensors):
+                self.progress_sink((i + 1) / steps)
+                return {}
+            kwargs["callback_on_step_end"] = step_end
+        self.progress_sink(0.0)
+        self.stages.reset()
         t0 = time.perf_counter()
         out = self.pipe(**kwargs)
         seconds = time.perf_counter() - t0
-        images = out.frames if hasattr(out, "frames") else out.images
-        return (images, seconds) if _rank() == 0 else None
+        if _rank() != 0:
+            return None
+        images = list(out.frames if hasattr(out, "frames") else out.images)
+        split = []
+        for texts, params in requests:
+            n = len(texts) * params.num_images_per_prompt
+            split.append(images[:n])
+            images = images[n:]
+        return split, seconds, self.stages.seconds(seconds)
+
+
+class _Stages:
+    """Seconds a pipeline call spends encoding text and decoding with the VAE, from hooks on the
+    text encoders' and the VAE decoder's forward (each call's duration summed; on CUDA the device is
+    synchronised at each edge); ``denoising`` is the rest of the call: the transformer's steps, the
+    scheduler and latent preparation."""
+
+    def __init__(self, pipe, device: torch.device) -> None:
+        self.sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+        self.totals = {"text_encoding": 0.0, "decode": 0.0}
+        self._started: dict[int, float] = {}
+        for name, module in pipe.components.items():
+            stage = "text_encoding" if name.startswith("text_encoder") else "decode" if name == "vae" else None
+            if stage == "decode":
+                module = getattr(module, "decoder", None)
+            if stage is None or not isinstance(module, torch.nn.Module):
+                continue
+            module.register_forward_pre_hook(self._start)
+            module.register_forward_hook(lambda mod, args, out, stage=stage: self._stop(mod, stage))
+
+    def _start(self, module, args) -> None:
+        self.sync()
+        self._started[id(module)] = time.perf_counter()
+
+    def _stop(self, module, stage: str) -> None:
+        self.sync()
+        self.totals[stage] += time.perf_counter() - self._started.pop(id(module))
+
+    def reset(self) -> None:
+        self.totals = dict.fromkeys(self.totals, 0.0)
+
+    def seconds(self, total: float) -> dict[str, float]:
+        return {**self.totals, "denoising": max(0.0, total - sum(self.totals.values()))}
 
 
 def _check_cfg_pipeline(pipe) -> None:
@@ -351,8 +434,11 @@ def _worker_weights_info() -> dict:
     return _RUNNER.weights_info()
 
 
-def _worker_generate(prompts: list[str], params: SamplingParams):
-    return _RUNNER.generate(prompts, params)
+def _worker_generate(requests: list[tuple[list[str], SamplingParams]]):
+    from meshsp.launch import report_progress
+
+    _RUNNER.progress_sink = report_progress
+    return _RUNNER.generate(requests)
 
 
 class Engine:
@@ -401,10 +487,15 @@ class Engine:
         self._pool: WorkerPool | None = None
         self._runner: _Runner | None = None
         self.last_seconds = 0.0
+        self.last_stages: dict[str, float] = {}  # the last call's seconds per stage (rank 0)
+        self._control = None  # under torchrun: rank 0's channel to the others (lead / follow)
+        self._leading = False
         if spmd or self.config.world_size == 1:
             self._runner = _Runner(model, self.config, self.dtype, self.device, encode_text_once, cpu_offload,
                                    vae_parallel, vae_tiling)
             info = self._runner.info()
+            if spmd and dist.is_initialized() and dist.get_world_size() > 1:
+                self._control = dist.new_group(backend="gloo", timeout=datetime.timedelta(days=365))
         else:
             model = resolve_model(model)  # build an embedded pipeline here, before any process group
             backend = "nccl" if self.device == "cuda" else "gloo"
@@ -419,25 +510,81 @@ class Engine:
         self.is_video: bool = info["video"]
         self.size_multiple: int = info["size_multiple"]
         self.vae_ranks: int = info["vae_ranks"]  # ranks the VAE decode is split across (1: whole)
+        self.frame_multiple: int = info["frame_multiple"]  # video: num_frames is 1 + a multiple of this
 
     def generate(self, prompt: str | list[str], params: SamplingParams | None = None):
         """Images (PIL) for the prompt(s); for video pipelines, a list of frame lists. None off rank 0."""
-        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-        if not prompts or any(not isinstance(p, str) or not p.strip() for p in prompts):
-            raise ValueError(f"prompts must be non-empty strings, got {prompt!r}.")
-        params = params or SamplingParams()
+        out = self.generate_batch([(prompt, params or SamplingParams())])
+        return None if out is None else out[0]
+
+    def generate_batch(self, requests: list[tuple[str | list[str], SamplingParams]]):
+        """Several requests in one pipeline call: per request, what ``generate`` would return for it
+        alone (None off rank 0). They must share size, steps, frames and guidance (``batch_key``);
+        seeds, prompts and negative prompts may differ. Each request's noise comes from its own seed,
+        so its images do not depend on what it is batched with.
+
+        Example::
+
+            a, b = engine.generate_batch([("a cat", SamplingParams(seed=1)), ("a dog", SamplingParams(seed=2))])
+        """
+        batch = []
+        for prompt, params in requests:
+            prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+            if not prompts or any(not isinstance(p, str) or not p.strip() for p in prompts):
+                raise ValueError(f"prompts must be non-empty strings, got {prompt!r}.")
+            batch.append((prompts, params))
+        if not batch:
+            raise ValueError("generate_batch needs at least one (prompt, SamplingParams) request.")
+        if len({batch_key(params) for _, params in batch}) > 1:
+            raise ValueError(f"requests batched together must share size, steps, frames and guidance (batch_key); "
+                             f"got {[batch_key(params) for _, params in batch]}. Run them in separate batches.")
         if self._pool is not None:
             failure = self._pool.failure()
             if failure is not None:
                 self._pool.close()
                 raise RankFailure(f"the engine's workers are gone: {failure}; create a new Engine.")
-            result = self._pool.run(_worker_generate, prompts, params, timeout=self.config.timeout_s)[0]
+            result = self._pool.run(_worker_generate, batch, timeout=self.config.timeout_s)[0]
         else:
-            result = self._runner.generate(prompts, params)
+            if self._leading:
+                self._send("generate", batch)
+            result = self._runner.generate(batch)
         if result is None:
             return None
-        images, self.last_seconds = result
-        return images
+        outputs, self.last_seconds, self.last_stages = result
+        return outputs
+
+    @property
+    def progress(self) -> float:
+        """How far the running (or last) call is, 0..1, after each denoising step; readable from
+        another thread while ``generate`` runs."""
+        return self._pool.progress if self._pool is not None else self._runner.progress
+
+    def lead(self) -> None:
+        """Under torchrun, on rank 0: from now on each ``generate`` is first sent to the other ranks,
+        which wait in ``follow()`` (``meshsp serve`` under torchrun). The channel is its own gloo
+        group without a timeout, so a server may sit idle for as long as it likes."""
+        if self._control is None or _rank() != 0:
+            raise ValueError("lead() is for rank 0 of a torchrun world of more than one rank.")
+        self._leading = True
+
+    def follow(self) -> None:
+        """Under torchrun, on every rank but 0: run what rank 0 sends (``lead``) until it closes.
+        A request that fails is logged on rank 0 by the caller; the loop goes on."""
+        if self._control is None or _rank() == 0:
+            raise ValueError("follow() is for the ranks other than 0 of a torchrun world of more than one rank.")
+        while True:
+            message = [None]
+            dist.broadcast_object_list(message, src=0, group=self._control)
+            command, payload = message[0]
+            if command == "stop":
+                return
+            try:
+                self._runner.generate(payload)
+            except Exception:  # the same error reaches rank 0's caller, who reports it
+                logger.debug("a request failed on rank %d", _rank(), exc_info=True)
+
+    def _send(self, command: str, payload) -> None:
+        dist.broadcast_object_list([(command, payload)], src=0, group=self._control)
 
     def rank_info(self) -> list[dict]:
         """Per rank: the loaded pipeline components and their parameter counts."""
@@ -465,6 +612,9 @@ class Engine:
         return self._pool.pids if self._pool is not None else []
 
     def close(self) -> None:
+        if self._leading:
+            self._leading = False
+            self._send("stop", None)
         if self._pool is not None:
             self._pool.close()
             self._pool = None

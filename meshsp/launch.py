@@ -24,7 +24,16 @@ import traceback
 from collections.abc import Callable
 from typing import Any
 
-__all__ = ["WorkerPool", "RankFailure", "free_port"]
+__all__ = ["WorkerPool", "RankFailure", "free_port", "report_progress"]
+
+_PROGRESS = None  # in a worker: the pool's shared progress value, written by rank 0 only
+
+
+def report_progress(fraction: float) -> None:
+    """From a worker's running call: how far it is (0..1), read by the caller as ``pool.progress``.
+    Only rank 0's report is kept; elsewhere (and outside a pool) this does nothing."""
+    if _PROGRESS is not None:
+        _PROGRESS.value = float(fraction)
 
 
 class RankFailure(RuntimeError):
@@ -43,7 +52,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(rank, world, port, backend, threads, pg_timeout_s, env, tasks, results):
+def _worker(rank, world, port, backend, threads, pg_timeout_s, env, tasks, results, progress):
+    global _PROGRESS
+    _PROGRESS = progress if rank == 0 else None
     os.environ.update(env)
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
                       LOCAL_WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
@@ -90,6 +101,7 @@ class WorkerPool:
         self.world_size = world_size
         ctx = mp.get_context("spawn")
         self._results = ctx.Queue()
+        self._progress = ctx.Value("d", 0.0, lock=False)
         self._tasks = [ctx.Queue() for _ in range(world_size)]
         self._calls = 0
         self._failure: str | None = None
@@ -98,7 +110,7 @@ class WorkerPool:
             ctx.Process(
                 target=_worker,
                 args=(r, world_size, port, backend, threads, pg_timeout_s, dict(env or {}),
-                      self._tasks[r], self._results),
+                      self._tasks[r], self._results, self._progress),
                 daemon=True,
             )
             for r in range(world_size)
@@ -124,6 +136,11 @@ class WorkerPool:
             if dead:
                 self._failure = f"rank(s) {dead} died (exit codes {[self._procs[r].exitcode for r in dead]})"
         return self._failure
+
+    @property
+    def progress(self) -> float:
+        """What rank 0 last passed to ``report_progress`` (0..1) during the running call."""
+        return self._progress.value
 
     @property
     def pids(self) -> list[int]:

@@ -1,0 +1,59 @@
+"""The server's Prometheus metrics (``GET /metrics``), in a registry of their own per app.
+
+``prometheus_client`` renders them in Prometheus' text format. What is measured:
+
+* ``meshsp_queue_depth``: requests and video jobs waiting for the workers (not the running batch);
+* ``meshsp_requests_total{endpoint, status}``: answers of the generation endpoints by HTTP status
+  (``endpoint``: ``images`` or ``videos``), and ``meshsp_video_jobs_total{status}``: video jobs by
+  their final status (``completed``, ``failed``, ``cancelled`` when the server stopped first);
+* ``meshsp_request_latency_seconds{endpoint}``: from arrival to the answer (images) or to the job's
+  end (videos); ``meshsp_queue_wait_seconds``: arrival to the start of its batch;
+* ``meshsp_stage_seconds{stage}``: per batch, rank 0's seconds encoding text, denoising and
+  decoding (``meshsp.engine._Stages``);
+* ``meshsp_batch_size``: requests per batch, and ``meshsp_batch_images``: images (or videos) per batch;
+* ``meshsp_workers_up``: 1 while every rank is alive, 0 after a worker failure.
+
+Example::
+
+    metrics = Metrics()
+    metrics.requests.labels(endpoint="images", status="200").inc()
+    metrics.render()   # (b"# HELP meshsp_queue_depth ...", "text/plain; version=0.0.4; charset=utf-8")
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+__all__ = ["Metrics"]
+
+LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
+
+
+class Metrics:
+    """The server's metrics, registered in their own ``CollectorRegistry`` (two apps in one process
+    do not share counts)."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.queue_depth = Gauge("meshsp_queue_depth", "Requests and video jobs waiting for the workers.", registry=r)
+        self.requests = Counter("meshsp_requests", "Answers of the generation endpoints by HTTP status.",
+                                ["endpoint", "status"], registry=r)
+        self.video_jobs = Counter("meshsp_video_jobs", "Video jobs by final status.", ["status"], registry=r)
+        self.latency = Histogram("meshsp_request_latency_seconds", "Arrival to answer (images) or to the job's end "
+                                 "(videos).", ["endpoint"], buckets=LATENCY_BUCKETS, registry=r)
+        self.queue_wait = Histogram("meshsp_queue_wait_seconds", "Arrival to the start of the request's batch.",
+                                    buckets=LATENCY_BUCKETS, registry=r)
+        self.stage = Histogram("meshsp_stage_seconds", "Seconds per batch in each stage, on rank 0.", ["stage"],
+                               buckets=LATENCY_BUCKETS, registry=r)
+        self.batch_size = Histogram("meshsp_batch_size", "Requests per batch.", buckets=BATCH_BUCKETS, registry=r)
+        self.batch_images = Histogram("meshsp_batch_images", "Images (or videos) per batch.", buckets=BATCH_BUCKETS,
+                                      registry=r)
+        self.workers_up = Gauge("meshsp_workers_up", "1 while every rank is alive, 0 after a worker failure.",
+                                registry=r)
+        self.workers_up.set(1)
+
+    def render(self) -> tuple[bytes, str]:
+        """The text exposition and its content type."""
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST
