@@ -37,9 +37,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor.parallel.style import ParallelStyle
+from torch.overrides import TorchFunctionMode
 
 from meshsp.ops.comm import _count
 from meshsp.ops.consensus import agree
+from meshsp.ops.kernel import local_attention
+from meshsp.ops.ring import merge_partials
 from meshsp.placements.sequence import balanced_sizes
 from meshsp.styles import ParallelAttention, PlanState
 
@@ -110,8 +113,9 @@ class SplitBands(ParallelStyle):
             if bands.tiling:
                 return output
             bands.active = False
-            sizes = bands.scale(output.shape[-2])
-            return _gather_rows(output, sizes, bands)
+            if isinstance(output, tuple):  # CogVideoX's decoder: (band, this rank's caches of its band)
+                return (_gather_rows(output[0], bands.scale(output[0].shape[-2]), bands), *output[1:])
+            return _gather_rows(output, bands.scale(output.shape[-2]), bands)
 
         module.register_forward_pre_hook(pre_hook, with_kwargs=True)
         module.register_forward_hook(post_hook, always_call=True)
@@ -193,12 +197,19 @@ def _halo_of(module: nn.Module, where: str) -> tuple[int, bool]:
     return halo, causal
 
 
-def _with_halo(x: torch.Tensor, halo: int, bands: Bands) -> torch.Tensor:
-    """``x`` [..., h, W] with ``halo`` rows of the previous and next bands around it (zeros at the
-    image's edges). Every band is at least one latent row, so it holds ``halo`` rows to send."""
+def _with_halo(x: torch.Tensor, halo: int, bands: Bands, edge: str = "zeros") -> torch.Tensor:
+    """``x`` [..., h, W] with ``halo`` rows of the previous and next bands around it; at the image's
+    own edges zero rows (``edge="zeros"``) or copies of the edge row (``"replicate"``), as the
+    whole image's padding gives. Every band is at least one latent row, so it holds ``halo`` rows
+    to send."""
     me, n = bands.rank, bands.size
     top = x.new_zeros(*x.shape[:-2], halo, x.shape[-1])
     bottom = torch.zeros_like(top)
+    if edge == "replicate":
+        if me == 0:
+            top = x[..., :1, :].expand_as(top).contiguous()
+        if me == n - 1:
+            bottom = x[..., -1:, :].expand_as(bottom).contiguous()
     if n > 1 and halo:
         if x.shape[-2] < halo:
             raise ValueError(f"a band of {x.shape[-2]} rows is thinner than the convolution's halo of {halo}.")
@@ -213,6 +224,59 @@ def _with_halo(x: torch.Tensor, halo: int, bands: Bands) -> torch.Tensor:
         for work in dist.batch_isend_irecv(ops):
             work.wait()
     return torch.cat([top, x, bottom], dim=-2)
+
+
+class HaloPadConv(ParallelStyle):
+    """A wrapper that pads in its forward, ``F.pad(x, time_causal_padding, mode=pad_mode)``, and then
+    runs its unpadded ``.conv`` (HunyuanVideo's causal convolution; CogVideoX's with
+    ``pad_mode="replicate"``): the halo rows come from the neighbours, the image's edge rows are
+    padded as ``pad_mode`` pads them, and the wrapper pads only in width and time."""
+
+    def __init__(self, bands: Bands) -> None:
+        super().__init__()
+        self.bands = bands
+
+    def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
+        bands = self.bands
+        halo = _pad_halo_of(module, type(module).__name__)
+        edge = "replicate" if module.pad_mode == "replicate" else "zeros"
+        saved: list[tuple] = []
+
+        def pre_hook(mod, args):
+            if not bands.active:
+                return None
+            saved.append(mod.time_causal_padding)
+            pad = mod.time_causal_padding
+            mod.time_causal_padding = (*pad[:2], 0, 0, *pad[4:])
+            return (_with_halo(args[0], halo, bands, edge), *args[1:])
+
+        def post_hook(mod, args, output):
+            if saved:
+                mod.time_causal_padding = saved.pop()
+            return output
+
+        module.register_forward_pre_hook(pre_hook)
+        module.register_forward_hook(post_hook, always_call=True)
+        return module
+
+
+# Convolution wrappers that pad in their forward with F.pad(x, time_causal_padding, mode=pad_mode)
+# and run an unpadded .conv, and the pad modes in which they do (CogVideoX's pads its inner
+# convolution instead unless pad_mode is "replicate").
+_PAD_WRAPPERS = {"HunyuanVideoCausalConv3d": ("replicate", "constant"), "CogVideoXCausalConv3d": ("replicate",)}
+
+
+def _pad_halo_of(wrapper: nn.Module, where: str) -> int:
+    """Halo rows of a padding wrapper HaloPadConv can run over a band; ``ValueError`` otherwise."""
+    pad, conv = getattr(wrapper, "time_causal_padding", None), getattr(wrapper, "conv", None)
+    modes = _PAD_WRAPPERS.get(type(wrapper).__name__, ())
+    if not (isinstance(pad, tuple) and len(pad) == 6 and isinstance(conv, (nn.Conv2d, nn.Conv3d))
+            and wrapper.pad_mode in modes and pad[2] == pad[3] and conv.kernel_size[-2] == 2 * pad[2] + 1
+            and conv.padding[-2] == 0 and conv.stride[-2] == 1 and conv.dilation[-2] == 1):
+        raise ValueError(f"{where}: HaloPadConv takes one of {sorted(_PAD_WRAPPERS)} in a pad mode it pads with "
+                         f"F.pad ({_PAD_WRAPPERS}), whose .conv is unpadded, of stride 1 in height and "
+                         f"2 x padding + 1 rows tall; got {wrapper}.")
+    return pad[2]
 
 
 class HaloDownConv(ParallelStyle):
@@ -360,9 +424,164 @@ class _BandAttention(ParallelAttention):
         return super().attention(sp, query, key, value, *args, **kwargs)
 
 
+class _Intercept(TorchFunctionMode):
+    """Routes calls of one torch function to ``handler(*args, **kwargs)``; entered and left by a
+    style's hooks, so it is scoped to one module's forward."""
+
+    def __init__(self, func, handler) -> None:
+        super().__init__()
+        self.func, self.handler = func, handler
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func is not self.func:
+            return func(*args, **(kwargs or {}))
+        return self.handler(*args, **(kwargs or {}))
+
+
+def _scoped(module: nn.Module, bands: Bands, make_mode) -> None:
+    """Enter ``make_mode(args)`` for each forward of ``module`` inside a split decode."""
+    modes: list[TorchFunctionMode] = []
+
+    def enter(mod, args):
+        if bands.active:
+            modes.append(make_mode(args))
+            modes[-1].__enter__()
+
+    def leave(mod, args, output):
+        if modes:
+            modes.pop().__exit__(None, None, None)
+
+    module.register_forward_pre_hook(enter)
+    module.register_forward_hook(leave, always_call=True)
+
+
+class FrameCausalAttention(ParallelStyle):
+    """A mid-block whose attention runs over all frames with a frame-causal mask (HunyuanVideo's
+    ``prepare_causal_attention_mask``: a token sees the tokens of its own and earlier frames), run
+    as Ring attention over the bands.
+
+    A band's tokens are ``[T, h, W]`` in frame-major order, so the keys a query of frame ``t`` sees in
+    any band are that band's first ``(t + 1) h W`` tokens: each ring step attends each query frame
+    to that prefix of the visiting band (the band's own mask, built by diffusers inside the block,
+    is recognised and stands for this rule), and the steps merge by log-sum-exp."""
+
+    def __init__(self, bands: Bands) -> None:
+        super().__init__()
+        self.bands = bands
+
+    def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
+        bands = self.bands
+
+        def mode(args):
+            frames, rows, width = args[0].shape[2:]  # the block's input [B, C, T, h, W]
+            return _Intercept(F.scaled_dot_product_attention,
+                              lambda *a, **kw: _frame_causal_sdpa(bands, frames, rows, width, *a, **kw))
+
+        _scoped(module, bands, mode)
+        return module
+
+
+def _frame_causal_sdpa(bands: Bands, frames: int, rows: int, width: int, query, key, value, attn_mask=None,
+                       dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False) -> torch.Tensor:
+    """The SDPA call of a frame-causal attention over a band: checks that the call is the one
+    ``FrameCausalAttention`` stands for (on every rank alike), then runs the ring."""
+    tokens, s = rows * width, query.shape[2]
+    error = None
+    if dropout_p or is_causal or enable_gqa or query.shape[1] != key.shape[1] or s != frames * tokens \
+            or attn_mask is None or tuple(attn_mask.shape[-2:]) != (s, s):
+        error = (f"FrameCausalAttention takes SDPA over a band's {frames} x {tokens} tokens with their [S, S] "
+                 f"frame-causal mask, no dropout, is_causal=False; got q {tuple(query.shape)}, k {tuple(key.shape)}, "
+                 f"mask {None if attn_mask is None else tuple(attn_mask.shape)}.")
+    else:
+        first, last = attn_mask.reshape(-1, s, s)[0, 0], attn_mask.reshape(-1, s, s)[0, -1]
+        if not (bool((first[:tokens] == 0).all()) and bool(torch.isneginf(first[tokens:]).all())
+                and bool((last == 0).all())):
+            error = f"FrameCausalAttention: the mask is not the frame-causal mask of {frames} frames of {tokens} tokens."
+    agree("vae frame-causal attention", f"frames {frames}, {tuple(query.shape[:2])} {query.dtype}", error,
+          (bands.group,), bands.device)
+    return _frame_causal_ring(query, key, value, frames, tuple(r * width for r in bands.scale(rows)), bands, scale)
+
+
+def _frame_causal_ring(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, frames: int, tokens: tuple[int, ...],
+                       bands: Bands, scale: float | None) -> torch.Tensor:
+    """q, k, v [B, H, T * tokens[me], D] -> out [B, H, T * tokens[me], D]: query frame t over the
+    first (t + 1) frames of every band's keys. ``tokens[i]``: band i's tokens per frame. The K/V of
+    band ``me - step`` visits at step ``step``, the next one in flight meanwhile."""
+    me, n = bands.rank, bands.size
+    b, h, _, d = k.shape
+    block = torch.cat([k.reshape(-1), v.reshape(-1)])
+    out = lse = None
+    for step in range(n):
+        src = (me - step) % n
+        pending = None
+        if step + 1 < n:
+            pending = block.new_empty(2 * b * h * frames * tokens[(src - 1) % n] * d)
+            _count("p2p", block.numel() * block.element_size())
+            works = dist.batch_isend_irecv([
+                dist.P2POp(dist.isend, block, bands.ranks[(me + 1) % n], bands.group),
+                dist.P2POp(dist.irecv, pending, bands.ranks[(me - 1) % n], bands.group)])
+        k_i, v_i = block.view(2, b, h, frames * tokens[src], d).unbind(0)
+        parts = [local_attention(q_t, k_i[:, :, :(t + 1) * tokens[src]], v_i[:, :, :(t + 1) * tokens[src]], None, scale)
+                 for t, q_t in enumerate(q.split(tokens[me], dim=2))]
+        out_i, lse_i = torch.cat([p[0] for p in parts], dim=2), torch.cat([p[1] for p in parts], dim=2)
+        out, lse = (out_i.float(), lse_i) if out is None else merge_partials(out, lse, out_i, lse_i, into_a=True)
+        if pending is not None:
+            for work in works:
+                work.wait()
+            block = pending
+    return out.to(q.dtype)
+
+
+class BandNoise(ParallelStyle):
+    """A block that adds ``torch.randn(height, width)`` noise to its band (LTX-Video's decoder
+    resnets with ``inject_noise``): every rank draws the whole frame's noise and keeps its band's
+    rows, so each rank's generator advances as one process's does and, with the generators in the
+    same state (seeded alike), the noise is the single-process decode's."""
+
+    def __init__(self, bands: Bands) -> None:
+        super().__init__()
+        self.bands = bands
+
+    def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
+        bands = self.bands
+
+        def mode(args):
+            shape = tuple(args[0].shape[-2:])  # the block's input [B, C, T, h, W]: the noise is [h, W]
+
+            def randn(*size, **kwargs):
+                size = tuple(size[0]) if len(size) == 1 and not isinstance(size[0], int) else size
+                if size != shape:
+                    raise ValueError(f"BandNoise: a torch.randn of size {size} in a block over a band of {shape}; "
+                                     "it takes the [height, width] noise of LTX-Video's resnets only.")
+                sizes = bands.scale(shape[0])
+                whole = torch.randn(sum(sizes), shape[1], **kwargs)
+                return whole.narrow(0, sum(sizes[:bands.rank]), shape[0])
+
+            return _Intercept(torch.randn, randn)
+
+        _scoped(module, bands, mode)
+        return module
+
+
 def _per_position(norm: nn.Module) -> bool:
-    """A norm over the channels of one position (the video VAEs' RMS norm): band-local as it is."""
-    return type(norm).__name__.endswith("RMS_norm") or isinstance(norm, (nn.LayerNorm, nn.GroupNorm))
+    """A norm over the channels of one position (the video VAEs' RMS norms: Wan's and Qwen-Image's
+    ``RMS_norm``, LTX-Video's ``RMSNorm`` over channels moved last): band-local as it is."""
+    name = type(norm).__name__
+    return name.endswith("RMS_norm") or name == "RMSNorm" or isinstance(norm, (nn.LayerNorm, nn.GroupNorm))
+
+
+# Per-class knowledge the module walk below cannot see from the modules alone:
+# norms whose statistics come from a GroupNorm child (split by BandGroupNorm) and whose conditioning
+# is band-local (CogVideoX's: the latent band, resized nearest by the band's integer scale, through
+# 1x1 convolutions);
+_BAND_NORMS = ("CogVideoXSpatialNorm3D",)
+# mid-blocks whose attention is frame-causal over all frames (FrameCausalAttention);
+_FRAME_CAUSAL_BLOCKS = ("HunyuanVideoMidBlock3D",)
+# blocks that add [height, width] noise from torch.randn when built with inject_noise (BandNoise);
+_NOISE_BLOCKS = ("LTXVideoResnetBlock3d",)
+# encoders meshsp leaves whole however their convolutions look, and why.
+_WHOLE_ENCODERS = {"AutoencoderKLLTXVideo": "patchifies its input (patch_size rows into channels) and downsamples "
+                                            "space to depth, which bands of rows cannot follow"}
 
 
 class VaePlan(ParallelStyle, dict):
@@ -405,7 +624,9 @@ class VaePlan(ParallelStyle, dict):
         if bands.size == 1:
             return module
         styles = {"HaloConv": lambda p: HaloConv(bands), "HaloDownConv": lambda p: HaloDownConv(bands),
-                  "BandGroupNorm": lambda p: BandGroupNorm(bands),
+                  "HaloPadConv": lambda p: HaloPadConv(bands), "BandGroupNorm": lambda p: BandGroupNorm(bands),
+                  "FrameCausalAttention": lambda p: FrameCausalAttention(bands),
+                  "BandNoise": lambda p: BandNoise(bands),
                   "ParallelAttention": lambda p: _BandAttention(bands, state),
                   "SplitBands": lambda p: SplitBands(bands, state, *((self.encoder_unit, "x") if p == "encoder"
                                                                       else (1, "z")))}
@@ -420,28 +641,42 @@ class VaePlan(ParallelStyle, dict):
 
 def _part_plan(part: nn.Module, prefix: str, vae_class: str) -> dict[str, str]:
     """Styles for the decoder's or encoder's modules; ``ValueError`` for a module bands cannot split."""
-    plan = {}
+    if prefix == "encoder" and vae_class in _WHOLE_ENCODERS:
+        raise ValueError(f"{vae_class}: the encoder {_WHOLE_ENCODERS[vae_class]}; meshsp splits this VAE's decoder "
+                         "only: encode with encode=None (whole) or False.")
+    plan: dict[str, str] = {}
+    frame_causal: list[str] = []  # paths of FrameCausalAttention blocks: their attention is routed there
     modules = dict(part.named_modules())
     for name, module in modules.items():
         path = f"{prefix}.{name}" if name else prefix
-        parent = type(modules[name.rpartition(".")[0]]).__name__ if name else ""
+        kind, parent_name = type(module).__name__, name.rpartition(".")[0]
+        parent = modules[parent_name] if name else None
         if isinstance(module, (nn.Conv2d, nn.Conv3d)) and module.stride[-2] != 1:
-            if parent == "Downsample2D" and isinstance(module, nn.Conv2d) and module.padding == (0, 0):
+            if type(parent).__name__ == "Downsample2D" and isinstance(module, nn.Conv2d) and module.padding == (0, 0):
                 plan[path] = "HaloDownConv"
                 continue
-            raise ValueError(f"{vae_class}: {path} is a strided {type(module).__name__} that meshsp cannot split "
-                             "into row bands.")
+            raise ValueError(f"{vae_class}: {path} is a strided {kind} that meshsp cannot split into row bands.")
         if isinstance(module, (nn.Conv2d, nn.Conv3d)) and module.kernel_size[-2] > 1:
-            _halo_of(module, f"{vae_class}: {path}")  # refused here, before any rank communicates
-            plan[path] = "HaloConv"
+            # refused here, before any rank communicates
+            if getattr(parent, "pad_mode", None) in _PAD_WRAPPERS.get(type(parent).__name__, ()):
+                _pad_halo_of(parent, f"{vae_class}: {prefix}.{parent_name}")
+                plan[f"{prefix}.{parent_name}"] = "HaloPadConv"
+            else:
+                _halo_of(module, f"{vae_class}: {path}")
+                plan[path] = "HaloConv"
         elif isinstance(module, nn.GroupNorm):
             plan[path] = "BandGroupNorm"
-        elif (hasattr(module, "processor") and hasattr(module, "to_q")) or type(module).__name__.endswith(
-                "AttentionBlock"):  # diffusers' Attention, or the video VAEs' single-head block
-            plan[path] = "ParallelAttention"
-        elif isinstance(module, nn.Conv1d) or "Norm" in type(module).__name__ and not _per_position(module):
-            raise ValueError(f"{vae_class}: {path} ({type(module).__name__}) is not one meshsp can split into "
-                             "row bands.")
+        elif kind in _FRAME_CAUSAL_BLOCKS and getattr(module, "add_attention", False):
+            plan[path] = "FrameCausalAttention"
+            frame_causal.append(path)
+        elif kind in _NOISE_BLOCKS and getattr(module, "per_channel_scale1", None) is not None:
+            plan[path] = "BandNoise"
+        elif (hasattr(module, "processor") and hasattr(module, "to_q")) or kind.endswith("AttentionBlock"):
+            # diffusers' Attention, or the video VAEs' single-head block
+            if not any(path.startswith(f"{block}.") for block in frame_causal):
+                plan[path] = "ParallelAttention"
+        elif isinstance(module, nn.Conv1d) or "Norm" in kind and not _per_position(module) and kind not in _BAND_NORMS:
+            raise ValueError(f"{vae_class}: {path} ({kind}) is not one meshsp can split into row bands.")
     return plan
 
 

@@ -706,3 +706,46 @@ def _split_decode(vae, z: torch.Tensor, degrees: dict):
     with torch.no_grad(), record_comm() as stats:
         out = vae.decode(z).sample
     return expected, out, stats
+
+
+# Tiny random-init configs of the video VAEs of HunyuanVideo, LTX-Video and CogVideoX. The LTX one is
+# shaped like LTX-Video 0.9.5's decoder (timestep-conditioned, residual depth-to-space upsampling) and
+# injects noise in two of its blocks, drawn from the global generator.
+VIDEO_VAE_CONFIGS = {
+    "AutoencoderKLHunyuanVideo": dict(block_out_channels=(8, 8, 8, 8), layers_per_block=1, norm_num_groups=4,
+                                      latent_channels=4),
+    "AutoencoderKLLTXVideo": dict(latent_channels=4, block_out_channels=(8, 8, 8, 8),
+                                  decoder_block_out_channels=(8, 16, 32), decoder_layers_per_block=(1, 1, 1, 1),
+                                  decoder_spatio_temporal_scaling=(True, True, True),
+                                  decoder_inject_noise=(True, False, True, False), upsample_residual=(True, True, True),
+                                  upsample_factor=(2, 2, 2), timestep_conditioning=True),
+    "AutoencoderKLCogVideoX": dict(block_out_channels=(8, 8, 8, 8), layers_per_block=1, norm_num_groups=4,
+                                   latent_channels=4),
+}
+
+
+def video_vae_decode_parity(vae_class: str, shape: tuple, tol: float = 1e-5, **degrees) -> dict:
+    """``vae.decode`` of a tiny ``vae_class`` (``VIDEO_VAE_CONFIGS``) split over the mesh of
+    ``degrees`` against the whole decode, both from the same generator state."""
+    import diffusers
+
+    from meshsp.vae import parallelize_vae
+
+    torch.manual_seed(0)
+    vae = getattr(diffusers, vae_class)(**VIDEO_VAE_CONFIGS[vae_class])
+    for name, param in vae.named_parameters():
+        if "per_channel_scale" in name:  # LTX's noise scales start at zero: make the noise count
+            param.data.normal_()
+    z = torch.randn(*shape, generator=torch.Generator().manual_seed(5))
+    args = (torch.full((shape[0],), 0.05),) if vae_class == "AutoencoderKLLTXVideo" else ()
+    torch.manual_seed(6)
+    with torch.no_grad():
+        expected = vae.decode(z, *args).sample
+    parallelize_vae(vae, config_mesh(**degrees))
+    torch.manual_seed(6)
+    with torch.no_grad(), record_comm() as stats:
+        out = vae.decode(z, *args).sample
+    scale = expected.abs().max().item()
+    torch.testing.assert_close(out, expected, atol=tol * max(scale, 1.0), rtol=tol)
+    return {"diff": (out - expected).abs().max().item() / max(scale, 1.0), "calls": dict(stats.calls),
+            "bytes": dict(stats.bytes_sent)}
