@@ -1,0 +1,219 @@
+"""Serving at scale, with real servers on loopback: batched requests, a load of concurrent clients
+(some leaving mid-request), /metrics, and serving under torchrun across two "nodes" on localhost."""
+
+import base64
+import io
+import os
+import pathlib
+import re
+import signal
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+
+from meshsp.launch import free_port
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+MODEL = "tiny-qwen-image"
+BODY = {"prompt": "a cat", "size": "64x48", "num_inference_steps": 2, "seed": 7}
+HOLD = dict(BODY, size="512x512", num_inference_steps=32)  # keeps the workers busy for a second or more
+
+
+def start(cmd: list[str], port: int, timeout: float = 240) -> subprocess.Popen:
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"}, start_new_session=True)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited: {proc.stdout.read()[-3000:]}")
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
+                return proc
+        except httpx.HTTPError:
+            time.sleep(0.5)
+    os.killpg(proc.pid, signal.SIGKILL)
+    raise RuntimeError("server did not come up in time")
+
+
+def stop(proc: subprocess.Popen) -> str:
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=90)
+    return out
+
+
+def serve_cmd(port: int, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "meshsp.cli", "serve", MODEL, "--usp", "2", "--ulysses-mode", "advanced_uaa",
+            "--port", str(port), "--max-size", "512", "--max-n", "3", "--max-steps", "32", *extra]
+
+
+@pytest.fixture(scope="module")
+def server():
+    port = free_port()
+    proc = start(serve_cmd(port, "--max-batch-size", "4"), port)
+    yield f"http://127.0.0.1:{port}"
+    log = stop(proc)
+    assert "Application shutdown complete" in log, log[-2000:]
+
+
+def post(url: str, body: dict, timeout: float = 300) -> httpx.Response:
+    return httpx.post(f"{url}/v1/images/generations", json=body, timeout=timeout)
+
+
+def pixels(response: httpx.Response) -> list[np.ndarray]:
+    return [np.asarray(Image.open(io.BytesIO(base64.b64decode(d["b64_json"])))).astype(int)
+            for d in response.json()["data"]]
+
+
+def metric(url: str, name: str, **labels) -> float:
+    """One sample of /metrics (0 when absent)."""
+    want = ",".join(f'{k}="{v}"' for k, v in labels.items())
+    pattern = re.compile(rf"^{re.escape(name)}(\{{{re.escape(want)}\}})? (\S+)$" if want
+                         else rf"^{re.escape(name)} (\S+)$", re.M)
+    match = pattern.search(httpx.get(f"{url}/metrics").text)
+    return float(match.groups()[-1]) if match else 0.0
+
+
+def assert_same_images(alone: list[np.ndarray], batched: list[np.ndarray]) -> None:
+    """Equal to the request served alone, up to batch-shaped fp32 rounding: at most 1 of 255."""
+    assert len(alone) == len(batched)
+    for a, b in zip(alone, batched):
+        assert a.shape == b.shape and np.abs(a - b).max() <= 1
+
+
+def test_batched_requests_equal_served_alone(server):
+    bodies = [dict(BODY, seed=s, prompt=f"a cat number {s}" + " and a hat" * s) for s in range(6)]
+    bodies[2]["n"] = 2  # 7 images: a batch holds at most 4
+    alone = [pixels(post(server, b)) for b in bodies]
+    batches_before = metric(server, "meshsp_batch_size_count")
+    multi_before = metric(server, "meshsp_batch_size_count") - metric(server, "meshsp_batch_size_bucket", le="1.0")
+    hold = post_async(server, HOLD)  # makes the others queue
+    time.sleep(0.5)
+    with ThreadPoolExecutor(len(bodies)) as pool:
+        together = list(pool.map(lambda b: post(server, b), bodies))
+    assert hold.result().status_code == 200
+    assert [r.status_code for r in together] == [200] * len(bodies)
+    for a, r in zip(alone, together):
+        assert_same_images(a, pixels(r))
+    batches = metric(server, "meshsp_batch_size_count") - batches_before
+    multi = metric(server, "meshsp_batch_size_count") - metric(server, "meshsp_batch_size_bucket", le="1.0") - multi_before
+    assert multi >= 1 and batches < len(bodies) + 1, (batches, multi)  # some shared a forward
+
+
+def post_async(url: str, body: dict):
+    pool = ThreadPoolExecutor(1)
+    future = pool.submit(post, url, body)
+    pool.shutdown(wait=False)
+    return future
+
+
+def test_incompatible_requests_wait_their_turn(server):
+    bodies = [dict(BODY, seed=1), dict(BODY, seed=2, size="48x64"), dict(BODY, seed=3, num_inference_steps=3),
+              dict(BODY, seed=4, negative_prompt="blurry", guidance_scale=4.0), dict(BODY, seed=5)]
+    alone = [pixels(post(server, b)) for b in bodies]
+    with ThreadPoolExecutor(len(bodies)) as pool:
+        together = list(pool.map(lambda b: post(server, b), bodies))
+    for a, r in zip(alone, together):
+        assert r.status_code == 200
+        assert_same_images(a, pixels(r))
+
+
+def test_load_with_clients_leaving(server):
+    """16 clients at once while the workers are busy; 5 give up while queued. The others are answered,
+    equal to served alone; the ones that left never run; the server is healthy and its queue empty."""
+    bodies = [dict(BODY, seed=100 + i, prompt=f"load {i}") for i in range(11)]
+    alone = [pixels(post(server, b)) for b in bodies]
+    images_before = metric(server, "meshsp_batch_images_sum")
+    gone_before = metric(server, "meshsp_requests_total", endpoint="images", status="499")
+    hold = post_async(server, HOLD)
+    time.sleep(0.5)
+
+    def leave(i):
+        with pytest.raises(httpx.TimeoutException):
+            post(server, dict(BODY, seed=i, size="48x48"), timeout=0.3)
+
+    with ThreadPoolExecutor(16) as pool:
+        leaving = [pool.submit(leave, i) for i in range(5)]
+        staying = list(pool.map(lambda b: post(server, b), bodies))
+        for f in leaving:
+            f.result()
+    assert hold.result().status_code == 200
+    assert [r.status_code for r in staying] == [200] * len(bodies)
+    for a, r in zip(alone, staying):
+        assert_same_images(a, pixels(r))
+    deadline = time.monotonic() + 30
+    while metric(server, "meshsp_requests_total", endpoint="images", status="499") - gone_before < 5:
+        assert time.monotonic() < deadline, "the server did not notice the clients that left"
+        time.sleep(0.2)
+    # Only the hold and the 11 that stayed ran: the 5 that left were dropped from the queue.
+    assert metric(server, "meshsp_batch_images_sum") - images_before == 1 + len(bodies)
+    assert metric(server, "meshsp_queue_depth") == 0
+    health = httpx.get(f"{server}/health").json()
+    assert health["status"] == "ok" and health["queue_depth"] == 0
+    t0 = time.monotonic()
+    assert post(server, BODY).status_code == 200 and time.monotonic() - t0 < 30
+
+
+def test_metrics_in_prometheus_format(server):
+    assert post(server, BODY).status_code == 200
+    assert post(server, dict(BODY, size="65x64")).status_code == 400
+    resp = httpx.get(f"{server}/metrics")
+    assert resp.status_code == 200 and resp.headers["content-type"].startswith("text/plain")
+    text = resp.text
+    for name in ("meshsp_queue_depth", "meshsp_request_latency_seconds_bucket", "meshsp_queue_wait_seconds_count",
+                 "meshsp_batch_size_bucket", "meshsp_batch_images_sum", "meshsp_workers_up 1.0"):
+        assert name in text, name
+    assert metric(server, "meshsp_requests_total", endpoint="images", status="400") >= 1
+    assert metric(server, "meshsp_requests_total", endpoint="images", status="200") >= 1
+    for stage in ("text_encoding", "denoising", "decode"):
+        assert metric(server, "meshsp_stage_seconds_sum", stage=stage) > 0, stage
+    # latency histogram: the +Inf bucket counts every 200
+    assert metric(server, "meshsp_request_latency_seconds_bucket", endpoint="images", le="+Inf") == \
+        metric(server, "meshsp_requests_total", endpoint="images", status="200")
+
+
+def test_torchrun_two_nodes_serves_the_same_images(server):
+    """``meshsp serve`` under torchrun, 2 nodes x 1 process on localhost: rank 0 serves HTTP and drives
+    rank 1 through the process group; its images equal the spawned-worker server's."""
+    port, master = free_port(), free_port()
+    nodes = [
+        subprocess.Popen(["torchrun", "--nnodes", "2", "--nproc-per-node", "1", "--node-rank", str(n),
+                          "--master-addr", "127.0.0.1", "--master-port", str(master), "-m", "meshsp.cli", "serve",
+                          MODEL, "--usp", "2", "--ulysses-mode", "advanced_uaa", "--port", str(port),
+                          "--max-size", "512", "--max-batch-size", "4"],
+                         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"}, start_new_session=True)
+        for n in (1, 0)]
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 240
+        while True:
+            assert all(p.poll() is None for p in nodes), [p.stdout.read()[-2000:] for p in nodes if p.poll() is not None]
+            try:
+                health = httpx.get(f"{url}/health", timeout=2).json()
+                break
+            except httpx.HTTPError:
+                assert time.monotonic() < deadline, "the torchrun server did not come up"
+                time.sleep(0.5)
+        assert health["launcher"] == "torchrun" and health["world_size"] == 2 and health["worker_pids"] == []
+        bodies = [dict(BODY, seed=s, prompt=f"node test {s}") for s in range(3)]
+        with ThreadPoolExecutor(3) as pool:
+            served = list(pool.map(lambda b: post(url, b), bodies))
+        for b, r in zip(bodies, served):
+            assert r.status_code == 200
+            assert_same_images(pixels(post(server, b)), pixels(r))
+        assert post(url, dict(BODY, size="70x70")).status_code == 400
+        assert post(url, BODY).status_code == 200  # a bad request leaves the followers in step
+    finally:
+        for p in nodes:
+            p.send_signal(signal.SIGTERM)
+        logs = [p.communicate(timeout=90)[0] for p in nodes]
+    assert "Application shutdown complete" in logs[1], logs[1][-3000:]
+    for p in nodes:
+        with pytest.raises(ProcessLookupError):
+            os.killpg(p.pid, 0)  # every process of both nodes is gone
