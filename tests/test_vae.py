@@ -20,6 +20,56 @@ def test_split_decode_equals_whole_decode(pools, pipeline, world, degrees):
         assert r["calls"]["vae_halo"] > 0 and r["calls"]["p2p"] > 0, (bands, r)  # split, and attention ran Ring
 
 
+@pytest.mark.parametrize("world,degrees", [(2, dict(ulysses_degree=2)),
+                                           (4, dict(ulysses_degree=2, tensor_parallel_size=2))], ids=["2", "4"])
+@pytest.mark.parametrize("vae_class", list(rank_tasks.VIDEO_VAE_CONFIGS))
+def test_video_vae_split_decode_equals_whole_decode(pools, vae_class, world, degrees):
+    """HunyuanVideo's, LTX-Video's and CogVideoX's VAEs; CogVideoX decodes 2 latent frames a call
+    (4 and 5 frames: two calls, its conv caches carried per rank from one to the next)."""
+    frames = (4, 5) if vae_class == "AutoencoderKLCogVideoX" else (3, 2)
+    for shape in [(1, 4, frames[0], 8, 8), (1, 4, frames[1], 7, 9)]:  # even and uneven bands
+        r = pools(world).run(rank_tasks.video_vae_decode_parity, vae_class, shape, **degrees)[0]
+        assert r["calls"]["vae_halo"] > 0, (shape, r)
+        if vae_class == "AutoencoderKLHunyuanVideo":
+            assert r["calls"]["p2p"] == world - 1 and r["calls"]["vae_norm_all_reduce"] > 0, (shape, r)
+        if vae_class == "AutoencoderKLCogVideoX":
+            assert r["calls"]["vae_gather"] == 2 and r["calls"]["vae_norm_all_reduce"] > 0, (shape, r)
+
+
+def test_hunyuan_halo_norm_and_ring_bytes_equal_theory(pools):
+    """AutoencoderKLHunyuanVideo on 2 ranks: each padding wrapper sends one row of every frame of its
+    input to the one neighbour; each GroupNorm all-reduces B x G x 3 float64 sums; the mid-block's
+    frame-causal ring sends each rank's keys and values once."""
+    import diffusers
+
+    shape, rows = (1, 4, 2, 7, 9), (4, 3)  # balanced bands of 7 latent rows
+    r = pools(2).run(rank_tasks.video_vae_decode_parity, "AutoencoderKLHunyuanVideo", shape, ulysses_degree=2)
+    torch.manual_seed(0)
+    vae = diffusers.AutoencoderKLHunyuanVideo(**rank_tasks.VIDEO_VAE_CONFIGS["AutoencoderKLHunyuanVideo"])
+    halo, norms = [0], [0]
+
+    def conv_hook(mod, args):
+        b, c, t, _, w = args[0].shape
+        halo[0] += b * c * t * w * mod.time_causal_padding[2] * 4
+
+    def norm_hook(mod, args):
+        norms[0] += args[0].shape[0] * mod.num_groups * 3 * 8
+
+    for m in vae.decoder.modules():
+        if type(m).__name__ == "HunyuanVideoCausalConv3d":
+            m.register_forward_pre_hook(conv_hook)
+        elif isinstance(m, torch.nn.GroupNorm):
+            m.register_forward_pre_hook(norm_hook)
+    with torch.no_grad():
+        vae.decode(torch.zeros(shape))
+    b, _, t, _, w = shape
+    channels = vae.config.block_out_channels[-1]  # one head of all channels, at the latent's size
+    for rank in range(2):
+        assert r[rank]["bytes"]["vae_halo"] == halo[0]
+        assert r[rank]["bytes"]["vae_norm_all_reduce"] == norms[0]
+        assert r[rank]["bytes"]["p2p"] == 2 * b * t * rows[rank] * w * channels * 4
+
+
 def test_halo_and_norm_bytes_equal_theory(pools):
     """AutoencoderKL on 2 ranks: each 3x3 convolution sends one row of its input to the one
     neighbour; each GroupNorm all-reduces B x G x 3 float64 sums."""
@@ -79,6 +129,14 @@ def test_video_vae_encoders_are_left_whole_or_refused():
     assert "encoder" not in vae_plan(wan) and "decoder" in vae_plan(wan)
     with pytest.raises(ValueError, match="encoder.down_blocks.1.resample.1 is a strided Conv2d"):
         vae_plan(wan, encode=True)
+    refusals = {"AutoencoderKLHunyuanVideo": "encoder.down_blocks.0.downsamplers.0.conv.conv is a strided Conv3d",
+                "AutoencoderKLLTXVideo": "the encoder patchifies its input",
+                "AutoencoderKLCogVideoX": "encoder.down_blocks.0.downsamplers.0.conv is a strided Conv2d"}
+    for vae_class, refusal in refusals.items():
+        vae = getattr(diffusers, vae_class)(**rank_tasks.VIDEO_VAE_CONFIGS[vae_class])
+        assert "encoder" not in vae_plan(vae) and "decoder" in vae_plan(vae), vae_class
+        with pytest.raises(ValueError, match=refusal):
+            vae_plan(vae, encode=True)
 
 
 @pytest.mark.parametrize("world", [2, 4])
