@@ -175,9 +175,9 @@ class _Server:
         else:
             frames = req.num_frames or self.limits.default_frames
         if frames > self.limits.max_frames or (frames - 1) % t:
+            nearest = f" (e.g. {frames - (frames - 1) % t})" if (frames - 1) % t and frames > t else ""
             return _error(400, f"the clip would have {frames} frames; this server makes 1 + {t}k frames, at most "
-                               f"{self.limits.max_frames}" + (f" (e.g. {frames - (frames - 1) % t})" if frames > t else "")
-                          + ".", param="num_frames" if req.seconds is None else "seconds")
+                               f"{self.limits.max_frames}{nearest}.", param="num_frames" if req.seconds is None else "seconds")
         params = SamplingParams(num_inference_steps=steps, width=width, height=height, num_frames=frames,
                                 seed=req.seed if req.seed is not None else secrets.randbelow(2**31),
                                 guidance_scale=float(req.guidance_scale) if req.guidance_scale is not None else None,
@@ -261,8 +261,8 @@ class _Server:
             counts = {}
             for job in self.videos.jobs.values():
                 counts[job.status] = counts.get(job.status, 0) + 1
-            log.info("video jobs at shutdown: %s (%d cancelled before they ran); record in %s", counts,
-                     sum(1 for _ in dropped), self.videos.dir / "jobs.json")
+            (log.warning if dropped else log.info)("video jobs at shutdown: %s (%d cancelled before they ran); "
+                                                   "record in %s", counts, len(dropped), self.videos.dir / "jobs.json")
 
 
 def _png_b64(images) -> list[str]:
