@@ -10,21 +10,30 @@ and every rank decodes its band. Styles on the decoder's modules keep that exact
 * ``HaloConv`` on every convolution taller than one row: the rows its kernel reaches across a band
   edge come from the neighbouring ranks (one P2P exchange each way), zero rows at the image's own
   edges — what the convolution's zero padding gives — and the convolution runs with no padding in
-  height, so its output is exactly this band's rows;
-* ``BandGroupNorm`` on every ``GroupNorm``: the per-group counts, sums and sums of squares (float64,
-  from each band's fp32 mean and variance) are all-reduced, so every band is normalised with the
-  whole image's statistics, applied as one per-channel scale and shift;
+  height, so its output is exactly this band's rows; ``HaloPadConv`` does the same for a wrapper
+  that pads with ``F.pad`` before an unpadded convolution (HunyuanVideo's causal convolution:
+  replicate padding, so the image's edge rows are copied instead of zeros);
+* ``BandGroupNorm`` on every ``GroupNorm`` (CogVideoX's spatial norm included: its conditioning on
+  the latent band is band-local): the per-group counts, sums and sums of squares (float64, from
+  each band's fp32 mean and variance) are all-reduced, so every band is normalised with the whole
+  image's statistics, applied as one per-channel scale and shift;
 * the mid-block's spatial attention runs as Ring attention over the bands' tokens (meshsp's
   ``ParallelAttention``; a band's tokens are a contiguous run of the row-major sequence);
-* upsampling (nearest, x2) doubles every band alike, so bands stay aligned.
+  HunyuanVideo's attends over all frames with a frame-causal mask (``FrameCausalAttention``: a
+  ring whose steps attend each query frame to the visiting band's frames up to it);
+* upsampling (nearest x2, or depth-to-space) scales every band alike, so bands stay aligned;
+* ``BandNoise`` on LTX-Video's noise-injecting blocks: each rank draws the whole frame's noise and
+  keeps its band's rows.
 
 ``parallelize_vae(vae, mesh)`` applies ``vae_plan(vae)``; ``parallelize_module(vae, mesh,
-vae_plan(vae))`` does the same. Supported: ``AutoencoderKL`` (Flux, SD3) and the causal video
-VAEs ``AutoencoderKLWan`` and ``AutoencoderKLQwenImage``, which decode frame by frame with a cache of
-the previous frames per convolution: each rank caches its own band, and a cached frame's halo rows
-come from the neighbours with the new frame's. With diffusers' tiling enabled (``AutoencoderKL``),
-its tiles are decoded round-robin across the ranks and blended by diffusers' own code
-(``DistributedTiles``): equal to the single-device tiled decode.
+vae_plan(vae))`` does the same. Supported: ``AutoencoderKL`` (Flux, SD3), ``AutoencoderKLFlux2``,
+and the video VAEs ``AutoencoderKLWan``, ``AutoencoderKLQwenImage``, ``AutoencoderKLHunyuanVideo``,
+``AutoencoderKLLTXVideo`` and ``AutoencoderKLCogVideoX``. Those that decode a few frames at a time
+with a cache of the previous frames per convolution (Wan, Qwen-Image, CogVideoX) keep the cache per
+rank, of its own band, and a cached frame's halo rows come from the neighbours with the new
+frame's; HunyuanVideo's temporal tiles are decoder calls of their own, each split. With diffusers'
+tiling enabled (``AutoencoderKL``), its tiles are decoded round-robin across the ranks and blended
+by diffusers' own code (``DistributedTiles``): equal to the single-device tiled decode.
 """
 
 from __future__ import annotations
@@ -46,8 +55,8 @@ from meshsp.ops.ring import merge_partials
 from meshsp.placements.sequence import balanced_sizes
 from meshsp.styles import ParallelAttention, PlanState
 
-__all__ = ["BandGroupNorm", "Bands", "DistributedTiles", "HaloConv", "HaloDownConv", "SplitBands", "VaePlan", "parallelize_vae",
-           "vae_plan"]
+__all__ = ["BandGroupNorm", "BandNoise", "Bands", "DistributedTiles", "FrameCausalAttention", "HaloConv",
+           "HaloDownConv", "HaloPadConv", "SplitBands", "VaePlan", "parallelize_vae", "vae_plan"]
 
 
 class Bands:
@@ -273,9 +282,10 @@ def _pad_halo_of(wrapper: nn.Module, where: str) -> int:
     if not (isinstance(pad, tuple) and len(pad) == 6 and isinstance(conv, (nn.Conv2d, nn.Conv3d))
             and wrapper.pad_mode in modes and pad[2] == pad[3] and conv.kernel_size[-2] == 2 * pad[2] + 1
             and conv.padding[-2] == 0 and conv.stride[-2] == 1 and conv.dilation[-2] == 1):
-        raise ValueError(f"{where}: HaloPadConv takes one of {sorted(_PAD_WRAPPERS)} in a pad mode it pads with "
-                         f"F.pad ({_PAD_WRAPPERS}), whose .conv is unpadded, of stride 1 in height and "
-                         f"2 x padding + 1 rows tall; got {wrapper}.")
+        raise ValueError(f"{where}: HaloPadConv takes a wrapper in a pad mode it pads with F.pad ({_PAD_WRAPPERS}) "
+                         "whose .conv is unpadded, of stride 1 in height and 2 x padding + 1 rows tall; got "
+                         f"pad_mode={getattr(wrapper, 'pad_mode', None)!r}, time_causal_padding={pad}, {wrapper}. "
+                         "Decode this VAE whole (parallelize_vae not applied).")
     return pad[2]
 
 
@@ -487,8 +497,8 @@ def _frame_causal_sdpa(bands: Bands, frames: int, rows: int, width: int, query, 
     ``FrameCausalAttention`` stands for (on every rank alike), then runs the ring."""
     tokens, s = rows * width, query.shape[2]
     error = None
-    if dropout_p or is_causal or enable_gqa or query.shape[1] != key.shape[1] or s != frames * tokens \
-            or attn_mask is None or tuple(attn_mask.shape[-2:]) != (s, s):
+    if dropout_p or is_causal or enable_gqa or query.shape != key.shape or key.shape != value.shape \
+            or s != frames * tokens or attn_mask is None or tuple(attn_mask.shape[-2:]) != (s, s):
         error = (f"FrameCausalAttention takes SDPA over a band's {frames} x {tokens} tokens with their [S, S] "
                  f"frame-causal mask, no dropout, is_causal=False; got q {tuple(query.shape)}, k {tuple(key.shape)}, "
                  f"mask {None if attn_mask is None else tuple(attn_mask.shape)}.")
@@ -496,7 +506,8 @@ def _frame_causal_sdpa(bands: Bands, frames: int, rows: int, width: int, query, 
         first, last = attn_mask.reshape(-1, s, s)[0, 0], attn_mask.reshape(-1, s, s)[0, -1]
         if not (bool((first[:tokens] == 0).all()) and bool(torch.isneginf(first[tokens:]).all())
                 and bool((last == 0).all())):
-            error = f"FrameCausalAttention: the mask is not the frame-causal mask of {frames} frames of {tokens} tokens."
+            error = (f"FrameCausalAttention: the mask is not the frame-causal mask of {frames} frames of {tokens} "
+                     "tokens.")
     agree("vae frame-causal attention", f"frames {frames}, {tuple(query.shape[:2])} {query.dtype}", error,
           (bands.group,), bands.device)
     return _frame_causal_ring(query, key, value, frames, tuple(r * width for r in bands.scale(rows)), bands, scale)
@@ -509,6 +520,7 @@ def _frame_causal_ring(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, frames
     band ``me - step`` visits at step ``step``, the next one in flight meanwhile."""
     me, n = bands.rank, bands.size
     b, h, _, d = k.shape
+    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
     block = torch.cat([k.reshape(-1), v.reshape(-1)])
     out = lse = None
     for step in range(n):
@@ -524,7 +536,7 @@ def _frame_causal_ring(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, frames
         parts = [local_attention(q_t, k_i[:, :, :(t + 1) * tokens[src]], v_i[:, :, :(t + 1) * tokens[src]], None, scale)
                  for t, q_t in enumerate(q.split(tokens[me], dim=2))]
         out_i, lse_i = torch.cat([p[0] for p in parts], dim=2), torch.cat([p[1] for p in parts], dim=2)
-        out, lse = (out_i.float(), lse_i) if out is None else merge_partials(out, lse, out_i, lse_i, into_a=True)
+        out, lse = (out_i.to(acc), lse_i) if out is None else merge_partials(out, lse, out_i, lse_i, into_a=True)
         if pending is not None:
             for work in works:
                 work.wait()
@@ -590,8 +602,8 @@ class VaePlan(ParallelStyle, dict):
 
     ``encode``: ``None`` splits the encoder where meshsp can (``AutoencoderKL``: stride-2
     downsampling behind diffusers' ``Downsample2D`` padding) and leaves it whole elsewhere (the
-    video VAEs' temporally strided encoders; ``bands.encoder_split`` says which); ``True`` raises
-    where it cannot; ``False`` leaves it whole."""
+    video VAEs' strided or patchifying encoders; ``bands.encoder_split`` says which); ``True``
+    raises where it cannot; ``False`` leaves it whole."""
 
     def __init__(self, vae: nn.Module, encode: bool | None = None) -> None:
         dict.__init__(self)
@@ -658,7 +670,7 @@ def _part_plan(part: nn.Module, prefix: str, vae_class: str) -> dict[str, str]:
             raise ValueError(f"{vae_class}: {path} is a strided {kind} that meshsp cannot split into row bands.")
         if isinstance(module, (nn.Conv2d, nn.Conv3d)) and module.kernel_size[-2] > 1:
             # refused here, before any rank communicates
-            if getattr(parent, "pad_mode", None) in _PAD_WRAPPERS.get(type(parent).__name__, ()):
+            if type(parent).__name__ in _PAD_WRAPPERS and module.padding[-2] == 0:
                 _pad_halo_of(parent, f"{vae_class}: {prefix}.{parent_name}")
                 plan[f"{prefix}.{parent_name}"] = "HaloPadConv"
             else:
