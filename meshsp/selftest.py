@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 import time
+import zlib
 from dataclasses import dataclass
 
 import torch
@@ -68,7 +69,7 @@ def _path(case: Case, dtype: torch.dtype, device: str) -> str:
 
 
 def _inputs(case: Case, dtype: torch.dtype, device: str):
-    g = torch.Generator().manual_seed(hash(case.name) % 2 ** 31)
+    g = torch.Generator().manual_seed(zlib.crc32(case.name.encode()))  # the same inputs in every process
     q = torch.randn(case.b, case.h, case.sq, case.d, generator=g, dtype=torch.float64)
     k = torch.randn(case.b, case.hk, case.sk, case.d, generator=g, dtype=torch.float64)
     v = torch.randn(case.b, case.hk, case.sk, case.dv or case.d, generator=g, dtype=torch.float64)
@@ -96,7 +97,9 @@ def check_kernel(case: Case, dtype: torch.dtype, device: str) -> tuple[bool, str
     else:
         bound = 0.0  # no fused SDPA for differing head dims: hold the math path to the dtype's rounding
     scale = ref.abs().max().item()
-    allowed = 1.5 * bound + 8 * _TOL_ULP[dtype] * max(scale, 1.0)
+    # Without SDPA to compare with, the floor alone bounds the math path: 16 units of rounding (one
+    # in 40 random inputs of that case needed 9 in float32).
+    allowed = 1.5 * bound + (8 if bound else 16) * _TOL_ULP[dtype] * max(scale, 1.0)
     lse_err = (lse.double().cpu() - ref_lse).abs().max().item()
     lse_allowed = 16 * _TOL_ULP[dtype] * max(ref_lse.abs().max().item(), 1.0)  # scores round in the dtype
     ok = err <= allowed and lse_err <= lse_allowed and math.isfinite(err)
