@@ -142,6 +142,13 @@ def cache_config(kind: str, **options):
     unknown = sorted(set(options) - set(fields))
     if unknown:
         raise ValueError(f"cache kind {kind!r} ({cls.__name__}) takes no option(s) {unknown}; its options are {fields}.")
+    defaults = {f.name: f.default for f in dataclasses.fields(cls)}
+    for name, value in options.items():
+        if isinstance(defaults[name], (int, float)) and not isinstance(defaults[name], bool):
+            number = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+            if not number or value < 0 or isinstance(defaults[name], int) and not isinstance(value, int):
+                want = "a non-negative integer" if isinstance(defaults[name], int) else "a non-negative number"
+                raise ValueError(f"cache kind {kind!r}: {name} must be {want}, got {value!r}.")
     if kind == "faster" and options.get("is_guidance_distilled") is False:
         raise ValueError(
             "cache kind 'faster' with is_guidance_distilled=False skips the unconditional branch by splitting a "
@@ -331,7 +338,8 @@ class StepCache:
         self._counter = _Counter()
         hooks = _registered(transformer, _KINDS[kind].hooks)
         for hook in hooks:
-            self._counter.watch(hook.fn_ref)
+            if hook.fn_ref.original_forward is not None:  # a hook that can answer for its module
+                self._counter.watch(hook.fn_ref)
             if group is not None and kind == "first-block" and hasattr(hook, "_should_compute_remaining_blocks"):
                 _agree_first_block(hook, group)
         if group is not None and kind == "sea":

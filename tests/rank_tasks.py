@@ -749,3 +749,186 @@ def video_vae_decode_parity(vae_class: str, shape: tuple, tol: float = 1e-5, **d
     torch.testing.assert_close(out, expected, atol=tol * max(scale, 1.0), rtol=tol)
     return {"diff": (out - expected).abs().max().item() / max(scale, 1.0), "calls": dict(stats.calls),
             "bytes": dict(stats.bytes_sent)}
+
+
+# --- step caching (meshsp.cache) -----------------------------------------------------------------
+
+def _denoise_with_cache(model, family: str, steps: int, cfg: bool, shapes: dict, clock: list) -> torch.Tensor:
+    """A pipeline's denoising loop in miniature: per step a "cond" call (and an "uncond" call with
+    other text inputs when ``cfg``) in diffusers' cache_context, an Euler update, and the state reset
+    a pipeline does at the end. ``clock[0]`` is the current timestep (pab/faster read it)."""
+    from meshsp.tiny import make_inputs, output_tensor
+
+    cond = make_inputs(family, model, **shapes)
+    uncond = make_inputs(family, model, **shapes, seed=7)
+    latents = cond["hidden_states"].clone()
+    for i in range(steps):
+        sigma = 1.0 - i / steps
+        clock[0] = sigma * 1000
+        t = torch.full((latents.shape[0],), sigma if family in ("qwen-image", "flux") else sigma * 1000)
+        context = dict(step_index=i, sigma=sigma, num_inference_steps=steps)
+        with torch.no_grad():
+            with model.cache_context("cond", **context):
+                pred = output_tensor(model(**{**cond, "hidden_states": latents, "timestep": t}))
+            if cfg:  # with CFG parallel, pred is filled in during this call (meshsp.cfg)
+                with model.cache_context("uncond", **context):
+                    neg = output_tensor(model(**{**uncond, "hidden_states": latents, "timestep": t}))
+                pred = neg + 4.0 * (pred - neg)
+        latents = latents - pred / steps
+    model._reset_stateful_cache()
+    return latents
+
+
+def cache_parity(cases: list[dict], mode: str = "strict", **degrees) -> list[dict]:
+    """Each case: the same denoising loop with the same cache on one process (diffusers' hooks as they
+    are) and on the mesh of ``degrees``; the outputs equal within fp32 tolerance; skips and
+    agreement collectives of this rank."""
+    from meshsp.cache import enable_cache
+    from meshsp.cfg import apply_cfg_parallel
+    from meshsp.plans import get_plan, parallelize
+    from meshsp.tiny import build_transformer
+
+    mesh = config_mesh(**degrees)
+    results = []
+    for case in cases:
+        family, kind, heads = case["family"], case["kind"], case.get("heads")
+        steps, cfg, shapes = case.get("steps", 6), case.get("cfg", False), case.get("shapes", dict(h=4, w=4, txt=8, frames=2))
+        clock = [1000.0]
+        options = dict(case.get("options", {}))
+        if kind in ("pab", "faster"):
+            options["current_timestep_callback"] = lambda: clock[0]
+        reference = build_transformer(family, heads=heads)
+        ref_cache = enable_cache(reference, kind, None, **options)
+        margins = _record_first_block_margin(reference, options.get("threshold"))
+        expected = _denoise_with_cache(reference, family, steps, cfg, shapes, clock)
+        model = build_transformer(family, heads=heads)
+        if degrees.get("ring_degree", 1) * degrees.get("ulysses_degree", 1) * degrees.get("tensor_parallel_size", 1) > 1:
+            parallelize(model, mesh, get_plan(model, ulysses_mode=mode))
+        if degrees.get("cfg_degree", 1) > 1:
+            apply_cfg_parallel(model, mesh["cfg"].get_group())
+        cache = enable_cache(model, kind, mesh, **options)
+        with record_comm() as stats:
+            out = _denoise_with_cache(model, family, steps, cfg, shapes, clock)
+        scale = expected.abs().max().item()
+        torch.testing.assert_close(out, expected, atol=1e-5 * max(scale, 1.0), rtol=1e-5,
+                                   msg=lambda m: f"{family} {kind} {degrees} {mode}: {m}")
+        results.append({"diff": (out - expected).abs().max().item() / max(scale, 1.0), "counts": cache.counts,
+                        "margin": min(margins, default=None),
+                        "ref_counts": ref_cache.counts, "agree_calls": stats.calls["cache_agree"],
+                        "agree_bytes": stats.bytes_sent["cache_agree"], "cfg_rank": mesh.get_local_rank("cfg")
+                        if "cfg" in mesh.mesh_dim_names else 0})
+    return results
+
+
+def _record_first_block_margin(model, threshold) -> list[float]:
+    """For diffusers' own FirstBlockCache on ``model``: a list that fills with |statistic - threshold|
+    at each decision (a decision within rounding of the threshold could go either way)."""
+    margins: list[float] = []
+    for module in model.modules():
+        hook = getattr(module, "_diffusers_hook", None) and module._diffusers_hook.hooks.get("fbc_leader_block_hook")
+        if hook is not None:
+            decide = hook._should_compute_remaining_blocks
+
+            def spy(residual, hook=hook, decide=decide):
+                prev = hook.state_manager.get_state().head_block_residual
+                if prev is not None:
+                    margins.append(abs(((residual - prev).abs().mean() / prev.abs().mean()).item() - threshold))
+                return decide(residual)
+
+            hook._should_compute_remaining_blocks = spy
+    return margins
+
+
+def cache_pipeline_parity(name: str, cases: list[dict], call: dict, mode: str = "strict", **degrees) -> list[dict]:
+    """A tiny diffusers pipeline called as a user would, with each case's cache on one process and
+    then with its transformer parallelized over the mesh of ``degrees`` (``enable_pipeline_cache``):
+    the final latents equal within fp32 tolerance."""
+    from diffusers import DiffusionPipeline
+
+    from meshsp.cache import enable_pipeline_cache
+    from meshsp.cfg import apply_cfg_parallel
+    from meshsp.pipelines import tiny_pipeline_path
+    from meshsp.plans import parallelize
+
+    pipe = DiffusionPipeline.from_pretrained(str(tiny_pipeline_path(name)))
+    pipe.set_progress_bar_config(disable=True)
+    steps = call["num_inference_steps"]
+
+    def run(case, mesh):
+        cache = enable_pipeline_cache(pipe, case["kind"], mesh, case.get("options", {}))
+        margins = [] if mesh is not None else _record_first_block_margin(pipe.transformer, case.get("options", {}).get("threshold"))
+        cache.prepare(steps)
+        with record_comm() as stats:
+            out = pipe(**call, output_type="latent", generator=torch.Generator().manual_seed(3))
+        cache.remove()
+        latents = out.frames if hasattr(out, "frames") else out.images
+        return latents, cache.counts, stats, margins
+
+    expected = [run(case, None) for case in cases]
+    mesh = config_mesh(**degrees)
+    if degrees.get("ring_degree", 1) * degrees.get("ulysses_degree", 1) > 1:
+        parallelize(pipe.transformer, mesh, ulysses_mode=mode)
+    if degrees.get("cfg_degree", 1) > 1:
+        apply_cfg_parallel(pipe.transformer, mesh["cfg"].get_group())
+    results = []
+    for case, (want, ref_counts, _, margins) in zip(cases, expected):
+        got, counts, stats, _ = run(case, mesh)
+        scale = want.abs().max().item()
+        torch.testing.assert_close(got, want, atol=1e-5 * max(scale, 1.0), rtol=1e-5, msg=lambda m: f"{name} {case}: {m}")
+        results.append({"diff": (got - want).abs().max().item() / max(scale, 1.0), "counts": counts,
+                        "ref_counts": ref_counts, "margin": min(margins, default=None),
+                        "agree_calls": stats.calls["cache_agree"]})
+    return results
+
+
+def cache_shards_disagree(threshold: float = 0.3) -> list[dict]:
+    """FirstBlockCache's decision on residual shards built so that each shard's own ratio falls on a
+    different side of the threshold: diffusers' decision per shard, meshsp's, and the whole tensor's."""
+    from diffusers.hooks.first_block_cache import FBCHeadBlockHook
+
+    from meshsp.cache import enable_cache
+    from meshsp.tiny import build_transformer
+
+    world, rank = dist.get_world_size(), dist.get_rank()
+    model = build_transformer("flux")
+    enable_cache(model, "first-block", config_mesh(ulysses_degree=world), threshold=threshold)
+    hook = model.transformer_blocks[0]._diffusers_hook.hooks["fbc_leader_block_hook"]
+    out = []
+    for big in (0.9, 0.5):  # the whole ratio: above the threshold, then below
+        prev = torch.ones(1, 4 * world, 8)
+        step = torch.full_like(prev, 0.01)
+        step[:, :4] = big  # rank 0's tokens change a lot, the others' hardly
+        cur = prev + step
+        mine = slice(4 * rank, 4 * rank + 4)
+        with model.cache_context("cond"), record_comm() as stats:
+            hook.state_manager.get_state().head_block_residual = prev[:, mine]
+            own = FBCHeadBlockHook._should_compute_remaining_blocks(hook, cur[:, mine])
+            agreed = hook._should_compute_remaining_blocks(cur[:, mine])
+        whole = ((cur - prev).abs().mean() / prev.abs().mean()).item() > threshold
+        out.append({"own": own, "agreed": agreed, "whole": whole, "calls": stats.calls["cache_agree"]})
+    return out
+
+
+def cache_refusals() -> list[str]:
+    """What the parallel layout cannot run equal to one process is refused on every rank, before any
+    collective and without leaving a cache on the model."""
+    from meshsp.cache import enable_cache
+    from meshsp.tiny import build_transformer
+
+    world = dist.get_world_size()
+    attempts = [("pab", config_mesh(cfg_degree=world), "flux", dict(current_timestep_callback=lambda: 500.0)),
+                ("faster", config_mesh(cfg_degree=world), "flux", dict(current_timestep_callback=lambda: 500.0)),
+                ("sea", config_mesh(tensor_parallel_size=world), "wan", {}),
+                ("mag", config_mesh(ulysses_degree=world), "qwen-image", dict(calibrate=True))]
+    messages = []
+    for kind, mesh, family, options in attempts:
+        model = build_transformer(family)
+        with record_comm() as stats:
+            try:
+                enable_cache(model, kind, mesh, **options)
+            except ValueError as exc:
+                messages.append(str(exc))
+            else:
+                raise AssertionError(f"{kind} on {mesh.mesh_dim_names} was not refused")
+        assert not stats.calls and not model.is_cache_enabled, (kind, stats.calls)
+    return messages
