@@ -358,6 +358,9 @@ class _Runner:
             kwargs["callback_on_step_end"] = step_end
         self.progress_sink(0.0)
         self.stages.reset()
+        # Noise a model draws from the global generator (LTX-Video's decoder) is drawn alike on every
+        # rank and as one process with the same seed draws it.
+        torch.manual_seed(requests[0][1].seed)
         t0 = time.perf_counter()
         out = self.pipe(**kwargs)
         seconds = time.perf_counter() - t0
