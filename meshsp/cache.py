@@ -359,11 +359,12 @@ class StepCache:
         """Set the request's step count where the cache needs it (MagCache's ratio schedule)."""
         if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, int) or num_inference_steps < 1:
             raise ValueError(f"num_inference_steps must be a positive integer, got {num_inference_steps!r}.")
-        if self._mag_ratios is not None:
+        if self.kind == "mag":
             from diffusers.hooks.mag_cache import nearest_interp
 
             self.config.num_inference_steps = num_inference_steps
-            self.config.mag_ratios = nearest_interp(self._mag_ratios, num_inference_steps)
+            if self._mag_ratios is not None:
+                self.config.mag_ratios = nearest_interp(self._mag_ratios, num_inference_steps)
 
     def remove(self) -> None:
         """Take the cache off the transformer (diffusers' ``disable_cache``)."""

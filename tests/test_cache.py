@@ -217,3 +217,17 @@ def test_prepare_follows_the_request_step_count():
     assert cache.config.mag_ratios[0] == 1.0 and cache.config.mag_ratios[-1] == pytest.approx(0.89062)
     with pytest.raises(ValueError, match="num_inference_steps must be a positive integer"):
         cache.prepare(0)
+
+
+def test_bench_cache_runs():
+    """meshsp.bench.cache end to end on a small request: every row exact against one process."""
+    from meshsp.bench.cache import format_rows, run
+
+    rows = run(size=128, steps=4, repeats=1, kinds=("first-block", "sea"), options={"first-block": {"threshold": 0.5}})
+    none, fbc, sea = rows
+    assert [r["cache"] for r in rows] == ["none", "first-block", "sea"]
+    assert fbc["skipped"] > 0 and fbc["agree"] == 3 and none["agree"] == 0
+    assert max(none["latent_diff"], fbc["latent_diff"]) <= 1e-5 and fbc["pixel_diff_single"] <= 1
+    assert "seconds" not in sea and "Wan text-to-video only" in sea["note"]
+    table = format_rows(rows)
+    assert "first-block" in table and "refused" in table
