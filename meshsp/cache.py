@@ -65,7 +65,8 @@ from torch.distributed.device_mesh import DeviceMesh
 
 from meshsp.ops.comm import _count
 
-__all__ = ["CACHE_KINDS", "PipelineCache", "StepCache", "cache_config", "enable_cache", "enable_pipeline_cache"]
+__all__ = ["CACHE_KINDS", "PipelineCache", "StepCache", "cache_config", "check_cache", "enable_cache",
+           "enable_pipeline_cache"]
 
 logger = logging.getLogger(__name__)
 
@@ -76,7 +77,6 @@ class _Kind:
 
     config: str               # the diffusers.hooks config class
     hooks: tuple[str, ...]    # names its hooks are registered under
-    decision: str             # "tensor" | "replicated" | "schedule"
     per_branch: bool          # state kept per cache_context name (cond / uncond)
     timestep: bool = False    # needs current_timestep_callback
     defaults: tuple = ()      # (option, value) meshsp sets unless given
@@ -88,17 +88,25 @@ _TAYLORSEER_IDENTIFIERS = ("^blocks.*attn\\d*", "^transformer_blocks.*attn\\d*",
                            "^temporal_transformer_blocks.*attn\\d*")
 
 _KINDS: dict[str, _Kind] = {
-    "first-block": _Kind("FirstBlockCacheConfig", ("fbc_leader_block_hook", "fbc_block_hook"), "tensor", True),
-    "taylorseer": _Kind("TaylorSeerCacheConfig", ("taylorseer_cache",), "schedule", True,
+    # decision from tensors: made exact and agreed (_agree_first_block)
+    "first-block": _Kind("FirstBlockCacheConfig", ("fbc_leader_block_hook", "fbc_block_hook"), True),
+    # decisions from the step schedule
+    "taylorseer": _Kind("TaylorSeerCacheConfig", ("taylorseer_cache",), True,
                         defaults=(("cache_identifiers", list(_TAYLORSEER_IDENTIFIERS)),)),
-    "mag": _Kind("MagCacheConfig", ("mag_cache_leader_block_hook", "mag_cache_block_hook"), "schedule", True),
-    "pab": _Kind("PyramidAttentionBroadcastConfig", ("pyramid_attention_broadcast",), "schedule", False, True,
+    "mag": _Kind("MagCacheConfig", ("mag_cache_leader_block_hook", "mag_cache_block_hook"), True),
+    "pab": _Kind("PyramidAttentionBroadcastConfig", ("pyramid_attention_broadcast",), False, True,
                  defaults=(("spatial_attention_block_skip_range", 2),)),
-    "faster": _Kind("FasterCacheConfig", ("faster_cache_denoiser", "faster_cache_block"), "schedule", False, True,
+    "faster": _Kind("FasterCacheConfig", ("faster_cache_denoiser", "faster_cache_block"), False, True,
                     defaults=(("is_guidance_distilled", True),)),
+    # decision from the whole input latents every rank holds: agreed (_agree_sea)
     "sea": _Kind("SeaCacheConfig", ("sea_cache_root", "sea_cache_leader_block", "sea_cache_block",
-                                    "sea_cache_post_norm"), "replicated", True),
+                                    "sea_cache_post_norm"), True),
 }
+
+# Integer options that count steps or blocks: 0 would divide by zero or never run.
+_AT_LEAST_ONE = {"cache_interval", "max_order", "num_inference_steps", "spatial_attention_block_skip_range",
+                 "temporal_attention_block_skip_range", "cross_attention_block_skip_range",
+                 "unconditional_batch_skip_range"}
 
 #: CLI names of the step caches meshsp runs under every parallel mode (``--cache``).
 CACHE_KINDS: tuple[str, ...] = tuple(_KINDS)
@@ -144,10 +152,13 @@ def cache_config(kind: str, **options):
         raise ValueError(f"cache kind {kind!r} ({cls.__name__}) takes no option(s) {unknown}; its options are {fields}.")
     defaults = {f.name: f.default for f in dataclasses.fields(cls)}
     for name, value in options.items():
-        if isinstance(defaults[name], (int, float)) and not isinstance(defaults[name], bool):
+        numeric = isinstance(defaults[name], (int, float)) and not isinstance(defaults[name], bool)
+        if numeric or name in _AT_LEAST_ONE:
             number = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-            if not number or value < 0 or isinstance(defaults[name], int) and not isinstance(value, int):
-                want = "a non-negative integer" if isinstance(defaults[name], int) else "a non-negative number"
+            integer = isinstance(defaults[name], int) or name in _AT_LEAST_ONE
+            low = 1 if name in _AT_LEAST_ONE else 0
+            if not number or value < low or integer and not isinstance(value, int):
+                want = f"an integer >= {low}" if integer else "a non-negative number"
                 raise ValueError(f"cache kind {kind!r}: {name} must be {want}, got {value!r}.")
     if kind == "faster" and options.get("is_guidance_distilled") is False:
         raise ValueError(
@@ -173,6 +184,28 @@ def cache_config(kind: str, **options):
         raise ValueError(f"cache kind {kind!r}: {exc}") from exc
 
 
+def check_cache(kind: str, options: Mapping | None = None, parallel_config=None) -> None:
+    """Raise the ``ValueError`` ``enable_pipeline_cache`` would raise for the kind, the options and the
+    degrees of ``parallel_config`` (a ``ParallelConfig``; None: one process), without a model or a
+    process group: a launcher's check before it starts ranks. The checks that need the model
+    (SeaCache outside Wan, MagCache without ratios, nothing to hook) run when the cache is enabled.
+
+    Example::
+
+        check_cache("pab", {}, ParallelConfig(cfg_degree=2))   # ValueError: ... one state for 'cond' and 'uncond' ...
+    """
+    spec = _check_kind(kind)
+    options = {k: v for k, v in dict(options or {}).items() if v is not None}
+    if spec.timestep:
+        options.setdefault("current_timestep_callback", lambda: math.inf)
+    if kind == "mag" and options.get("mag_ratios") is None and not options.get("calibrate"):
+        options["mag_ratios"] = [1.0]  # the model's (diffusers has Flux's); checked when the cache is enabled
+    c = parallel_config
+    axes = {} if c is None else {"cfg": c.cfg_degree, "ring": c.ring_degree, "ulysses": c.ulysses_degree,
+                                 "tp": c.tensor_parallel_size}
+    _check_axes(kind, spec, cache_config(kind, **options), axes)
+
+
 class _ForwardGroup:
     """The ranks that compute one forward together, and the one collective a decision costs.
 
@@ -184,19 +217,21 @@ class _ForwardGroup:
         self.group = group
         self.size = dist.get_world_size(group)
         self.tp = tp
+        nccl = "nccl" in str(dist.get_backend(group))
+        self.device = torch.device("cuda", torch.cuda.current_device()) if nccl else torch.device("cpu")
 
     def _gather(self, local: torch.Tensor) -> torch.Tensor:
         _count("cache_agree", local.numel() * local.element_size() * (self.size - 1))
-        table = funcol.wait_tensor(funcol.all_gather_single(local.contiguous(), 0, self.group))
+        table = funcol.wait_tensor(funcol.all_gather_single(local.to(self.device).contiguous(), 0, self.group))
         return table.view(self.size, -1)
 
     def sum_shards(self, local: torch.Tensor) -> torch.Tensor:
         """The sum over the distinct shards of ``local`` ([k] float64), bit-identical on every rank."""
         return self._gather(local)[:: self.tp].sum(0)
 
-    def vote(self, flag: bool, device) -> tuple[bool, bool]:
+    def vote(self, flag: bool) -> tuple[bool, bool]:
         """(any rank says True, the ranks disagree)."""
-        votes = self._gather(torch.tensor([int(flag)], dtype=torch.int32, device=device))
+        votes = self._gather(torch.tensor([int(flag)], dtype=torch.int32))
         return bool(votes.any()), bool(votes.any() and not votes.all())
 
 
@@ -219,37 +254,37 @@ def _forward_group(where) -> _ForwardGroup | None:
     return _ForwardGroup(sub.get_group(), axes.get("tp", 1))
 
 
-def _check_layout(kind: str, spec: _Kind, config, transformer: nn.Module, where) -> None:
-    """Refuse what the parallel layout cannot run equal to one process, before anything is applied."""
-    axes = _mesh_axes(where) if isinstance(where, DeviceMesh) else {}
-    if isinstance(where, dist.ProcessGroup):
-        parallel = dist.get_world_size(where) > 1
-    else:
-        parallel = math.prod(axes.values()) > 1
+def _check_axes(kind: str, spec: _Kind, config, axes: Mapping[str, int]) -> None:
+    """Refuse what these parallel degrees cannot run equal to one process."""
     if axes.get("cfg", 1) > 1 and not spec.per_branch:
         raise ValueError(
             f"cache kind {kind!r} keeps one state for the 'cond' and 'uncond' calls (one process lets the uncond call "
             "reuse what the cond call cached); with CFG parallel each half runs one branch only and could not equal "
             "that. Use first-block, taylorseer, mag or sea with cfg_degree=2, or cfg_degree=1 with this kind.")
-    if kind == "mag" and config.calibrate and parallel:
+    if kind == "mag" and config.calibrate and math.prod(axes.values()) > 1:
         raise ValueError(
             "cache kind 'mag' with calibrate=True measures per-token norm ratios whose mean a sequence shard "
-            "cannot give, and prints them; calibrate on one process (the ratios belong to the model and scheduler, "
-            "not the parallel layout), then pass mag_ratios.")
-    if kind == "sea":
-        name = type(transformer).__name__
-        if name == "Cosmos3OmniTransformer":
-            raise ValueError("cache kind 'sea' on Cosmos3OmniTransformer synchronises over the whole world inside "
-                             "diffusers; use first-block.")
-        wan_t2v = name == "WanTransformer3DModel" and transformer.config.in_channels == transformer.config.out_channels
-        if not wan_t2v and config.raw_vision_callback is None:
-            raise ValueError(
-                f"cache kind 'sea' needs the generated latents from the transformer's inputs; diffusers has an adapter "
-                f"for Wan text-to-video only and would never skip on {name} (it runs 'fail-open'). Pass "
-                "raw_vision_callback, or use first-block.")
-        if axes.get("tp", 1) > 1:
-            raise ValueError("cache kind 'sea' runs every block of a model with DTensor (tensor-parallel) weights, so "
-                             "with tensor_parallel_size > 1 it would never skip; use first-block or mag with tp.")
+            "cannot give, and prints them on every rank; calibrate on one process (the ratios belong to the model "
+            "and scheduler, not the parallel layout), then pass mag_ratios.")
+    if kind == "sea" and axes.get("tp", 1) > 1:
+        raise ValueError("cache kind 'sea' runs every block of a model with DTensor (tensor-parallel) weights, so "
+                         "with tensor_parallel_size > 1 it would never skip; use first-block or mag with tp.")
+
+
+def _check_model(kind: str, config, transformer: nn.Module) -> None:
+    """Refuse a cache this transformer would run without ever skipping."""
+    if kind != "sea":
+        return
+    name = type(transformer).__name__
+    if name == "Cosmos3OmniTransformer":
+        raise ValueError("cache kind 'sea' on Cosmos3OmniTransformer synchronises over the whole world inside "
+                         "diffusers; use first-block.")
+    wan_t2v = name == "WanTransformer3DModel" and transformer.config.in_channels == transformer.config.out_channels
+    if not wan_t2v and config.raw_vision_callback is None:
+        raise ValueError(
+            f"cache kind 'sea' needs the generated latents from the transformer's inputs; diffusers has an adapter "
+            f"for Wan text-to-video only and would never skip on {name} (it runs 'fail-open'). Pass "
+            "raw_vision_callback, or use first-block.")
 
 
 class _Counter:
@@ -286,7 +321,7 @@ def _registered(transformer: nn.Module, names: tuple[str, ...]) -> list:
     for module in transformer.modules():
         registry = getattr(module, "_diffusers_hook", None)
         if registry is not None:
-            found += [registry.hooks[n] for n in registry._hook_order if n in names]
+            found += [hook for name, hook in registry.hooks.items() if name in names]
     return found
 
 
@@ -311,8 +346,7 @@ def _agree_sea(shared_state, group: _ForwardGroup) -> None:
 
     def resolve_gate(state, metadata, indicator, config) -> bool:
         should_compute = resolve(state, metadata, indicator, config)
-        device = indicator[0].device if indicator else "cpu"
-        agreed, disagreed = group.vote(should_compute, device)
+        agreed, disagreed = group.vote(should_compute)
         if disagreed:
             logger.warning("SeaCache decisions differed across the ranks of one forward at step %s; every rank "
                            "computes and restarts its cache trajectory.", metadata.step_index)
@@ -400,7 +434,12 @@ def enable_cache(transformer: nn.Module, kind: str, mesh: DeviceMesh | dist.Proc
 
         options["mag_ratios"] = FLUX_MAG_RATIOS
     config = cache_config(kind, **options)
-    _check_layout(kind, spec, config, transformer, mesh)
+    if isinstance(mesh, DeviceMesh):
+        axes = _mesh_axes(mesh)
+    else:
+        axes = {"group": dist.get_world_size(mesh)} if mesh is not None else {}
+    _check_axes(kind, spec, config, axes)
+    _check_model(kind, config, transformer)
     transformer.enable_cache(config)
     if not _registered(transformer, spec.hooks):
         transformer.disable_cache()

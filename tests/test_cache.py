@@ -11,7 +11,8 @@ import pytest
 import rank_tasks
 import torch
 
-from meshsp.cache import CACHE_KINDS, cache_config, enable_cache
+from meshsp import ParallelConfig
+from meshsp.cache import CACHE_KINDS, cache_config, check_cache, enable_cache
 
 STEPS = 6
 OPTIONS = {
@@ -205,6 +206,23 @@ def test_bad_kinds_and_options_are_refused_with_the_fix():
     enable_cache(model, "first-block", threshold=0.1)
     with pytest.raises(ValueError, match="already has a cache"):
         enable_cache(model, "first-block", threshold=0.1)
+
+
+def test_check_cache_refuses_from_the_degrees_alone():
+    """What a launcher can check before it starts ranks: the kind, the options, the degrees."""
+    check_cache("first-block", {"threshold": 0.1}, ParallelConfig(cfg_degree=2, ulysses_degree=2))
+    check_cache("pab", {"spatial_attention_block_skip_range": 3}, ParallelConfig(ulysses_degree=2))
+    check_cache("mag", {"threshold": None})  # the ratios are the model's: checked when enabled
+    for kind, options, config, text in [
+        ("pab", {}, ParallelConfig(cfg_degree=2), "keeps one state for the 'cond' and 'uncond' calls"),
+        ("sea", {}, ParallelConfig(tensor_parallel_size=2), "tensor_parallel_size > 1"),
+        ("mag", {"calibrate": True}, ParallelConfig(ulysses_degree=2), "calibrate on one process"),
+        ("first-block", {"threshold": -1}, None, "threshold must be a non-negative number, got -1"),
+        ("pab", {"spatial_attention_block_skip_range": 0}, None, "must be an integer >= 1, got 0"),
+        ("fbc", {}, None, "unknown cache kind 'fbc'"),
+    ]:
+        with pytest.raises(ValueError, match=text.replace("(", r"\(").replace(")", r"\)")):
+            check_cache(kind, options, config)
 
 
 def test_prepare_follows_the_request_step_count():
