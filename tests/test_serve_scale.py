@@ -22,7 +22,7 @@ from meshsp.launch import free_port
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 MODEL = "tiny-qwen-image"
 BODY = {"prompt": "a cat", "size": "64x48", "num_inference_steps": 2, "seed": 7}
-HOLD = dict(BODY, size="512x512", num_inference_steps=32)  # keeps the workers busy for a second or more
+HOLD = dict(BODY, size="512x512", num_inference_steps=32, n=3)  # keeps the workers busy for seconds
 
 
 def start(cmd: list[str], port: int, timeout: float = 240) -> subprocess.Popen:
@@ -92,8 +92,7 @@ def test_batched_requests_equal_served_alone(server):
     alone = [pixels(post(server, b)) for b in bodies]
     batches_before = metric(server, "meshsp_batch_size_count")
     multi_before = metric(server, "meshsp_batch_size_count") - metric(server, "meshsp_batch_size_bucket", le="1.0")
-    hold = post_async(server, HOLD)  # makes the others queue
-    time.sleep(0.5)
+    hold = hold_workers(server)  # makes the others queue
     with ThreadPoolExecutor(len(bodies)) as pool:
         together = list(pool.map(lambda b: post(server, b), bodies))
     assert hold.result().status_code == 200
@@ -109,6 +108,17 @@ def post_async(url: str, body: dict):
     pool = ThreadPoolExecutor(1)
     future = pool.submit(post, url, body)
     pool.shutdown(wait=False)
+    return future
+
+
+def hold_workers(url: str, body: dict = HOLD):
+    """Send a long request and return once its batch has started: the workers are busy for seconds."""
+    started = metric(url, "meshsp_queue_wait_seconds_count")
+    future = post_async(url, body)
+    deadline = time.monotonic() + 60
+    while metric(url, "meshsp_queue_wait_seconds_count") == started:
+        assert time.monotonic() < deadline and not future.done(), "the long request did not start"
+        time.sleep(0.05)
     return future
 
 
@@ -130,8 +140,7 @@ def test_load_with_clients_leaving(server):
     alone = [pixels(post(server, b)) for b in bodies]
     images_before = metric(server, "meshsp_batch_images_sum")
     gone_before = metric(server, "meshsp_requests_total", endpoint="images", status="499")
-    hold = post_async(server, HOLD)
-    time.sleep(0.5)
+    hold = hold_workers(server)
 
     def leave(i):
         with pytest.raises(httpx.TimeoutException):
@@ -150,8 +159,8 @@ def test_load_with_clients_leaving(server):
     while metric(server, "meshsp_requests_total", endpoint="images", status="499") - gone_before < 5:
         assert time.monotonic() < deadline, "the server did not notice the clients that left"
         time.sleep(0.2)
-    # Only the hold and the 11 that stayed ran: the 5 that left were dropped from the queue.
-    assert metric(server, "meshsp_batch_images_sum") - images_before == 1 + len(bodies)
+    # Only the hold (3 images) and the 11 that stayed ran: the 5 that left were dropped from the queue.
+    assert metric(server, "meshsp_batch_images_sum") - images_before == 3 + len(bodies)
     assert metric(server, "meshsp_queue_depth") == 0
     health = httpx.get(f"{server}/health").json()
     assert health["status"] == "ok" and health["queue_depth"] == 0
@@ -179,12 +188,13 @@ def test_metrics_in_prometheus_format(server):
 
 def test_torchrun_two_nodes_serves_the_same_images(server):
     """``meshsp serve`` under torchrun, 2 nodes x 1 process on localhost: rank 0 serves HTTP and drives
-    rank 1 through the process group; its images equal the spawned-worker server's."""
+    rank 1 through the process group; its images equal the spawned-worker server's; a request the
+    ranks refuse gets 400, batched or not, and the ranks stay in step."""
     port, master = free_port(), free_port()
     nodes = [
         subprocess.Popen(["torchrun", "--nnodes", "2", "--nproc-per-node", "1", "--node-rank", str(n),
                           "--master-addr", "127.0.0.1", "--master-port", str(master), "-m", "meshsp.cli", "serve",
-                          MODEL, "--usp", "2", "--ulysses-mode", "advanced_uaa", "--port", str(port),
+                          MODEL, "--usp", "2", "--ulysses-mode", "strict", "--port", str(port),
                           "--max-size", "512", "--max-batch-size", "4"],
                          cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                          env={**os.environ, "OMP_NUM_THREADS": "1"}, start_new_session=True)
@@ -201,14 +211,22 @@ def test_torchrun_two_nodes_serves_the_same_images(server):
                 assert time.monotonic() < deadline, "the torchrun server did not come up"
                 time.sleep(0.5)
         assert health["launcher"] == "torchrun" and health["world_size"] == 2 and health["worker_pids"] == []
-        bodies = [dict(BODY, seed=s, prompt=f"node test {s}") for s in range(3)]
-        with ThreadPoolExecutor(3) as pool:
-            served = list(pool.map(lambda b: post(url, b), bodies))
-        for b, r in zip(bodies, served):
-            assert r.status_code == 200
+        # Strict Ulysses: "a big red cat" makes 21 text tokens (odd over 2 ranks), refused by the ranks
+        # themselves; the other prompts make 20. Batched, all are padded to 21 and the batch fails;
+        # rerun alone, the even ones are served, equal to the UAA server's images.
+        good = [dict(BODY, seed=0, prompt="a red cat"), dict(BODY, seed=1, prompt="a cat."),
+                dict(BODY, seed=2, prompt="a red cat")]
+        bad = dict(BODY, prompt="a big red cat")
+        hold = hold_workers(url, dict(HOLD, prompt="a red cat"))
+        with ThreadPoolExecutor(4) as pool:  # queued together: one batch, which fails and is rerun one by one
+            served = list(pool.map(lambda b: post(url, b), [good[0], bad, good[1], good[2]]))
+        assert hold.result().status_code == 200
+        assert [r.status_code for r in served] == [200, 400, 200, 200]
+        assert "strict mode" in served[1].json()["error"]["message"]
+        for b, r in zip(good, [served[0], *served[2:]]):
             assert_same_images(pixels(post(server, b)), pixels(r))
         assert post(url, dict(BODY, size="70x70")).status_code == 400
-        assert post(url, BODY).status_code == 200  # a bad request leaves the followers in step
+        assert post(url, good[0]).status_code == 200  # the ranks stay in step after both kinds of refusal
     finally:
         for p in nodes:
             p.send_signal(signal.SIGTERM)

@@ -103,9 +103,12 @@ async def _body(request: Request, model: type[BaseModel]) -> BaseModel | JSONRes
         return _error(400, message, param=param)
 
 
-def _request_error(exc: RankFailure) -> BaseException | None:
-    """The ranks' own exception of a request that failed on them (they are alive), else None."""
-    return exc.exceptions.get(min(exc.exceptions)) if exc.exceptions else None
+def _request_error(exc: BaseException) -> BaseException | None:
+    """The ranks' own exception of a request that failed on them (they are alive): the first rank's
+    from spawned workers (``RankFailure``), the exception itself from an engine in this process."""
+    if isinstance(exc, RankFailure):
+        return exc.exceptions.get(min(exc.exceptions)) if exc.exceptions else None
+    return exc
 
 
 class _Server:
@@ -209,7 +212,7 @@ class _Server:
             return self._answer("images", self.down(), arrived)
         except Cancelled as exc:
             return self._answer("images", _error(503, f"the request was not run: {exc}.", "server_error"), arrived)
-        except RankFailure as exc:
+        except Exception as exc:
             first = _request_error(exc)
             if isinstance(first, ValueError):
                 return self._answer("images", _error(400, str(first)), arrived)
@@ -279,12 +282,10 @@ def _job_error(exc: BaseException) -> tuple[str, str]:
         return "cancelled", str(exc)
     if isinstance(exc, WorkersDown):
         return "workers_down", f"the sequence-parallel workers are down: {exc}"
-    if isinstance(exc, RankFailure):
-        first = _request_error(exc)
-        if isinstance(first, ValueError):
-            return "invalid_request", str(first)
-        return "generation_failed", repr(first) if first is not None else str(exc).splitlines()[0]
-    return "generation_failed", repr(exc)
+    first = _request_error(exc)
+    if isinstance(first, ValueError):
+        return "invalid_request", str(first)
+    return "generation_failed", repr(first) if first is not None else str(exc).splitlines()[0]
 
 
 def create_app(engine: Engine, model_name: str, limits: Limits | None = None, *, video_dir: str | None = None) -> FastAPI:

@@ -10,7 +10,7 @@ rounding of batch-shaped kernels: at most 1 of 255 per pixel in fp32, measured).
 
 A job whose client went away while it waited is dropped before its batch starts (``cancel``); one
 whose batch is running finishes and its result is discarded. A batch that fails with a request error
-(``ValueError`` on the ranks) is split and its jobs rerun alone, so each gets its own answer. If a
+(an exception the ranks raised, alive) is split and its jobs rerun alone, so each gets its own answer. If a
 worker dies, the running jobs and every queued one fail with ``WorkersDown``, as will later ones.
 """
 
@@ -80,8 +80,9 @@ class Scheduler:
         self._task = asyncio.get_running_loop().create_task(self._loop())
 
     def submit(self, prompts: list[str], params: SamplingParams, on_start: Callable[[], None] | None = None) -> Job:
-        """Queue a job; its ``future`` gets the job's images, or ``WorkersDown`` / ``RankFailure`` /
-        ``Cancelled``."""
+        """Queue a job; its ``future`` gets the job's images, or ``WorkersDown``, ``Cancelled`` (the
+        server stopped first) or the request's error (``RankFailure`` from spawned workers, the
+        exception itself from an engine in this process)."""
         job = Job(prompts, params, asyncio.get_running_loop().create_future(), on_start)
         if self.failure is not None:
             job.future.set_exception(WorkersDown(self.failure))
@@ -97,8 +98,7 @@ class Scheduler:
         if job in self.queue:
             self.queue.remove(job)
             self._changed()
-            if not job.future.done():
-                job.future.set_exception(Cancelled("cancelled before it ran"))
+            job.future.cancel()  # its client is gone: nobody reads the outcome
             return True
         return False
 
@@ -155,11 +155,12 @@ class Scheduler:
                 outputs = await loop.run_in_executor(self.executor, self.engine.generate_batch,
                                                      [(j.prompts, j.params) for j in batch])
             except RankFailure as exc:
-                self._failed(batch, exc)
-            except Exception as exc:  # an error in the engine's own code: these jobs fail, the server goes on
-                log.error("a batch failed: %r", exc)
-                for job in batch:
-                    job.future.set_exception(exc)
+                if exc.errors:  # the ranks raised and are alive: the request failed, not the server
+                    self._request_failed(batch, exc)
+                else:
+                    self._down(batch, exc)
+            except Exception as exc:  # an engine in this process (torchrun, one rank): every rank raised alike
+                self._request_failed(batch, exc)
             else:
                 for stage, seconds in self.engine.last_stages.items():
                     self.metrics.stage.labels(stage=stage).observe(seconds)
@@ -169,17 +170,16 @@ class Scheduler:
             finally:
                 self.running = []
 
-    def _failed(self, batch: list[Job], exc: RankFailure) -> None:
-        if exc.errors and len(batch) > 1:  # a request error: rerun each alone so each gets its own answer
+    def _request_failed(self, batch: list[Job], exc: Exception) -> None:
+        if len(batch) > 1:  # rerun each alone, so each gets its own answer
             for job in reversed(batch):
                 job.alone = True
                 self.queue.insert(0, job)
             self._changed()
             return
-        if exc.errors:  # the ranks raised and are alive: this request failed, not the server
-            for job in batch:
-                job.future.set_exception(exc)
-            return
+        batch[0].future.set_exception(exc)
+
+    def _down(self, batch: list[Job], exc: RankFailure) -> None:
         self.failure = str(exc).splitlines()[0]
         self.metrics.workers_up.set(0)
         log.error("sequence-parallel worker failure, failing every job from now on: %s", exc)
