@@ -48,6 +48,11 @@ class CfgParallelHook(ModelHook):
         self.enabled = True
         self.state = StateManager(_Context)
         self._cond: torch.Tensor | None = None  # rank 0: its cond result; rank 1: the placeholder
+        self.latents: torch.Tensor | None = None  # the call's latents, whole (see record_latents)
+
+    def record_latents(self, module, args, kwargs) -> None:
+        """A forward pre-hook run before every other: the latents as the pipeline passed them."""
+        self.latents = kwargs.get("hidden_states", args[0] if args else None)
 
     def reset_state(self, module):
         self.state.reset()
@@ -65,10 +70,10 @@ class CfgParallelHook(ModelHook):
                 out = self.fn_ref.original_forward(*args, **kwargs)
                 self._cond = _sample(out)
                 return out
-            latents = kwargs.get("hidden_states", args[0] if args else None)
-            # A denoiser predicts in the latents' shape; filled in place at the "uncond" call,
-            # before the pipeline reads it (views such as noise_pred[:, :n] see the data too).
-            self._cond = torch.empty_like(latents)
+            # A denoiser predicts in the latents' shape, as the pipeline passed them (recorded before
+            # a sequence-parallel plan's own pre-hook shards them); filled in place at the "uncond"
+            # call, before the pipeline reads it (views such as noise_pred[:, :n] see the data too).
+            self._cond = torch.empty_like(self.latents)
             return _wrap(self._cond, return_dict)
         if self._cond is None:
             raise ValueError("CFG parallel needs a 'cond' transformer call before each 'uncond' call.")
@@ -111,4 +116,5 @@ def apply_cfg_parallel(transformer: torch.nn.Module, cfg_group: dist.ProcessGrou
         raise ValueError(f"CFG parallel needs a cfg axis of size 2, got {dist.get_world_size(cfg_group)}.")
     hook = CfgParallelHook(cfg_group)
     HookRegistry.check_if_exists_or_initialize(transformer).register_hook(hook, HOOK_NAME)
+    transformer.register_forward_pre_hook(hook.record_latents, prepend=True, with_kwargs=True)
     return hook
