@@ -56,6 +56,10 @@ def add_dtype_arg(parser: argparse.ArgumentParser) -> None:
                         help="decode with the whole VAE on every rank (default: split into row bands across the ranks)")
     parser.add_argument("--vae-tiling", action="store_true",
                         help="diffusers' tiled VAE decode; with more than one rank its tiles are shared out")
+    parser.add_argument("--cache", default=None, choices=["first-block", "taylorseer", "mag", "pab", "faster", "sea"],
+                        help="diffusers' step cache, its skip decisions agreed across the ranks of a forward")
+    parser.add_argument("--cache-threshold", type=float, default=None,
+                        help="the cache's threshold (first-block, mag, sea; default: diffusers')")
     parser.add_argument("--cpu-offload", action="store_true",
                         help="keep the text encoders and VAE in CPU memory on every rank; their layers move to "
                              "the rank's GPU only while they run (diffusers' group offloading), so the "
@@ -77,7 +81,8 @@ def run_generate(args) -> int:
                             negative_prompt=args.negative_prompt, num_frames=args.num_frames)
     t0 = time.perf_counter()
     with Engine(args.model, config, dtype=args.dtype, encode_text_once=args.encode_text_once,
-                cpu_offload=args.cpu_offload, vae_parallel=args.vae_parallel, vae_tiling=args.vae_tiling) as engine:
+                cpu_offload=args.cpu_offload, vae_parallel=args.vae_parallel, vae_tiling=args.vae_tiling,
+                **cache_kwargs(args)) as engine:
         load_s = time.perf_counter() - t0
         images = engine.generate(args.prompt, params)
         if images is None:  # not rank 0 under torchrun
@@ -96,7 +101,20 @@ def run_generate(args) -> int:
               f"per step including text encoding and VAE decode ({params.num_inference_steps} steps, "
               f"{params.width}x{params.height}); wrote {args.output}")
         print(f"rank 0 weights: {_weights_line(weights)}; VAE decode split over {engine.vae_ranks} rank(s)")
+        if engine.last_cache is not None:
+            counts = engine.last_cache
+            print(f"{args.cache} cache: {counts['skipped']} of {counts['calls']} cached block calls skipped")
     return 0
+
+
+def cache_kwargs(args) -> dict:
+    """``Engine``'s ``cache`` and ``cache_options`` from ``--cache`` / ``--cache-threshold``."""
+    if args.cache is None:
+        if args.cache_threshold is not None:
+            raise SystemExit("--cache-threshold needs --cache.")
+        return {}
+    options = {"threshold": args.cache_threshold} if args.cache_threshold is not None else {}
+    return {"cache": args.cache, "cache_options": options}
 
 
 def _weights_line(weights: dict) -> str:
@@ -117,6 +135,7 @@ def _serve(args) -> int:
     from meshsp.config import ParallelConfig
     from meshsp.engine import Engine
     from meshsp.serve import Limits, serve
+    from meshsp.serve.scheduler import check_batching
 
     config = ParallelConfig(ulysses_degree=args.ulysses_degree, ring_degree=args.ring_degree,
                             ulysses_mode=args.ulysses_mode, cfg_degree=args.cfg_parallel_size,
@@ -128,8 +147,10 @@ def _serve(args) -> int:
     limits = Limits(max_size=args.max_size, max_n=args.max_n, max_steps=args.max_steps,
                     default_size=args.default_size, default_steps=args.default_steps, max_frames=args.max_frames,
                     default_frames=args.default_frames, max_batch_size=args.max_batch_size)
+    check_batching(args.max_batch_size, args.cache)
     engine = Engine(args.model, config, dtype=args.dtype, encode_text_once=args.encode_text_once,
-                    cpu_offload=args.cpu_offload, vae_parallel=args.vae_parallel, vae_tiling=args.vae_tiling)
+                    cpu_offload=args.cpu_offload, vae_parallel=args.vae_parallel, vae_tiling=args.vae_tiling,
+                    **cache_kwargs(args))
     if world > 1 and int(os.environ.get("RANK", "0")) != 0:
         # torchrun passes SIGTERM to every rank: the followers finish the running request and exit
         # when rank 0, shutting down, tells them to.

@@ -32,7 +32,7 @@ from meshsp.cfg import apply_cfg_parallel
 from meshsp.config import ParallelConfig
 from meshsp.launch import RankFailure, WorkerPool
 
-__all__ = ["DTYPES", "Engine", "SamplingParams", "batch_key", "resolve_dtype", "resolve_model"]
+__all__ = ["BATCH_WIDE_CACHES", "DTYPES", "Engine", "SamplingParams", "batch_key", "resolve_dtype", "resolve_model"]
 
 logger = logging.getLogger(__name__)
 
@@ -87,6 +87,10 @@ def resolve_model(model: str) -> str:
     from meshsp.pipelines import TINY_PIPELINES, tiny_pipeline_path
 
     return str(tiny_pipeline_path(model)) if model in TINY_PIPELINES else model
+
+
+# Step caches whose skip decision is one statistic over the whole batch (meshsp.cache).
+BATCH_WIDE_CACHES = ("first-block", "sea")
 
 
 def batch_key(params: SamplingParams) -> tuple:
@@ -194,7 +198,8 @@ class _Runner:
 
     def __init__(self, model: str, config: ParallelConfig, dtype: torch.dtype = torch.float32,
                  device: str = "cpu", encode_text_once: bool = False, cpu_offload: bool = False,
-                 vae_parallel: bool = True, vae_tiling: bool = False) -> None:
+                 vae_parallel: bool = True, vae_tiling: bool = False, cache: str | None = None,
+                 cache_options: dict | None = None) -> None:
         from diffusers import DiffusionPipeline
 
         from meshsp.mesh import init_sp_mesh
@@ -246,6 +251,11 @@ class _Runner:
                     hook = apply_cfg_parallel(model, self.mesh["cfg"].get_group())
                     self.cfg_hook = self.cfg_hook or []
                     self.cfg_hook.append(hook)
+        self.cache = None
+        if cache is not None:  # after the plans: the cache's hooks wrap the parallel transformer
+            from meshsp.cache import enable_pipeline_cache
+
+            self.cache = enable_pipeline_cache(self.pipe, cache, self.mesh, cache_options)
         self.pipe.set_progress_bar_config(disable=_rank() != 0)
         self.params = inspect.signature(self.pipe.__call__).parameters
         self.stages = _Stages(self.pipe, self.device)
@@ -344,7 +354,8 @@ class _Runner:
 
     def generate(self, requests: list[tuple[list[str], SamplingParams]]):
         """One pipeline call for a batch of requests (``batch_key`` equal). On rank 0: (per request
-        its images or videos, the call's seconds, its stage seconds); elsewhere None."""
+        its images or videos, the call's seconds, its stage seconds, the step cache's counts or None);
+        elsewhere None."""
         kwargs = self._kwargs(requests)
         for hook in self.cfg_hook or ():
             hook.enabled = self._uses_cfg(kwargs)
@@ -361,6 +372,9 @@ class _Runner:
         # Noise a model draws from the global generator (LTX-Video's decoder) is drawn alike on every
         # rank and as one process with the same seed draws it.
         torch.manual_seed(requests[0][1].seed)
+        if self.cache is not None:
+            self.cache.prepare(steps)
+            self.cache.reset_counts()
         t0 = time.perf_counter()
         out = self.pipe(**kwargs)
         seconds = time.perf_counter() - t0
@@ -372,7 +386,7 @@ class _Runner:
             n = len(texts) * params.num_images_per_prompt
             split.append(images[:n])
             images = images[n:]
-        return split, seconds, self.stages.seconds(seconds)
+        return split, seconds, self.stages.seconds(seconds), dict(self.cache.counts) if self.cache is not None else None
 
 
 class _Stages:
@@ -423,9 +437,11 @@ _RUNNER: _Runner | None = None  # the runner of a spawned worker process
 
 
 def _worker_load(model: str, config: ParallelConfig, dtype: torch.dtype, device: str, encode_text_once: bool,
-                 cpu_offload: bool, vae_parallel: bool, vae_tiling: bool) -> dict:
+                 cpu_offload: bool, vae_parallel: bool, vae_tiling: bool, cache: str | None,
+                 cache_options: dict | None) -> dict:
     global _RUNNER
-    _RUNNER = _Runner(model, config, dtype, device, encode_text_once, cpu_offload, vae_parallel, vae_tiling)
+    _RUNNER = _Runner(model, config, dtype, device, encode_text_once, cpu_offload, vae_parallel, vae_tiling, cache,
+                      cache_options)
     return _RUNNER.info()
 
 
@@ -462,6 +478,10 @@ class Engine:
     decode; a VAE it cannot split raises ``ValueError`` (pass ``vae_parallel=False``). ``vae_tiling``:
     diffusers' tiled decode, for outputs too large to decode untiled; with ``vae_parallel`` its tiles
     are decoded round-robin across the ranks (``AutoencoderKL``), equal to one process's tiled decode.
+    ``cache``: one of diffusers' step caches (``meshsp.cache.CACHE_KINDS``: ``"first-block"``,
+    ``"taylorseer"``, ...) with ``cache_options`` (its diffusers config's fields, e.g.
+    ``{"threshold": 0.1}``), under every parallel mode with the skip decisions agreed across the
+    ranks of a forward (``meshsp.cache``); ``last_cache`` counts the blocks it computed and skipped.
 
     Example::
 
@@ -474,8 +494,14 @@ class Engine:
     def __init__(self, model: str, parallel_config: ParallelConfig | None = None, *,
                  dtype: str | torch.dtype | None = None, device: str | None = None,
                  encode_text_once: bool = False, cpu_offload: bool = False, vae_parallel: bool = True,
-                 vae_tiling: bool = False) -> None:
+                 vae_tiling: bool = False, cache: str | None = None, cache_options: dict | None = None) -> None:
         self.config = parallel_config or ParallelConfig()
+        if cache is not None:  # the kind, options and degrees, before any rank starts
+            from meshsp.cache import check_cache
+
+            check_cache(cache, cache_options, self.config)
+        self.cache = cache
+        self.last_cache: dict | None = None  # the last call's step-cache counts: calls, computed, skipped
         self.model = model
         self.dtype = resolve_dtype(dtype)
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -495,7 +521,7 @@ class Engine:
         self._leading = False
         if spmd or self.config.world_size == 1:
             self._runner = _Runner(model, self.config, self.dtype, self.device, encode_text_once, cpu_offload,
-                                   vae_parallel, vae_tiling)
+                                   vae_parallel, vae_tiling, cache, cache_options)
             info = self._runner.info()
             if spmd and dist.is_initialized() and dist.get_world_size() > 1:
                 self._control = dist.new_group(backend="gloo", timeout=datetime.timedelta(days=365))
@@ -505,7 +531,8 @@ class Engine:
             self._pool = WorkerPool(self.config.world_size, backend=backend, pg_timeout_s=self.config.timeout_s)
             try:
                 info = self._pool.run(_worker_load, model, self.config, self.dtype, self.device, encode_text_once,
-                                      cpu_offload, vae_parallel, vae_tiling, timeout=self.config.timeout_s)[0]
+                                      cpu_offload, vae_parallel, vae_tiling, cache, cache_options,
+                                      timeout=self.config.timeout_s)[0]
             except BaseException:
                 self._pool.close()
                 raise
@@ -538,6 +565,10 @@ class Engine:
             batch.append((prompts, params))
         if not batch:
             raise ValueError("generate_batch needs at least one (prompt, SamplingParams) request.")
+        if len(batch) > 1 and self.cache in BATCH_WIDE_CACHES:
+            raise ValueError(f"the {self.cache!r} step cache decides from the whole batch's tensors, so a request's "
+                             f"images would depend on what it is batched with; run requests one at a time, or use "
+                             f"a per-token cache ('taylorseer', 'mag', 'pab', 'faster').")
         if len({batch_key(params) for _, params in batch}) > 1:
             raise ValueError(f"requests batched together must share size, steps, frames and guidance (batch_key); "
                              f"got {[batch_key(params) for _, params in batch]}. Run them in separate batches.")
@@ -553,7 +584,7 @@ class Engine:
             result = self._runner.generate(batch)
         if result is None:
             return None
-        outputs, self.last_seconds, self.last_stages = result
+        outputs, self.last_seconds, self.last_stages, self.last_cache = result
         return outputs
 
     @property

@@ -151,3 +151,27 @@ def test_tiled_vae_decode_shared_out_matches_single_process_tiled():
         got = np.asarray(engine.generate("a cat in the snow", params)[0]).astype(int)
         assert engine.vae_ranks == 2
     assert np.abs(got - want).max() <= 1
+
+
+def test_step_cache_through_the_engine_equals_one_process_with_the_cache():
+    """``Engine(cache=...)``: U2 UAA with first-block caching skips exactly the blocks one process
+    with the same cache skips, and its images equal that process's."""
+    params = SamplingParams(num_inference_steps=8, width=64, height=48, seed=3)
+    options = {"threshold": 0.4}
+    with Engine("tiny-qwen-image", cache="first-block", cache_options=options) as engine:
+        want = engine.generate("a cat in the snow", params)
+        want_counts = engine.last_cache
+    config = ParallelConfig(ulysses_degree=2, ulysses_mode="advanced_uaa")
+    with Engine("tiny-qwen-image", config, cache="first-block", cache_options=options) as engine:
+        got = engine.generate("a cat in the snow", params)
+        assert engine.last_cache == want_counts and want_counts["skipped"] > 0, (engine.last_cache, want_counts)
+        with pytest.raises(ValueError, match="decides from the whole batch"):
+            engine.generate_batch([("a cat", params), ("a dog", params)])
+    assert np.abs(np.asarray(got[0]).astype(int) - np.asarray(want[0])).max() <= 1
+
+
+def test_bad_cache_is_refused_before_any_rank_starts():
+    with pytest.raises(ValueError, match="pab"):
+        Engine("tiny-qwen-image", ParallelConfig(cfg_degree=2), cache="pab")
+    with pytest.raises(ValueError, match="unknown|not one of|kind"):
+        Engine("tiny-qwen-image", cache="teacache")

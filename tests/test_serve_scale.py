@@ -235,3 +235,29 @@ def test_torchrun_two_nodes_serves_the_same_images(server):
     for p in nodes:
         with pytest.raises(ProcessLookupError):
             os.killpg(p.pid, 0)  # every process of both nodes is gone
+
+
+def test_cached_server_batches_per_token_caches_and_counts_skips():
+    """``--cache taylorseer`` (a per-token cache) with batching: batched images equal served alone,
+    the skips are in /metrics; a batch-wide cache with batching is refused before anything starts."""
+    refused = subprocess.run(serve_cmd(free_port(), "--cache", "first-block", "--max-batch-size", "2"), cwd=ROOT,
+                             capture_output=True, text=True, timeout=120)
+    assert refused.returncode != 0 and "decides from the whole batch" in refused.stderr
+    port = free_port()
+    proc = start(serve_cmd(port, "--cache", "taylorseer", "--max-batch-size", "4"), port)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        bodies = [dict(BODY, seed=s, num_inference_steps=8, prompt=f"cached {s}") for s in range(3)]
+        alone = [pixels(post(url, b)) for b in bodies]
+        hold = hold_workers(url)
+        with ThreadPoolExecutor(3) as pool:
+            together = list(pool.map(lambda b: post(url, b), bodies))
+        assert hold.result().status_code == 200
+        for a, r in zip(alone, together):
+            assert_same_images(a, pixels(r))
+        # some shared a forward: a batch of more than one request
+        assert metric(url, "meshsp_batch_size_bucket", le="1.0") < metric(url, "meshsp_batch_size_count")
+        assert 0 < metric(url, "meshsp_cache_skipped_total") < metric(url, "meshsp_cache_calls_total")
+        assert httpx.get(f"{url}/health").json()["cache"] == "taylorseer"
+    finally:
+        stop(proc)

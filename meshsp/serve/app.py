@@ -364,7 +364,7 @@ def create_app(engine: Engine, model_name: str, limits: Limits | None = None, *,
         return {"status": "ok", "model": model_name, "pipeline": engine.pipeline_class, "video": engine.is_video,
                 "mesh": {"cfg": cfg.cfg_degree, "ring": cfg.ring_degree, "ulysses": cfg.ulysses_degree,
                          "tp": cfg.tensor_parallel_size, "ulysses_mode": cfg.ulysses_mode},
-                "world_size": cfg.world_size, "launcher": "torchrun" if engine.worker_pids == [] and cfg.world_size > 1
+                "cache": engine.cache, "world_size": cfg.world_size, "launcher": "torchrun" if engine.worker_pids == [] and cfg.world_size > 1
                 else "spawn", "worker_pids": engine.worker_pids, "max_batch_size": server.limits.max_batch_size,
                 "queue_depth": len(server.scheduler.queue)}
 

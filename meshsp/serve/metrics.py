@@ -11,6 +11,8 @@
 * ``meshsp_stage_seconds{stage}``: per batch, rank 0's seconds encoding text, denoising and
   decoding (``meshsp.engine._Stages``);
 * ``meshsp_batch_size``: requests per batch, and ``meshsp_batch_images``: images (or videos) per batch;
+* ``meshsp_cache_calls_total`` and ``meshsp_cache_skipped_total``: with ``--cache``, the block calls
+  the step cache decided on and those it answered from its cache;
 * ``meshsp_workers_up``: 1 while every rank is alive, 0 after a worker failure.
 
 Example::
@@ -50,6 +52,9 @@ class Metrics:
         self.batch_size = Histogram("meshsp_batch_size", "Requests per batch.", buckets=BATCH_BUCKETS, registry=r)
         self.batch_images = Histogram("meshsp_batch_images", "Images (or videos) per batch.", buckets=BATCH_BUCKETS,
                                       registry=r)
+        self.cache_calls = Counter("meshsp_cache_calls", "Block calls the step cache (--cache) decided on.", registry=r)
+        self.cache_skipped = Counter("meshsp_cache_skipped", "Block calls the step cache answered from its cache.",
+                                     registry=r)
         self.workers_up = Gauge("meshsp_workers_up", "1 while every rank is alive, 0 after a worker failure.",
                                 registry=r)
         self.workers_up.set(1)

@@ -24,13 +24,21 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-from meshsp.engine import Engine, SamplingParams, batch_key
+from meshsp.engine import BATCH_WIDE_CACHES, Engine, SamplingParams, batch_key
 from meshsp.launch import RankFailure
 from meshsp.serve.metrics import Metrics
 
-__all__ = ["Cancelled", "Job", "Scheduler", "WorkersDown"]
+__all__ = ["Cancelled", "Job", "Scheduler", "WorkersDown", "check_batching"]
 
 log = logging.getLogger(__name__)
+
+
+def check_batching(max_batch_size: int, cache: str | None) -> None:
+    """Refuse batching with a step cache that decides from the whole batch (``BATCH_WIDE_CACHES``)."""
+    if max_batch_size > 1 and cache in BATCH_WIDE_CACHES:
+        raise ValueError(f"--max-batch-size {max_batch_size} with --cache {cache}: that cache decides from the whole "
+                         f"batch, so an image would depend on what it is batched with. Use --max-batch-size 1, or a "
+                         f"per-token cache (taylorseer, mag, pab, faster).")
 
 
 class WorkersDown(RuntimeError):
@@ -67,6 +75,7 @@ class Scheduler:
     def __init__(self, engine: Engine, metrics: Metrics, max_batch_size: int = 1) -> None:
         if isinstance(max_batch_size, bool) or not isinstance(max_batch_size, int) or max_batch_size < 1:
             raise ValueError(f"max_batch_size must be a positive integer, got {max_batch_size!r}.")
+        check_batching(max_batch_size, engine.cache)
         self.engine, self.metrics, self.max_batch_size = engine, metrics, max_batch_size
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="meshsp-engine")
         self.queue: list[Job] = []
@@ -164,6 +173,9 @@ class Scheduler:
             else:
                 for stage, seconds in self.engine.last_stages.items():
                     self.metrics.stage.labels(stage=stage).observe(seconds)
+                if self.engine.last_cache is not None:
+                    self.metrics.cache_calls.inc(self.engine.last_cache["calls"])
+                    self.metrics.cache_skipped.inc(self.engine.last_cache["skipped"])
                 for job, images in zip(batch, outputs):
                     if not job.future.done():
                         job.future.set_result(images)
