@@ -323,7 +323,7 @@ def _check_plan(args) -> int:
 
 def _bench(args) -> int:
     if args.repeats is None:
-        args.repeats = 1 if args.what == "vae" else 5
+        args.repeats = {"vae": 1, "serve": 3}.get(args.what, 5)
     if args.what == "vae":
         from meshsp.bench.vae import run as run_vae
 
@@ -331,6 +331,26 @@ def _bench(args) -> int:
         run_vae(tuple(args.vaes.split(",")), sizes=tuple(int(s) for s in args.sizes.split(",")), frames=args.frames,
                 clip=(int(width), int(height)), repeats=args.repeats, e2e_model=args.e2e_model,
                 e2e_size=args.e2e_size)
+    elif args.what == "serve":
+        from meshsp.bench import cache as bench_cache
+        from meshsp.bench import serve as bench_serve
+
+        print(f"serve: {args.serve_model} on U{args.usp} ({args.ulysses_mode}), {args.clients} clients x "
+              f"{args.requests} requests, {args.serve_size}², {args.serve_steps} steps; max batch "
+              f"{args.batch_sizes}; the servers run one after the other")
+        rows = bench_serve.run(args.serve_model, clients=args.clients, requests=args.requests,
+                               batch_sizes=tuple(int(b) for b in args.batch_sizes.split(",")), size=args.serve_size,
+                               steps=args.serve_steps, ulysses=args.usp, ulysses_mode=args.ulysses_mode)
+        print(bench_serve.format_rows(rows))
+        if args.cache_kinds:
+            kinds = tuple(args.cache_kinds.split(","))
+            print(f"\nstep caches: {args.cache_model} on U{args.usp}, {args.cache_size}², {args.cache_steps} steps, "
+                  f"median of {args.repeats} (request up to the latents)")
+            options = {"first-block": {"threshold": args.cache_threshold}} if args.cache_threshold else None
+            print(bench_cache.format_rows(bench_cache.run(args.cache_model, size=args.cache_size, steps=args.cache_steps,
+                                                          repeats=args.repeats, ulysses=args.usp,
+                                                          ulysses_mode=args.ulysses_mode, kinds=kinds,
+                                                          options=options)))
     elif args.what == "attention":
         from meshsp.bench.attention import run
 
@@ -426,7 +446,7 @@ def build_parser() -> argparse.ArgumentParser:
     plan.set_defaults(func=_plan)
 
     bench = sub.add_parser("bench", help="benchmarks printed side by side")
-    bench.add_argument("what", choices=["attention", "models", "perf", "vae"])
+    bench.add_argument("what", choices=["attention", "models", "perf", "vae", "serve"])
     bench.add_argument("--seq", type=int, default=8192, help="attention: sequence length")
     bench.add_argument("--heads", type=int, default=8)
     bench.add_argument("--families", default="flux,qwen-image,wan", help="models: comma-separated families")
@@ -445,6 +465,20 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--e2e-model", default="tiny-qwen-image", help="vae: the pipeline of the whole-request "
                        "comparison ('' skips it)")
     bench.add_argument("--e2e-size", type=int, default=1024, help="vae: image size of the whole request")
+    bench.add_argument("--serve-model", default="tiny-qwen-image", help="serve: the served pipeline")
+    bench.add_argument("--usp", type=int, default=2, help="serve: the servers' (and caches') Ulysses degree")
+    bench.add_argument("--ulysses-mode", default="advanced_uaa", choices=["strict", "default", "advanced_uaa"])
+    bench.add_argument("--clients", type=int, default=8, help="serve: concurrent clients")
+    bench.add_argument("--requests", type=int, default=4, help="serve: requests per client, one after another")
+    bench.add_argument("--batch-sizes", default="1,4", help="serve: --max-batch-size of each server, comma-separated")
+    bench.add_argument("--serve-size", type=int, default=256, help="serve: image size of every request")
+    bench.add_argument("--serve-steps", type=int, default=8)
+    bench.add_argument("--cache-kinds", default="first-block,taylorseer,mag,pab,faster",
+                       help="serve: step caches compared with no cache ('' skips them)")
+    bench.add_argument("--cache-model", default="tiny-qwen-image")
+    bench.add_argument("--cache-size", type=int, default=768)
+    bench.add_argument("--cache-steps", type=int, default=20)
+    bench.add_argument("--cache-threshold", type=float, default=None, help="serve: first-block's threshold")
     bench.set_defaults(func=_bench)
     return parser
 

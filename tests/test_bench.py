@@ -61,3 +61,14 @@ def test_real_width_shapes_give_the_token_count():
         assert s.get("frames", 1) * s["h"] * s["w"] == 2048 * scale**2 and s["txt"] == 256, (family, s)
     with pytest.raises(ValueError, match="near-square"):
         realwidth.real_shapes("flux", 2 * 1021, 256)  # 2 x a prime: a 2 x 1021 strip
+
+
+def test_bench_serve_runs_both_servers(capsys):
+    from meshsp.cli import main
+
+    assert main(["bench", "serve", "--clients", "2", "--requests", "2", "--batch-sizes", "1,2", "--serve-size", "64",
+                 "--serve-steps", "2", "--cache-kinds", ""]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    rows = [line.split() for line in lines if line.split() and line.split()[0] in ("1", "2")]
+    assert [r[0] for r in rows] == ["1", "2"] and all(r[2] == "4" for r in rows), lines  # 4 requests each
+    assert all(int(r[-1]) <= 1 for r in rows), lines  # images equal to the one-at-a-time server's
