@@ -321,6 +321,8 @@ class _Runner:
             if "negative_prompt" not in self.params:
                 raise ValueError(f"{type(self.pipe).__name__} takes no negative_prompt; leave it unset.")
             kw["negative_prompt"] = negatives
+        if p.negative_prompt is None and "true_cfg_scale" in self.params:
+            kw["true_cfg_scale"] = 1.0  # no true CFG without a negative prompt (the default would warn each call)
         if p.guidance_scale is not None:
             # With a negative prompt, pipelines with "true" CFG take true_cfg_scale; otherwise the
             # value is the pipeline's guidance_scale (CFG, or embedded guidance for distilled models).
