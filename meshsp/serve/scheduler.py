@@ -189,7 +189,8 @@ class Scheduler:
                 self.queue.insert(0, job)
             self._changed()
             return
-        batch[0].future.set_exception(exc)
+        if not batch[0].future.done():
+            batch[0].future.set_exception(exc)
 
     def _down(self, batch: list[Job], exc: RankFailure) -> None:
         self.failure = str(exc).splitlines()[0]
@@ -198,4 +199,5 @@ class Scheduler:
         waiting, self.queue = self.queue, []
         self._changed()
         for job in [*batch, *waiting]:
-            job.future.set_exception(WorkersDown(self.failure))
+            if not job.future.done():
+                job.future.set_exception(WorkersDown(self.failure))
