@@ -12,7 +12,9 @@ import torch
 from torch.overrides import TorchFunctionMode
 
 from meshsp import ParallelConfig
-from meshsp.engine import Engine, SamplingParams, _load_kwargs, _load_pipeline, resolve_model
+from meshsp.engine import Engine, SamplingParams, resolve_model
+from meshsp.loading import load_kwargs as _load_kwargs
+from meshsp.loading import load_pipeline as _load_pipeline
 
 FLUX = SamplingParams(num_inference_steps=2, width=64, height=48, seed=1)
 QWEN = SamplingParams(num_inference_steps=2, width=64, height=48, seed=3, guidance_scale=4.0, negative_prompt="blurry")

@@ -9,7 +9,7 @@
 * ``meshsp_request_latency_seconds{endpoint}``: from arrival to the answer (images) or to the job's
   end (videos); ``meshsp_queue_wait_seconds``: arrival to the start of its batch;
 * ``meshsp_stage_seconds{stage}``: per batch, rank 0's seconds encoding text, denoising and
-  decoding (``meshsp.engine._Stages``);
+  decoding (``meshsp.loading.Stages``);
 * ``meshsp_batch_size``: requests per batch, and ``meshsp_batch_images``: images (or videos) per batch;
 * ``meshsp_cache_calls_total`` and ``meshsp_cache_skipped_total``: with ``--cache``, the block calls
   the step cache decided on and those it answered from its cache;
