@@ -1,0 +1,48 @@
+"""The VAE decode split across every rank of the mesh, equal to the untiled single-device decode.
+
+The latent is cut into bands of rows (``balanced_sizes``: heights that differ by at most one), one
+per rank of the whole mesh (cfg, ring, ulysses and tp alike: the decode runs once per request),
+and every rank decodes its band. Styles on the decoder's modules keep that exact:
+
+* ``SplitBands`` on the decoder: its input latent is cut into this rank's band; its output bands
+  are all-gathered, so ``vae.decode(latents)`` takes and returns full tensors on every rank, as
+  diffusers' pipelines call it;
+* ``HaloConv`` on every convolution taller than one row: the rows its kernel reaches across a band
+  edge come from the neighbouring ranks (one P2P exchange each way), zero rows at the image's own
+  edges — what the convolution's zero padding gives — and the convolution runs with no padding in
+  height, so its output is exactly this band's rows; ``HaloPadConv`` does the same for a wrapper
+  that pads with ``F.pad`` before an unpadded convolution (HunyuanVideo's causal convolution:
+  replicate padding, so the image's edge rows are copied instead of zeros);
+* ``BandGroupNorm`` on every ``GroupNorm`` (CogVideoX's spatial norm included: its conditioning on
+  the latent band is band-local): the per-group counts, sums and sums of squares (float64, from
+  each band's fp32 mean and variance) are all-reduced, so every band is normalised with the whole
+  image's statistics, applied as one per-channel scale and shift;
+* the mid-block's spatial attention runs as Ring attention over the bands' tokens (meshsp's
+  ``ParallelAttention``; a band's tokens are a contiguous run of the row-major sequence);
+  HunyuanVideo's attends over all frames with a frame-causal mask (``FrameCausalAttention``: a
+  ring whose steps attend each query frame to the visiting band's frames up to it);
+* upsampling (nearest x2, or depth-to-space) scales every band alike, so bands stay aligned;
+* ``BandNoise`` on LTX-Video's noise-injecting blocks: each rank draws the whole frame's noise and
+  keeps its band's rows.
+
+``parallelize_vae(vae, mesh)`` applies ``vae_plan(vae)``; ``parallelize_module(vae, mesh,
+vae_plan(vae))`` does the same. Supported: ``AutoencoderKL`` (Flux, SD3), ``AutoencoderKLFlux2``,
+and the video VAEs ``AutoencoderKLWan``, ``AutoencoderKLQwenImage``, ``AutoencoderKLHunyuanVideo``,
+``AutoencoderKLLTXVideo`` and ``AutoencoderKLCogVideoX``. Those that decode a few frames at a time
+with a cache of the previous frames per convolution (Wan, Qwen-Image, CogVideoX) keep the cache per
+rank, of its own band, and a cached frame's halo rows come from the neighbours with the new
+frame's; HunyuanVideo's temporal tiles are decoder calls of their own, each split. With diffusers'
+tiling enabled (``AutoencoderKL``), its tiles are decoded round-robin across the ranks and blended
+by diffusers' own code (``DistributedTiles``): equal to the single-device tiled decode.
+"""
+
+from meshsp.vae.attention import FrameCausalAttention
+from meshsp.vae.bands import Bands, SplitBands
+from meshsp.vae.halo import HaloConv, HaloDownConv, HaloPadConv
+from meshsp.vae.noise import BandNoise
+from meshsp.vae.norms import BandGroupNorm
+from meshsp.vae.plan import VaePlan, parallelize_vae, vae_plan
+from meshsp.vae.tiles import DistributedTiles
+
+__all__ = ["BandGroupNorm", "BandNoise", "Bands", "DistributedTiles", "FrameCausalAttention", "HaloConv",
+           "HaloDownConv", "HaloPadConv", "SplitBands", "VaePlan", "parallelize_vae", "vae_plan"]
