@@ -168,6 +168,23 @@ def test_load_with_clients_leaving(server):
     assert post(server, BODY).status_code == 200 and time.monotonic() - t0 < 30
 
 
+def test_client_leaving_while_its_batch_runs(server):
+    """A client that leaves while its request runs: the batch finishes, its images are dropped, the
+    requests behind it are answered and nothing is left queued."""
+    gone_before = metric(server, "meshsp_requests_total", endpoint="images", status="499")
+    images_before = metric(server, "meshsp_batch_images_sum")
+    with pytest.raises(httpx.TimeoutException):  # runs at once (the queue is empty) for seconds
+        post(server, dict(HOLD, seed=99), timeout=1.0)
+    behind = post(server, dict(BODY, seed=5))
+    assert metric(server, "meshsp_batch_images_sum") - images_before == 3 + 1  # it ran, then the one behind
+    assert behind.status_code == 200 and metric(server, "meshsp_queue_depth") == 0
+    deadline = time.monotonic() + 30
+    while metric(server, "meshsp_requests_total", endpoint="images", status="499") == gone_before:
+        assert time.monotonic() < deadline, "the server did not notice the client that left"
+        time.sleep(0.2)
+    assert httpx.get(f"{server}/health").json()["status"] == "ok"
+
+
 def test_metrics_in_prometheus_format(server):
     assert post(server, BODY).status_code == 200
     assert post(server, dict(BODY, size="65x64")).status_code == 400
