@@ -932,3 +932,47 @@ def cache_refusals() -> list[str]:
                 raise AssertionError(f"{kind} on {mesh.mesh_dim_names} was not refused")
         assert not stats.calls and not model.is_cache_enabled, (kind, stats.calls)
     return messages
+
+
+def video_vae_encode_parity(vae: str, shape: tuple, tol: float = 1e-5, **degrees) -> dict:
+    """``vae.encode`` split over the mesh of ``degrees`` against the whole encode: ``vae`` a tiny
+    pipeline's (tiny-wan, tiny-qwen-image) or a ``VIDEO_VAE_CONFIGS`` class. The latent
+    distribution's mean and std within ``tol`` of their scale; this rank's halo, norm and ring calls
+    and bytes."""
+    import diffusers
+
+    from meshsp.pipelines import tiny_pipeline_path
+    from meshsp.vae import parallelize_vae
+
+    if vae in VIDEO_VAE_CONFIGS:
+        torch.manual_seed(0)
+        model = getattr(diffusers, vae)(**VIDEO_VAE_CONFIGS[vae])
+    else:
+        path = tiny_pipeline_path(vae) / "vae"
+        model = getattr(diffusers, diffusers.AutoencoderKL.load_config(path)["_class_name"]).from_pretrained(path)
+    x = torch.rand(*shape, generator=torch.Generator().manual_seed(7)) * 2 - 1
+    with torch.no_grad():
+        expected = model.encode(x).latent_dist
+    parallelize_vae(model, config_mesh(**degrees))
+    assert model.meshsp_bands.encoder_split, vae
+    with torch.no_grad(), record_comm() as stats:
+        got = model.encode(x).latent_dist
+    diffs = []
+    for a, b in ((got.mean, expected.mean), (got.std, expected.std)):
+        scale = max(b.abs().max().item(), 1.0)
+        torch.testing.assert_close(a, b, atol=tol * scale, rtol=tol)
+        diffs.append((a - b).abs().max().item() / scale)
+    return {"diff": max(diffs), "calls": dict(stats.calls), "bytes": dict(stats.bytes_sent)}
+
+
+def vae_encode_bad_rows(shape: tuple) -> None:
+    """The tiny Wan VAE's split encode of an image whose rows its bands cannot take."""
+    import diffusers
+
+    from meshsp.pipelines import tiny_pipeline_path
+    from meshsp.vae import parallelize_vae
+
+    vae = diffusers.AutoencoderKLWan.from_pretrained(tiny_pipeline_path("tiny-wan") / "vae")
+    parallelize_vae(vae, config_mesh(ulysses_degree=dist.get_world_size()))
+    with torch.no_grad():
+        vae.encode(torch.zeros(shape))

@@ -113,30 +113,90 @@ def test_plan_through_torch_and_refusals(pools):
 @pytest.mark.parametrize("world", [2, 4])
 def test_split_encode_equals_whole_encode(pools, world):
     """AutoencoderKL's encoder: bands of 8-row units (its three stride-2 downsamplings); 56 rows =
-    7 units over 2 or 4 ranks. The video VAEs' temporally strided encoders stay whole."""
+    7 units over 2 or 4 ranks."""
     for shape in [(1, 3, 64, 64), (2, 3, 56, 72)]:
         r = pools(world).run(rank_tasks.vae_encode_parity, shape, ulysses_degree=world)[0]
         assert r["calls"]["vae_halo"] > 0, r
 
 
-def test_video_vae_encoders_are_left_whole_or_refused():
+# Frames of the even (32 rows: 4 units of 8) and uneven (40 rows: 5 units, batch 2) cases. Wan and
+# Qwen-Image encode frame 1, then 4 at a time, with per-frame caches; CogVideoX 8 frames a call with
+# its convolution caches (17: two calls); HunyuanVideo 16 frames a tile (17: two tiles, blended).
+VIDEO_ENCODES = {"tiny-wan": (5, 1), "tiny-qwen-image": (1, 5), "AutoencoderKLHunyuanVideo": (5, 17),
+                 "AutoencoderKLCogVideoX": (17, 9)}
+
+
+@pytest.mark.parametrize("world", [2, 4])
+@pytest.mark.parametrize("vae", list(VIDEO_ENCODES))
+def test_video_vae_split_encode_equals_whole_encode(pools, vae, world):
+    """The video VAEs' encoders in bands of 8-row units: causal 3-D convolutions with halos (their
+    caches' too), downsampling behind a bottom padding row (Wan, Qwen-Image, CogVideoX) or a
+    replicate-padded strided convolution (HunyuanVideo), strides in time band-local."""
+    for frames, shape in zip(VIDEO_ENCODES[vae], [(1, 3, 0, 32, 16), (2, 3, 0, 40, 24)]):
+        shape = (*shape[:2], frames, *shape[3:])
+        r = pools(world).run(rank_tasks.video_vae_encode_parity, vae, shape, ulysses_degree=world)[0]
+        assert r["calls"]["vae_halo"] > 0 and r["calls"]["vae_gather"] >= 1, (shape, r)
+        if vae != "AutoencoderKLCogVideoX":  # its encoder has no attention
+            assert r["calls"]["p2p"] > 0, (shape, r)
+
+
+def test_wan_encode_halo_bytes_equal_theory(pools):
+    """AutoencoderKLWan's encoder on 2 ranks: each causal 3x3x3 convolution sends one row of every
+    frame of its input and of its cache to the one neighbour; each Resample's stride-2 convolution
+    takes its bottom padding row from the next band, so rank 1 sends one row of its padded input
+    and rank 0 none."""
+    import diffusers
+
+    from meshsp.pipelines import tiny_pipeline_path
+
+    shape = (2, 3, 5, 40, 24)  # bands of 24 and 16 rows
+    r = pools(2).run(rank_tasks.video_vae_encode_parity, "tiny-wan", shape, ulysses_degree=2)
+    vae = diffusers.AutoencoderKLWan.from_pretrained(tiny_pipeline_path("tiny-wan") / "vae")
+    sent = [0, 0]
+
+    def conv_hook(mod, args):
+        x, cache = args[0], args[1] if len(args) > 1 else None
+        b, c, t, _, w = x.shape
+        frames = t + (0 if cache is None else cache.shape[2])
+        sent[0] += b * c * frames * w * 4
+        sent[1] += b * c * frames * w * 4
+
+    def down_hook(mod, args):
+        n, c, _, w = args[0].shape
+        sent[1] += n * c * w * 4
+
+    for m in vae.encoder.modules():
+        if isinstance(m, torch.nn.Conv3d) and m.kernel_size[-2] == 3:
+            m.register_forward_pre_hook(conv_hook)
+        elif isinstance(m, torch.nn.Conv2d) and m.stride == (2, 2):
+            m.register_forward_pre_hook(down_hook)
+    with torch.no_grad():
+        vae.encode(torch.zeros(shape))
+    assert [r[rank]["bytes"]["vae_halo"] for rank in range(2)] == sent
+
+
+def test_video_vae_encoders_split_or_are_refused(pools):
     import diffusers
 
     from meshsp.pipelines import tiny_pipeline_path
     from meshsp.vae import vae_plan
 
     wan = diffusers.AutoencoderKLWan.from_pretrained(tiny_pipeline_path("tiny-wan") / "vae")
-    assert "encoder" not in vae_plan(wan) and "decoder" in vae_plan(wan)
-    with pytest.raises(ValueError, match="encoder.down_blocks.1.resample.1 is a strided Conv2d"):
-        vae_plan(wan, encode=True)
-    refusals = {"AutoencoderKLHunyuanVideo": "encoder.down_blocks.0.downsamplers.0.conv.conv is a strided Conv3d",
-                "AutoencoderKLLTXVideo": "the encoder patchifies its input",
-                "AutoencoderKLCogVideoX": "encoder.down_blocks.0.downsamplers.0.conv is a strided Conv2d"}
-    for vae_class, refusal in refusals.items():
+    plan = vae_plan(wan)
+    assert plan["encoder"] == "SplitBands" and plan.encoder_unit == 8
+    assert plan["encoder.down_blocks.1.resample.1"] == "HaloDownConv" and "encoder" not in vae_plan(wan, encode=False)
+    for vae_class in ("AutoencoderKLHunyuanVideo", "AutoencoderKLCogVideoX"):
         vae = getattr(diffusers, vae_class)(**rank_tasks.VIDEO_VAE_CONFIGS[vae_class])
-        assert "encoder" not in vae_plan(vae) and "decoder" in vae_plan(vae), vae_class
-        with pytest.raises(ValueError, match=refusal):
-            vae_plan(vae, encode=True)
+        assert vae_plan(vae, encode=True).encoder_unit == 8, vae_class
+    assert vae_plan(vae)["encoder.down_blocks.0.downsamplers.0.conv"] == "HaloDownConv"
+    ltx = diffusers.AutoencoderKLLTXVideo(**rank_tasks.VIDEO_VAE_CONFIGS["AutoencoderKLLTXVideo"])
+    assert "encoder" not in vae_plan(ltx) and "decoder" in vae_plan(ltx)
+    with pytest.raises(ValueError, match="the encoder patchifies its input"):
+        vae_plan(ltx, encode=True)
+    msgs = pools(2).run(rank_tasks.raises, "vae_encode_bad_rows", (1, 3, 1, 36, 16))
+    assert len(set(msgs)) == 1 and "36 rows, not a multiple of 8" in msgs[0], msgs
+    msgs = pools(4).run(rank_tasks.raises, "vae_encode_bad_rows", (1, 3, 1, 24, 16))
+    assert len(set(msgs)) == 1 and "24 rows, fewer than the 4 ranks" in msgs[0] and "encode=False" in msgs[0], msgs
 
 
 @pytest.mark.parametrize("world", [2, 4])

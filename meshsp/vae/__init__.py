@@ -1,4 +1,5 @@
-"""The VAE decode split across every rank of the mesh, equal to the untiled single-device decode.
+"""The VAE decode and encode split across every rank of the mesh, equal to the untiled
+single-device ones.
 
 The latent is cut into bands of rows (``balanced_sizes``: heights that differ by at most one), one
 per rank of the whole mesh (cfg, ring, ulysses and tp alike: the decode runs once per request),
@@ -34,6 +35,18 @@ rank, of its own band, and a cached frame's halo rows come from the neighbours w
 frame's; HunyuanVideo's temporal tiles are decoder calls of their own, each split. With diffusers'
 tiling enabled (``AutoencoderKL``), its tiles are decoded round-robin across the ranks and blended
 by diffusers' own code (``DistributedTiles``): equal to the single-device tiled decode.
+
+The encode splits the same way, for the pipelines that encode images or video (image-to-image,
+image-to-video): ``SplitBands`` on the encoder cuts the image into bands of whole units of its
+total downsampling in height (8 rows for every VAE here), so that each band stays whole rows at
+every resolution, and gathers the latent bands. ``HaloDownConv`` takes the stride-2 convolutions
+behind a padding of one zero row at the bottom (diffusers' ``Downsample2D`` and
+``CogVideoXDownsample3D``, Wan's and Qwen-Image's ``Resample``): under an inner band that row is the
+next band's first row. A padding wrapper's strided convolution (HunyuanVideo's downsampling:
+replicate padding, stride 2) runs through ``HaloPadConv`` with the one row above its band it reads.
+Strides in time (Wan's ``time_conv``, CogVideoX's frame pooling) stay within a band. Every encoder
+but LTX-Video's (it patchifies rows into channels) splits; ``parallelize_vae(vae, mesh,
+encode=False)`` leaves it whole.
 """
 
 from meshsp.vae.attention import FrameCausalAttention

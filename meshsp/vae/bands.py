@@ -66,11 +66,14 @@ class SplitBands(ParallelStyle):
                 return None  # a tile of diffusers' tiled decode: DistributedTiles shares the tiles out
             z = args[0] if args else kwargs[self.arg]
             rows, unit = z.shape[-2], self.unit
-            error = None
-            if rows % unit or rows // unit < bands.size:
+            error, whole = None, "" if unit == 1 else ", or encode whole (parallelize_vae(..., encode=False))"
+            if rows % unit:
+                error = (f"the image has {rows} rows, not a multiple of {unit} (the encoder's downsampling in "
+                         f"height), which its bands of whole {unit}-row units need; resize it{whole}.")
+            elif rows // unit < bands.size:
                 what = "latent" if unit == 1 else f"image (in bands of {unit} rows)"
                 error = (f"the {what} has {rows} rows, fewer than the {bands.size} ranks splitting it; run "
-                         "on fewer ranks (parallelize_vae with a smaller mesh) or a larger image.")
+                         f"on fewer ranks (parallelize_vae with a smaller mesh) or a larger image{whole}.")
             agree(f"vae {self.arg}", f"input {tuple(z.shape)} {z.dtype}", error, (bands.group,), bands.device)
             bands.split(rows, unit)
             bands.active = True

@@ -81,30 +81,32 @@ def _halo_of(module: nn.Module, where: str) -> tuple[int, bool]:
     return halo, causal
 
 
-def _with_halo(x: torch.Tensor, halo: int, bands: Bands, edge: str = "zeros") -> torch.Tensor:
-    """``x`` [..., h, W] with ``halo`` rows of the previous and next bands around it; at the image's
-    own edges zero rows (``edge="zeros"``) or copies of the edge row (``"replicate"``), as the
-    whole image's padding gives. Every band is at least one latent row, so it holds ``halo`` rows
-    to send."""
+def _with_halo(x: torch.Tensor, halo: int | tuple[int, int], bands: Bands, edge: str = "zeros") -> torch.Tensor:
+    """``x`` [..., h, W] with ``halo`` rows of the previous and next bands around it (``(above,
+    below)`` when they differ: a strided convolution's); at the image's own edges zero rows
+    (``edge="zeros"``) or copies of the edge row (``"replicate"``), as the whole image's padding
+    gives. Every band is at least one latent row, so it holds the rows to send."""
     me, n = bands.rank, bands.size
-    top = x.new_zeros(*x.shape[:-2], halo, x.shape[-1])
-    bottom = torch.zeros_like(top)
+    above, below = (halo, halo) if isinstance(halo, int) else halo
+    top = x.new_zeros(*x.shape[:-2], above, x.shape[-1])
+    bottom = x.new_zeros(*x.shape[:-2], below, x.shape[-1])
     if edge == "replicate":
         if me == 0:
             top = x[..., :1, :].expand_as(top).contiguous()
         if me == n - 1:
             bottom = x[..., -1:, :].expand_as(bottom).contiguous()
-    if n > 1 and halo:
-        if x.shape[-2] < halo:
+    if n > 1 and (above or below):
+        if x.shape[-2] < max(above, below):
             raise ValueError(f"a band of {x.shape[-2]} rows is thinner than the convolution's halo of {halo}.")
-        ops = []
-        if me > 0:
-            ops += [dist.P2POp(dist.isend, x[..., :halo, :].contiguous(), bands.ranks[me - 1], bands.group),
-                    dist.P2POp(dist.irecv, top, bands.ranks[me - 1], bands.group)]
-        if me < n - 1:
-            ops += [dist.P2POp(dist.isend, x[..., -halo:, :].contiguous(), bands.ranks[me + 1], bands.group),
-                    dist.P2POp(dist.irecv, bottom, bands.ranks[me + 1], bands.group)]
-        _count("vae_halo", (len(ops) // 2) * top.numel() * top.element_size())
+        ops, sent = [], 0
+        # The previous band takes this band's first `below` rows; the next one its last `above`.
+        for peer, send, recv in ((me - 1, x[..., :below, :], top), (me + 1, x[..., x.shape[-2] - above:, :], bottom)):
+            if 0 <= peer < n and send.shape[-2]:
+                ops.append(dist.P2POp(dist.isend, send.contiguous(), bands.ranks[peer], bands.group))
+                sent += send.numel() * send.element_size()
+            if 0 <= peer < n and recv.shape[-2]:
+                ops.append(dist.P2POp(dist.irecv, recv, bands.ranks[peer], bands.group))
+        _count("vae_halo", sent)
         for work in dist.batch_isend_irecv(ops):
             work.wait()
     return torch.cat([top, x, bottom], dim=-2)
@@ -150,23 +152,27 @@ class HaloPadConv(ParallelStyle):
 _PAD_WRAPPERS = {"HunyuanVideoCausalConv3d": ("replicate", "constant"), "CogVideoXCausalConv3d": ("replicate",)}
 
 
-def _pad_halo_of(wrapper: nn.Module, where: str) -> int:
-    """Halo rows of a padding wrapper HaloPadConv can run over a band; ``ValueError`` otherwise."""
+def _pad_halo_of(wrapper: nn.Module, where: str) -> tuple[int, int]:
+    """Halo rows (above, below) of a padding wrapper HaloPadConv can run over a band; ``ValueError``
+    otherwise. A stride-``s`` convolution (an encoder's downsampling, over bands of whole multiples
+    of ``s`` rows) reads ``p`` rows above its band and ``p + 1 - s`` below it, ``p`` its padding."""
     pad, conv = getattr(wrapper, "time_causal_padding", None), getattr(wrapper, "conv", None)
     modes = _PAD_WRAPPERS.get(type(wrapper).__name__, ())
     if not (isinstance(pad, tuple) and len(pad) == 6 and isinstance(conv, (nn.Conv2d, nn.Conv3d))
             and wrapper.pad_mode in modes and pad[2] == pad[3] and conv.kernel_size[-2] == 2 * pad[2] + 1
-            and conv.padding[-2] == 0 and conv.stride[-2] == 1 and conv.dilation[-2] == 1):
+            and conv.padding[-2] == 0 and 1 <= conv.stride[-2] <= pad[2] + 1 and conv.dilation[-2] == 1):
         raise ValueError(f"{where}: HaloPadConv takes a wrapper in a pad mode it pads with F.pad ({_PAD_WRAPPERS}) "
-                         "whose .conv is unpadded, of stride 1 in height and 2 x padding + 1 rows tall; got "
-                         f"pad_mode={getattr(wrapper, 'pad_mode', None)!r}, time_causal_padding={pad}, {wrapper}. "
-                         "Decode this VAE whole (parallelize_vae not applied).")
-    return pad[2]
+                         "whose .conv is unpadded, 2 x padding + 1 rows tall, of stride 1 in height or at most "
+                         f"padding + 1; got pad_mode={getattr(wrapper, 'pad_mode', None)!r}, "
+                         f"time_causal_padding={pad}, {wrapper}. Decode and encode this VAE whole "
+                         "(parallelize_vae not applied).")
+    return pad[2], pad[2] + 1 - conv.stride[-2]
 
 
 class HaloDownConv(ParallelStyle):
-    """A stride-2 convolution behind diffusers' ``Downsample2D`` padding (one zero row appended at
-    the bottom): under an inner band that row is the next band's first row instead."""
+    """A stride-2 convolution behind a padding of one zero row appended at the bottom (diffusers'
+    ``Downsample2D`` and ``CogVideoXDownsample3D``, Wan's and Qwen-Image's ``Resample``): under an
+    inner band that row is the next band's first row instead."""
 
     def __init__(self, bands: Bands) -> None:
         super().__init__()

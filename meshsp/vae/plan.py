@@ -3,6 +3,8 @@ per-class tables below, and the entry points ``vae_plan`` and ``parallelize_vae`
 
 from __future__ import annotations
 
+import math
+
 import torch.nn as nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor.parallel.style import ParallelStyle
@@ -27,6 +29,10 @@ _BAND_NORMS = ("CogVideoXSpatialNorm3D",)
 _FRAME_CAUSAL_BLOCKS = ("HunyuanVideoMidBlock3D",)
 # blocks that add [height, width] noise from torch.randn when built with inject_noise (BandNoise);
 _NOISE_BLOCKS = ("LTXVideoResnetBlock3d",)
+# modules that pad one zero row at the bottom (and column at the right) in their forward before
+# their unpadded stride-2 convolution (HaloDownConv; Wan's and Qwen-Image's Resample do it with an
+# nn.ZeroPad2d before the convolution in an nn.Sequential, recognised as it is);
+_BOTTOM_PADDERS = ("Downsample2D", "CogVideoXDownsample3D")
 # encoders meshsp leaves whole however their convolutions look, and why.
 _WHOLE_ENCODERS = {"AutoencoderKLLTXVideo": "patchifies its input (patch_size rows into channels) and downsamples "
                                             "space to depth, which bands of rows cannot follow"}
@@ -36,9 +42,9 @@ class VaePlan(ParallelStyle, dict):
     """``{module path: style}`` for a VAE's decoder (and encoder, where it splits); itself the style
     of the VAE, so torch's ``parallelize_module(vae, mesh, plan)`` applies it.
 
-    ``encode``: ``None`` splits the encoder where meshsp can (``AutoencoderKL``: stride-2
-    downsampling behind diffusers' ``Downsample2D`` padding) and leaves it whole elsewhere (the
-    video VAEs' strided or patchifying encoders; ``bands.encoder_split`` says which); ``True``
+    ``encode``: ``None`` splits the encoder where meshsp can (every supported class but LTX-Video's,
+    whose encoder patchifies; ``bands.encoder_split`` says which) into bands of whole multiples of
+    its total downsampling in height (``encoder_unit``) and leaves it whole elsewhere; ``True``
     raises where it cannot; ``False`` leaves it whole."""
 
     def __init__(self, vae: nn.Module, encode: bool | None = None) -> None:
@@ -60,7 +66,8 @@ class VaePlan(ParallelStyle, dict):
                 entries = None
             if entries is not None:
                 self.update(entries)
-                self.encoder_unit = 2 ** sum(1 for v in entries.values() if v == "HaloDownConv")
+                self.encoder_unit = math.prod(m.stride[-2] for m in encoder.modules()
+                                              if isinstance(m, (nn.Conv2d, nn.Conv3d)))
                 self["encoder"] = "SplitBands"
 
     def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
@@ -97,21 +104,11 @@ def _part_plan(part: nn.Module, prefix: str, vae_class: str) -> dict[str, str]:
     modules = dict(part.named_modules())
     for name, module in modules.items():
         path = f"{prefix}.{name}" if name else prefix
-        kind, parent_name = type(module).__name__, name.rpartition(".")[0]
-        parent = modules[parent_name] if name else None
-        if isinstance(module, (nn.Conv2d, nn.Conv3d)) and module.stride[-2] != 1:
-            if type(parent).__name__ == "Downsample2D" and isinstance(module, nn.Conv2d) and module.padding == (0, 0):
-                plan[path] = "HaloDownConv"
-                continue
-            raise ValueError(f"{vae_class}: {path} is a strided {kind} that meshsp cannot split into row bands.")
-        if isinstance(module, (nn.Conv2d, nn.Conv3d)) and module.kernel_size[-2] > 1:
-            # refused here, before any rank communicates
-            if type(parent).__name__ in _PAD_WRAPPERS and module.padding[-2] == 0:
-                _pad_halo_of(parent, f"{vae_class}: {prefix}.{parent_name}")
-                plan[f"{prefix}.{parent_name}"] = "HaloPadConv"
-            else:
-                _halo_of(module, f"{vae_class}: {path}")
-                plan[path] = "HaloConv"
+        kind = type(module).__name__
+        if isinstance(module, (nn.Conv2d, nn.Conv3d)):
+            entry = _conv_entry(module, name, modules, prefix, vae_class)
+            if entry is not None:
+                plan[entry[0]] = entry[1]
         elif isinstance(module, nn.GroupNorm):
             plan[path] = "BandGroupNorm"
         elif kind in _FRAME_CAUSAL_BLOCKS and getattr(module, "add_attention", False):
@@ -128,8 +125,48 @@ def _part_plan(part: nn.Module, prefix: str, vae_class: str) -> dict[str, str]:
     return plan
 
 
+def _conv_entry(conv: nn.Module, name: str, modules: dict, prefix: str, vae_class: str) -> tuple[str, str] | None:
+    """(path, style) for a convolution whose kernel reaches across rows (or whose stride skips
+    them: an encoder's downsampling); ``None`` for one that stays within its rows. Refused here,
+    before any rank communicates."""
+    parent_name = name.rpartition(".")[0]
+    parent, path, parent_path = modules[parent_name], f"{prefix}.{name}", f"{prefix}.{parent_name}".rstrip(".")
+    strided = conv.stride[-2] != 1
+    if strided and prefix == "encoder" and _pads_bottom_row(conv, name, parent):
+        return path, "HaloDownConv"
+    if type(parent).__name__ in _PAD_WRAPPERS and conv.padding[-2] == 0 and (conv.kernel_size[-2] > 1 or strided):
+        if strided and prefix != "encoder":
+            raise ValueError(f"{vae_class}: {path} is a strided convolution in the decoder; meshsp splits "
+                             "downsampling in encoders only.")
+        _pad_halo_of(parent, f"{vae_class}: {parent_path}")
+        return parent_path, "HaloPadConv"
+    if strided:
+        raise ValueError(f"{vae_class}: {path} is a strided {type(conv).__name__} that meshsp cannot split into "
+                         "row bands.")
+    if conv.kernel_size[-2] > 1:
+        _halo_of(conv, f"{vae_class}: {path}")
+        return path, "HaloConv"
+    return None
+
+
+def _pads_bottom_row(conv: nn.Module, name: str, parent: nn.Module) -> bool:
+    """Whether ``conv`` is a 3x3 stride-2 unpadded ``nn.Conv2d`` whose input ``parent`` pads with one
+    zero row at the bottom (and column at the right): what ``HaloDownConv`` takes."""
+    if not (isinstance(conv, nn.Conv2d) and conv.stride == (2, 2) and conv.padding == (0, 0)
+            and conv.kernel_size == (3, 3)):
+        return False
+    if type(parent).__name__ in _BOTTOM_PADDERS:
+        return True
+    if isinstance(parent, nn.Sequential):
+        index = list(parent._modules).index(name.rpartition(".")[2])
+        before = parent[index - 1] if index > 0 else None
+        return isinstance(before, nn.ZeroPad2d) and tuple(before.padding) == (0, 1, 0, 1)
+    return False
+
+
 def vae_plan(vae: nn.Module, encode: bool | None = None) -> VaePlan:
-    """The split-decode plan of ``vae`` (paths of its decoder's convolutions, norms and attention).
+    """The split plan of ``vae`` (paths of its decoder's and encoder's convolutions, norms and
+    attention).
 
     Example::
 
@@ -139,7 +176,8 @@ def vae_plan(vae: nn.Module, encode: bool | None = None) -> VaePlan:
 
 
 def parallelize_vae(vae: nn.Module, mesh: DeviceMesh, encode: bool | None = None) -> nn.Module:
-    """Split ``vae.decode`` across every rank of ``mesh`` (see the module docstring).
+    """Split ``vae.decode`` (and ``vae.encode``, as ``encode`` says: see ``VaePlan``) across every
+    rank of ``mesh`` (see ``meshsp.vae``'s docstring).
 
     Example::
 
