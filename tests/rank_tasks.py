@@ -976,3 +976,32 @@ def vae_encode_bad_rows(shape: tuple) -> None:
     parallelize_vae(vae, config_mesh(ulysses_degree=dist.get_world_size()))
     with torch.no_grad():
         vae.encode(torch.zeros(shape))
+
+
+def band_group_norm_parity() -> dict:
+    """``BandGroupNorm`` on this rank's band of a [2, 8, 7, 5] input (mean 1, std 3), against
+    ``nn.GroupNorm`` over the whole input, in float64, float32 (nn.GroupNorm's kernel, corrected in
+    place) and bfloat16 (fp32 var_mean and one addcmul): the largest difference per dtype,
+    relative to the output scale."""
+    from meshsp.vae import BandGroupNorm, Bands
+
+    bands = Bands(config_mesh(ulysses_degree=dist.get_world_size()))
+    g = torch.Generator().manual_seed(8)
+    x = torch.randn(2, 8, 7, 5, generator=g) * 3 + 1
+    bands.split(x.shape[-2])
+    start, rows = sum(bands.rows[:bands.rank]), bands.rows[bands.rank]
+    diffs = {}
+    for dtype, tol in ((torch.float64, 1e-12), (torch.float32, 1e-5), (torch.bfloat16, 2e-2)):
+        norm = torch.nn.GroupNorm(4, 8, eps=1e-6).to(dtype)
+        with torch.no_grad():
+            norm.weight.copy_(torch.randn(8, generator=g))
+            norm.bias.copy_(torch.randn(8, generator=g))
+            expected = norm(x.to(dtype)).narrow(-2, start, rows)
+            BandGroupNorm(bands)._apply(norm, None)
+            bands.active = True
+            out = norm(x.to(dtype).narrow(-2, start, rows))
+            bands.active = False
+        scale = expected.abs().max().item()
+        torch.testing.assert_close(out, expected, atol=tol * scale, rtol=tol)
+        diffs[str(dtype)] = (out - expected).abs().max().item() / scale
+    return diffs

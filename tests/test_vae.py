@@ -104,6 +104,14 @@ def test_halo_and_norm_bytes_equal_theory(pools):
         assert r[rank]["bytes"]["vae_norm_all_reduce"] == norms[0]
 
 
+@pytest.mark.parametrize("world", [2, 4])
+def test_band_group_norm_equals_group_norm_in_each_dtype(pools, world):
+    """7 rows over 2 or 4 ranks (1-row bands on 4); float64 and float32 through nn.GroupNorm's own
+    kernel corrected in place, bfloat16 through fp32 var_mean."""
+    for diffs in pools(world).run(rank_tasks.band_group_norm_parity):
+        assert diffs["torch.float32"] < 1e-5 and diffs["torch.float64"] < 1e-12, diffs
+
+
 def test_plan_through_torch_and_refusals(pools):
     assert pools(2).run(rank_tasks.vae_entry_points) == ["ok"] * 2
     msgs = pools(4).run(rank_tasks.raises, "vae_too_few_rows")

@@ -86,6 +86,8 @@ class SplitBands(ParallelStyle):
             if bands.tiling:
                 return output
             bands.active = False
+            if output is None:  # the forward raised: the exception propagates
+                return output
             if isinstance(output, tuple):  # CogVideoX's decoder: (band, this rank's caches of its band)
                 return (_gather_rows(output[0], bands.scale(output[0].shape[-2]), bands), *output[1:])
             return _gather_rows(output, bands.scale(output.shape[-2]), bands)
