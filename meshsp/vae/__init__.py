@@ -9,15 +9,18 @@ and every rank decodes its band. Styles on the decoder's modules keep that exact
   are all-gathered, so ``vae.decode(latents)`` takes and returns full tensors on every rank, as
   diffusers' pipelines call it;
 * ``HaloConv`` on every convolution taller than one row: the rows its kernel reaches across a band
-  edge come from the neighbouring ranks (one P2P exchange each way), zero rows at the image's own
-  edges — what the convolution's zero padding gives — and the convolution runs with no padding in
-  height, so its output is exactly this band's rows; ``HaloPadConv`` does the same for a wrapper
-  that pads with ``F.pad`` before an unpadded convolution (HunyuanVideo's causal convolution:
-  replicate padding, so the image's edge rows are copied instead of zeros);
+  edge come from the neighbouring ranks (one P2P exchange each way, in flight while the
+  convolution runs over its band as it is, padded as it pads the image); the few output rows next
+  to an inner band edge are then recomputed from those rows and the band's edge rows, unpadded in
+  height, so the output is exactly this band's rows and the band is never copied to add a halo;
+  ``HaloPadConv`` does the same for a wrapper that pads with ``F.pad`` before an unpadded
+  convolution (HunyuanVideo's causal convolution: replicate padding, so the image's edge rows are
+  copied instead of zeros);
 * ``BandGroupNorm`` on every ``GroupNorm`` (CogVideoX's spatial norm included: its conditioning on
   the latent band is band-local): the per-group counts, sums and sums of squares (float64, from
-  each band's fp32 mean and variance) are all-reduced, so every band is normalised with the whole
-  image's statistics, applied as one per-channel scale and shift;
+  each band's mean and variance) are all-reduced, so every band is normalised with the whole
+  image's statistics: in fp32 and fp64, nn.GroupNorm's own kernel normalises the band by its own
+  and the output is corrected in place by one per-channel scale and shift;
 * the mid-block's spatial attention runs as Ring attention over the bands' tokens (meshsp's
   ``ParallelAttention``; a band's tokens are a contiguous run of the row-major sequence);
   HunyuanVideo's attends over all frames with a frame-causal mask (``FrameCausalAttention``: a
