@@ -44,12 +44,16 @@ __all__ = ["format_rows", "run"]
 def _start(cmd: list[str], url: str, timeout: float = 300) -> subprocess.Popen:
     import httpx
 
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    import tempfile
+
+    log = tempfile.TemporaryFile(mode="w+")  # not a pipe: its progress bars would fill one and block the server
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=log, text=True,
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"the server exited: {proc.stderr.read()[-3000:]}")
+            log.seek(0)
+            raise RuntimeError(f"the server exited: {log.read()[-3000:]}")
         try:
             if httpx.get(f"{url}/health", timeout=2).status_code == 200:
                 return proc

@@ -192,7 +192,7 @@ class _Server:
 
     def _answer(self, endpoint: str, response: Response, arrived: float) -> Response:
         self.metrics.requests.labels(endpoint=endpoint, status=str(response.status_code)).inc()
-        if response.status_code == 200:
+        if response.status_code == 200 and endpoint == "images":  # a video job's latency is its whole run
             self.metrics.latency.labels(endpoint=endpoint).observe(time.monotonic() - arrived)
         return response
 
