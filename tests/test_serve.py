@@ -13,6 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 from conftest import assert_gone
+from test_serve_scale import start
 from openai import BadRequestError, NotFoundError, OpenAI
 from PIL import Image
 
@@ -23,20 +24,8 @@ MODEL = "tiny-qwen-image"
 
 
 def _start(port: int) -> subprocess.Popen:
-    proc = subprocess.Popen([sys.executable, "-m", "meshsp.cli", "serve", MODEL, "--usp", "2", "--ulysses-mode",
-                             "advanced_uaa", "--port", str(port), "--max-size", "256", "--max-n", "3",
-                             "--max-steps", "8"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    deadline = time.monotonic() + 180
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited: {proc.stdout.read()[-3000:]}")
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
-                return proc
-        except httpx.HTTPError:
-            time.sleep(0.5)
-    proc.kill()
-    raise RuntimeError("server did not come up within 180 s")
+    return start([sys.executable, "-m", "meshsp.cli", "serve", MODEL, "--usp", "2", "--ulysses-mode", "advanced_uaa",
+                  "--port", str(port), "--max-size", "256", "--max-n", "3", "--max-steps", "8"], port)
 
 
 def _stop(proc: subprocess.Popen) -> str:
