@@ -17,6 +17,8 @@ __all__ = [
     "init_sp_mesh",
     "load_plan",
     "parallelize",
+    "parallelize_pipeline",
+    "parallelize_vae",
     "record_comm",
     "sequence_parallel_attention",
     "shard_sequence",
@@ -27,9 +29,17 @@ __version__ = "0.1.0"
 
 
 def __getattr__(name: str):
-    # The engine pulls in diffusers pipelines; import it only when asked for.
+    # The engine and the pipeline recipe pull in diffusers; import them only when asked for.
     if name in ("Engine", "SamplingParams"):
         from meshsp import engine
 
         return getattr(engine, name)
+    if name == "parallelize_pipeline":
+        from meshsp.recipe import parallelize_pipeline
+
+        return parallelize_pipeline
+    if name == "parallelize_vae":
+        from meshsp.vae import parallelize_vae
+
+        return parallelize_vae
     raise AttributeError(f"module 'meshsp' has no attribute {name!r}")

@@ -65,8 +65,8 @@ from torch.distributed.device_mesh import DeviceMesh
 
 from meshsp.ops.comm import _count
 
-__all__ = ["CACHE_KINDS", "PipelineCache", "StepCache", "cache_config", "check_cache", "enable_cache",
-           "enable_pipeline_cache"]
+__all__ = ["CACHE_KINDS", "PipelineCache", "StepCache", "cache_config", "check_cache", "check_pipeline_cache",
+           "enable_cache", "enable_pipeline_cache"]
 
 logger = logging.getLogger(__name__)
 
@@ -419,6 +419,22 @@ def enable_cache(transformer: nn.Module, kind: str, mesh: DeviceMesh | dist.Proc
 
         cache = enable_cache(transformer, "first-block", mesh, threshold=0.1)
     """
+    if isinstance(mesh, DeviceMesh):
+        axes = _mesh_axes(mesh)
+    else:
+        axes = {"group": dist.get_world_size(mesh)} if mesh is not None else {}
+    spec, config = _checked(transformer, kind, axes, options)
+    transformer.enable_cache(config)
+    if not _registered(transformer, spec.hooks):
+        transformer.disable_cache()
+        raise ValueError(f"cache kind {kind!r} found no module of {type(transformer).__name__} to cache with {config!r}; "
+                         "name its blocks or attention modules in the kind's identifier options, or use first-block.")
+    return StepCache(transformer, kind, config, _forward_group(mesh))
+
+
+def _checked(transformer: nn.Module, kind: str, axes: Mapping[str, int], options: dict):
+    """(the kind, its diffusers config) for ``transformer`` on a mesh of ``axes``; every refusal
+    ``enable_cache`` makes before it registers a hook, without registering one."""
     spec = _check_kind(kind)
     if not hasattr(transformer, "enable_cache"):
         raise ValueError(f"{type(transformer).__name__} has no diffusers cache support (CacheMixin); use no cache.")
@@ -434,18 +450,9 @@ def enable_cache(transformer: nn.Module, kind: str, mesh: DeviceMesh | dist.Proc
 
         options["mag_ratios"] = FLUX_MAG_RATIOS
     config = cache_config(kind, **options)
-    if isinstance(mesh, DeviceMesh):
-        axes = _mesh_axes(mesh)
-    else:
-        axes = {"group": dist.get_world_size(mesh)} if mesh is not None else {}
     _check_axes(kind, spec, config, axes)
     _check_model(kind, config, transformer)
-    transformer.enable_cache(config)
-    if not _registered(transformer, spec.hooks):
-        transformer.disable_cache()
-        raise ValueError(f"cache kind {kind!r} found no module of {type(transformer).__name__} to cache with {config!r}; "
-                         "name its blocks or attention modules in the kind's identifier options, or use first-block.")
-    return StepCache(transformer, kind, config, _forward_group(mesh))
+    return spec, config
 
 
 class PipelineCache:
@@ -486,14 +493,7 @@ def enable_pipeline_cache(pipe, kind: str, mesh: DeviceMesh | None = None,
 
         cache = enable_pipeline_cache(pipe, "first-block", mesh, {"threshold": 0.1})
     """
-    options = {k: v for k, v in dict(options or {}).items() if v is not None}
-    _check_kind(kind)
-    if _KINDS[kind].timestep:
-        options.setdefault("current_timestep_callback", _current_timestep(pipe))
-    models = {name: getattr(pipe, name) for name in ("transformer", "transformer_2")
-              if isinstance(getattr(pipe, name, None), nn.Module)}
-    if not models:
-        raise ValueError(f"{type(pipe).__name__} has no transformer to cache.")
+    options, models = _pipeline_models(pipe, kind, options)
     caches: dict[str, StepCache] = {}
     try:
         for name, model in models.items():
@@ -503,6 +503,32 @@ def enable_pipeline_cache(pipe, kind: str, mesh: DeviceMesh | None = None,
             cache.remove()
         raise
     return PipelineCache(caches)
+
+
+def _pipeline_models(pipe, kind: str, options: Mapping | None) -> tuple[dict, dict[str, nn.Module]]:
+    options = {k: v for k, v in dict(options or {}).items() if v is not None}
+    _check_kind(kind)
+    if _KINDS[kind].timestep:
+        options.setdefault("current_timestep_callback", _current_timestep(pipe))
+    models = {name: getattr(pipe, name) for name in ("transformer", "transformer_2")
+              if isinstance(getattr(pipe, name, None), nn.Module)}
+    if not models:
+        raise ValueError(f"{type(pipe).__name__} has no transformer to cache.")
+    return options, models
+
+
+def check_pipeline_cache(pipe, kind: str, options: Mapping | None, axes: Mapping[str, int]) -> None:
+    """Raise the ``ValueError`` ``enable_pipeline_cache`` would raise for ``pipe`` on a mesh of
+    ``axes`` (``{"cfg": 2, "ulysses": 2}``), registering nothing: ``parallelize_pipeline`` checks the
+    cache with everything else before it changes the pipeline or builds a mesh.
+
+    Example::
+
+        check_pipeline_cache(pipe, "sea", {}, {"tp": 2})   # ValueError: ... tensor_parallel_size > 1 ...
+    """
+    options, models = _pipeline_models(pipe, kind, options)
+    for model in models.values():
+        _checked(model, kind, axes, dict(options))
 
 
 def _current_timestep(pipe) -> Callable[[], float]:

@@ -19,12 +19,19 @@ then disabled and both halves compute the same branch.
 
 from __future__ import annotations
 
+import inspect
+import logging
+
 import torch
 import torch.distributed as dist
 import torch.distributed._functional_collectives as funcol
 from diffusers.hooks.hooks import BaseState, HookRegistry, ModelHook, StateManager
 
-__all__ = ["CfgParallelHook", "apply_cfg_parallel"]
+from meshsp.ops.comm import _count
+
+__all__ = ["CfgParallelHook", "apply_cfg_parallel", "check_cfg_pipeline", "uses_guidance"]
+
+logger = logging.getLogger(__name__)
 
 HOOK_NAME = "meshsp_cfg_parallel"
 
@@ -49,6 +56,16 @@ class CfgParallelHook(ModelHook):
         self.state = StateManager(_Context)
         self._cond: torch.Tensor | None = None  # rank 0: its cond result; rank 1: the placeholder
         self.latents: torch.Tensor | None = None  # the call's latents, whole (see record_latents)
+        self._warned = False
+
+    def finish(self) -> None:
+        """At the end of a pipeline call: raise if a 'cond' prediction was never completed by an
+        'uncond' call (cfg rank 1 answered it with a placeholder), on both cfg ranks alike."""
+        pending, self._cond, self.latents = self._cond is not None, None, None
+        if pending:
+            raise ValueError("CFG parallel expected an 'uncond' transformer call after the last 'cond' one, but the "
+                             "pipeline call ended: it ran without guidance. Pass the arguments that enable guidance, "
+                             "or use cfg_degree=1.")
 
     def record_latents(self, module, args, kwargs) -> None:
         """A forward pre-hook run before every other: the latents as the pipeline passed them."""
@@ -63,9 +80,18 @@ class CfgParallelHook(ModelHook):
         context = self.state._context
         name = context.name if context is not None else None
         if not self.enabled or name not in ("cond", "uncond"):
+            if name == "uncond" and not self._warned and dist.get_rank() == 0:
+                self._warned = True  # a call judged (uses_guidance) to run without guidance
+                logger.warning("CFG parallel is off for this call (no guidance expected from its arguments), yet the "
+                               "pipeline made an 'uncond' transformer call: both cfg halves compute both branches.")
             return self.fn_ref.original_forward(*args, **kwargs)
         return_dict = kwargs.get("return_dict", True)
         if name == "cond":
+            if self._cond is not None:
+                self._cond = None
+                raise ValueError("CFG parallel expected an 'uncond' transformer call after the 'cond' one, but the "
+                                 "pipeline called 'cond' again: this call runs without guidance. Pass the arguments "
+                                 "that enable guidance, or use cfg_degree=1.")
             if self.rank == 0:
                 out = self.fn_ref.original_forward(*args, **kwargs)
                 self._cond = _sample(out)
@@ -90,12 +116,41 @@ class CfgParallelHook(ModelHook):
                 f"CFG parallel assumes the transformer predicts in the latents' shape; got "
                 f"{shapes[:8].tolist()} for cond vs {shapes[8:].tolist()}; use cfg_degree=1 for this model."
             )
+        _count("cfg_all_gather", mine.numel() * mine.element_size())  # what this rank sends to the other half
         both = funcol.wait_tensor(funcol.all_gather_single(mine.contiguous(), 0, self.group))
         cond, uncond = both.chunk(2)
         if self.rank == 1:
             self._cond.copy_(cond)
         self._cond = None
         return _wrap(uncond, return_dict)
+
+
+def check_cfg_pipeline(pipe) -> None:
+    """``ValueError`` unless ``pipe`` calls its transformer once per guidance branch, marked with
+    ``cache_context("uncond")`` (what CFG parallel splits between the halves)."""
+    source = inspect.getsource(type(pipe).__call__)
+    if 'cache_context("uncond"' not in source:
+        raise ValueError(
+            f"cfg_degree=2 needs a pipeline that calls its transformer once per guidance branch "
+            f"(cache_context('cond') / ('uncond')); {type(pipe).__name__} does not. Use cfg_degree=1."
+        )
+
+
+def uses_guidance(pipe, arguments: dict) -> bool:
+    """Whether a call of ``pipe`` with ``arguments`` (bound, defaults applied) runs a conditional and
+    an unconditional branch per step: true CFG with a negative prompt (``true_cfg_scale`` > 1), or
+    classic CFG (``guidance_scale`` > 1 where the pipeline has ``do_classifier_free_guidance``).
+
+    Example::
+
+        uses_guidance(pipe, {"true_cfg_scale": 4.0, "negative_prompt": "blurry"})   # True for Qwen-Image
+    """
+    if "true_cfg_scale" in arguments:
+        negative = arguments.get("negative_prompt") is not None or arguments.get("negative_prompt_embeds") is not None
+        return (arguments["true_cfg_scale"] or 0) > 1 and negative
+    if "guidance_scale" in arguments and hasattr(type(pipe), "do_classifier_free_guidance"):
+        return (arguments["guidance_scale"] or 0) > 1
+    return False
 
 
 def _sample(out) -> torch.Tensor:

@@ -28,7 +28,6 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from meshsp.cfg import apply_cfg_parallel
 from meshsp.config import ParallelConfig
 from meshsp.launch import RankFailure, WorkerPool
 from meshsp.loading import Stages, load_kwargs, load_pipeline, offload, rank_device, weights_info
@@ -123,8 +122,6 @@ class _Runner:
                  cache_options: dict | None = None) -> None:
         from diffusers import DiffusionPipeline
 
-        from meshsp.mesh import init_sp_mesh
-        from meshsp.plans import parallelize
 
         self.config = config
         if _rank() != 0:  # progress bars and loading output on rank 0 only
@@ -149,34 +146,14 @@ class _Runner:
             offload(self.pipe, self.device)
         elif self.device.type == "cuda":
             self.pipe.to(self.device)  # moves only what did not load there (nothing, with LOCAL_RANK set)
-        self.mesh = None
-        self.cfg_hook = None
-        if vae_tiling:
-            self.pipe.vae.enable_tiling()  # diffusers' tiles; shared out across the ranks below
-        if config.world_size > 1:
-            self.mesh = init_sp_mesh(config)
-            if config.tensor_parallel_size > 1 and not (cpu_offload or self.encode_once):
-                self._shard_text_encoders()
-            if vae_parallel:
-                from meshsp.vae import parallelize_vae
+        # The one recipe every entry point shares (meshsp.recipe): plans, VAE split, CFG, text
+        # encoder TP (not for offloaded encoders, nor rank 0's lone one), step cache.
+        from meshsp.recipe import parallelize_pipeline
 
-                parallelize_vae(self.pipe.vae, self.mesh)  # every rank decodes a band (meshsp.vae)
-            for name in ("transformer", "transformer_2"):  # Wan 2.2 has two experts
-                model = getattr(self.pipe, name, None)
-                if model is None:
-                    continue
-                if config.sequence_parallel_size * config.tensor_parallel_size > 1:
-                    parallelize(model, self.mesh, ulysses_mode=config.ulysses_mode)
-                if config.cfg_degree > 1:
-                    _check_cfg_pipeline(self.pipe)
-                    hook = apply_cfg_parallel(model, self.mesh["cfg"].get_group())
-                    self.cfg_hook = self.cfg_hook or []
-                    self.cfg_hook.append(hook)
-        self.cache = None
-        if cache is not None:  # after the plans: the cache's hooks wrap the parallel transformer
-            from meshsp.cache import enable_pipeline_cache
-
-            self.cache = enable_pipeline_cache(self.pipe, cache, self.mesh, cache_options)
+        parallelize_pipeline(self.pipe, config, vae_parallel=vae_parallel, vae_tiling=vae_tiling,
+                             text_encoder_tp=not (cpu_offload or self.encode_once), cache=cache,
+                             cache_options=cache_options)
+        self.cache = self.pipe.meshsp.cache
         self.pipe.set_progress_bar_config(disable=_rank() != 0)
         self.params = inspect.signature(self.pipe.__call__).parameters
         self.stages = Stages(self.pipe, self.device)
@@ -186,39 +163,21 @@ class _Runner:
     def _set_progress(self, fraction: float) -> None:
         self.progress = fraction
 
-    def _shard_text_encoders(self) -> None:
-        """Text encoders with a transformers tp plan run tensor-parallel on the ``tp`` axis too;
-        others stay whole on every rank (said once, on rank 0). Offloaded encoders (``cpu_offload``)
-        and rank 0's lone encoder (``encode_text_once``) are not sharded."""
-        from meshsp.text_encoding import parallelize_text_encoder
-
-        for name, module in self.pipe.components.items():
-            if name.startswith("text_encoder") and isinstance(module, torch.nn.Module):
-                why = parallelize_text_encoder(module, self.mesh["tp"])
-                if why is not None and _rank() == 0:
-                    logger.info("%s stays whole on every rank: %s", name, why)
-
     def info(self) -> dict:
         """Pipeline class, whether it makes video, the multiple its width and height need, the ranks
         its VAE decode is split across and the temporal step of its frame counts."""
         pipe = self.pipe
         scale = getattr(pipe, "vae_scale_factor_spatial", None) or getattr(pipe, "vae_scale_factor", 8)
         # Latents are packed (Flux, Qwen-Image) or patchified (Wan) 2x2 after the VAE's downscaling.
-        bands = getattr(getattr(pipe, "vae", None), "meshsp_bands", None)
         return {"pipeline": type(pipe).__name__, "video": "num_frames" in self.params, "size_multiple": scale * 2,
-                "vae_ranks": bands.size if bands is not None else 1,
+                "vae_ranks": pipe.meshsp.vae_ranks,
                 "frame_multiple": getattr(pipe, "vae_scale_factor_temporal", 1) or 1}
 
     def _uses_cfg(self, kw: dict) -> bool:
         """Whether this call runs a conditional and an unconditional branch per step."""
-        def value(name):
-            return kw.get(name, self.params[name].default)
+        from meshsp.cfg import uses_guidance
 
-        if "true_cfg_scale" in self.params:
-            return value("true_cfg_scale") > 1 and kw.get("negative_prompt") is not None
-        if "guidance_scale" in self.params and hasattr(type(self.pipe), "do_classifier_free_guidance"):
-            return value("guidance_scale") > 1
-        return False
+        return uses_guidance(self.pipe, {**{n: p.default for n, p in self.params.items()}, **kw})
 
     def _kwargs(self, requests: list[tuple[list[str], SamplingParams]]) -> dict:
         """The pipeline call of a batch: every request's prompts, each repeated per image, one
@@ -280,8 +239,6 @@ class _Runner:
         its images or videos, the call's seconds, its stage seconds, the step cache's counts or None);
         elsewhere None."""
         kwargs = self._kwargs(requests)
-        for hook in self.cfg_hook or ():
-            hook.enabled = self._uses_cfg(kwargs)
         if self.encode_once:
             kwargs = self._encode_once(kwargs)
         steps = kwargs["num_inference_steps"]
@@ -295,9 +252,6 @@ class _Runner:
         # Noise a model draws from the global generator (LTX-Video's decoder) is drawn alike on every
         # rank and as one process with the same seed draws it.
         torch.manual_seed(requests[0][1].seed)
-        if self.cache is not None:
-            self.cache.prepare(steps)
-            self.cache.reset_counts()
         t0 = time.perf_counter()
         out = self.pipe(**kwargs)
         seconds = time.perf_counter() - t0
@@ -310,16 +264,6 @@ class _Runner:
             split.append(images[:n])
             images = images[n:]
         return split, seconds, self.stages.seconds(seconds), dict(self.cache.counts) if self.cache is not None else None
-
-
-def _check_cfg_pipeline(pipe) -> None:
-    """CFG parallel needs one transformer call per branch, marked with cache_context("uncond")."""
-    source = inspect.getsource(type(pipe).__call__)
-    if 'cache_context("uncond"' not in source:
-        raise ValueError(
-            f"cfg_degree=2 needs a pipeline that calls its transformer once per guidance branch "
-            f"(cache_context('cond') / ('uncond')); {type(pipe).__name__} does not. Use cfg_degree=1."
-        )
 
 
 _RUNNER: _Runner | None = None  # the runner of a spawned worker process

@@ -16,7 +16,7 @@ from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
 from meshsp.config import ParallelConfig
 
-__all__ = ["init_sp_mesh", "default_device_type"]
+__all__ = ["check_world_size", "default_device_type", "init_sp_mesh"]
 
 
 def default_device_type() -> str:
@@ -28,6 +28,24 @@ def _world_size() -> int:
     if dist.is_initialized():
         return dist.get_world_size()
     return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def check_world_size(config: ParallelConfig) -> None:
+    """Raise ``ValueError`` when the process world (the process group, or ``WORLD_SIZE`` before
+    one exists) is not ``config.world_size``; no communication.
+
+    Example::
+
+        check_world_size(ParallelConfig(ulysses_degree=2))   # under torchrun --nproc-per-node 4: ValueError
+    """
+    world = _world_size()
+    if world != config.world_size:
+        raise ValueError(
+            f"the process world size is {world} but the config needs cfg_degree x ring_degree x "
+            f"ulysses_degree x tensor_parallel_size = {config.cfg_degree} x {config.ring_degree} x "
+            f"{config.ulysses_degree} x {config.tensor_parallel_size} = {config.world_size}; launch "
+            f"{config.world_size} processes or change the degrees."
+        )
 
 
 def init_sp_mesh(config: ParallelConfig, device_type: str | None = None) -> DeviceMesh:
@@ -42,14 +60,7 @@ def init_sp_mesh(config: ParallelConfig, device_type: str | None = None) -> Devi
         mesh = init_sp_mesh(ParallelConfig(ulysses_degree=2, ring_degree=2))
         mesh["ulysses"].size()  # 2
     """
-    world = _world_size()
-    if world != config.world_size:
-        raise ValueError(
-            f"the process world size is {world} but the config needs cfg_degree x ring_degree x "
-            f"ulysses_degree x tensor_parallel_size = {config.cfg_degree} x {config.ring_degree} x "
-            f"{config.ulysses_degree} x {config.tensor_parallel_size} = {config.world_size}; launch "
-            f"{config.world_size} processes or change the degrees."
-        )
+    check_world_size(config)
     device_type = device_type or default_device_type()
     if device_type == "cuda" and torch.cuda.device_count() > 0:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())

@@ -70,10 +70,16 @@ class VaePlan(ParallelStyle, dict):
                                               if isinstance(m, (nn.Conv2d, nn.Conv3d)))
                 self["encoder"] = "SplitBands"
 
-    def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
-        if getattr(module, "use_tiling", False) and self.vae_class != "AutoencoderKL":
+    def check(self, module: nn.Module, tiling: bool | None = None) -> None:
+        """Raise ``ValueError`` for what ``_apply`` would refuse (tiling, as ``tiling`` says or as
+        ``module`` has it), without communicating."""
+        tiling = getattr(module, "use_tiling", False) if tiling is None else tiling
+        if tiling and self.vae_class != "AutoencoderKL":
             raise ValueError(f"{self.vae_class} has tiling enabled; meshsp shares out the tiles of "
                              "AutoencoderKL only: call vae.disable_tiling() for the (exact, untiled) split decode.")
+
+    def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
+        self.check(module)
         bands, state = Bands(device_mesh), PlanState("advanced_uaa")
         bands.encoder_split = "encoder" in self
         if bands.size == 1:

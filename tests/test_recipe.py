@@ -1,0 +1,79 @@
+"""``meshsp.parallelize_pipeline``: a user's own diffusers pipeline, made parallel with one call, returns on
+every rank what one process returns; bad input is refused on every rank with the pipeline untouched."""
+
+import numpy as np
+import pytest
+
+import pipeline_tasks
+from meshsp import ParallelConfig
+
+# 80x48 pixels: 10x6 latents -> 5x3 = 15 packed image tokens, which divide over neither 2 nor 4 ranks.
+QWEN = dict(prompt="a cat on a windowsill", negative_prompt="blurry", true_cfg_scale=4.0, num_inference_steps=3,
+            width=80, height=48, seed=5)
+FLUX = dict(prompt="a red dog", num_inference_steps=2, width=80, height=48, seed=1)
+WAN = dict(prompt="a cat walking", negative_prompt="blurry", guidance_scale=5.0, num_inference_steps=2,
+           width=48, height=80, num_frames=5, seed=2)
+CASES = {
+    "qwen-cfg2xU2-uaa": ("tiny-qwen-image", dict(cfg_degree=2, ulysses_degree=2, ulysses_mode="advanced_uaa"), QWEN, {}),
+    "qwen-TP2xU2-uaa": ("tiny-qwen-image", dict(tensor_parallel_size=2, ulysses_degree=2, ulysses_mode="advanced_uaa"),
+                        QWEN, {}),
+    "qwen-U2xR2-uaa-taylorseer": ("tiny-qwen-image", dict(ulysses_degree=2, ring_degree=2, ulysses_mode="advanced_uaa"),
+                                  QWEN, {"cache": "taylorseer"}),
+    "flux-R2xU2-uaa": ("tiny-flux", dict(ring_degree=2, ulysses_degree=2, ulysses_mode="advanced_uaa"), FLUX, {}),
+    "wan-cfg2xU2-uaa": ("tiny-wan", dict(cfg_degree=2, ulysses_degree=2, ulysses_mode="advanced_uaa"), WAN, {}),
+}
+
+
+@pytest.fixture(scope="module")
+def references():
+    """One process: the same pipelines, the same calls, nothing parallel (a step cache where asked)."""
+    out = {}
+    for case, (name, _, kwargs, options) in CASES.items():
+        pipe = pipeline_tasks.load(name)
+        if options.get("cache"):
+            from meshsp.cache import enable_pipeline_cache
+
+            enable_pipeline_cache(pipe, options["cache"]).prepare(kwargs["num_inference_steps"])
+        out[case] = pipeline_tasks.call(pipe, kwargs)
+    return out
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_pipeline_call_equals_one_process(pools, references, case):
+    name, degrees, kwargs, options = CASES[case]
+    results = pools(ParallelConfig(**degrees).world_size).run(pipeline_tasks.parallel_call, name, degrees, kwargs,
+                                                              options, timeout=600)
+    want = references[case]
+    for rank, got in enumerate(results):
+        assert got["out"].shape == want.shape
+        diff = np.abs(got["out"] - want).max()
+        # Decoded pixels in [0, 1]: SP, TP and the split VAE agree with one process to fp32 rounding.
+        assert diff <= 2e-5, (case, rank, diff)
+        assert got["vae_ranks"] == 4 and got["transformers"] == ("transformer",)
+        assert got["class"] == results[0]["class"] and got["sent"]  # it communicated
+    first = results[0]
+    assert first["cfg"] == (1 if degrees.get("cfg_degree", 1) > 1 else 0)
+    if degrees.get("tensor_parallel_size", 1) > 1:
+        assert first["text_encoders"] == ("text_encoder",)  # Qwen2.5-VL's language model on the tp axis
+        assert first["sent"].get("tp_all_reduce", 0) > 0
+    if degrees.get("cfg_degree", 1) > 1:  # one exchange of the predictions per guided step
+        assert first["sent"]["cfg_all_gather"] == kwargs["num_inference_steps"]
+    if options.get("cache"):
+        assert first["cache"]["calls"] > 0
+
+
+@pytest.mark.parametrize("case,match", [
+    ("world", "process world size is 4 but the config needs"),
+    ("no-plan", "no meshsp plan for ChromaTransformer2DModel"),
+    ("tiling", "tiling enabled"),
+    ("cache", "one state for the 'cond' and 'uncond' calls"),
+    ("tp", "tensor_parallel_size=4 must divide"),
+    ("second", "already parallelized"),
+    ("not-a-pipeline", "takes a diffusers pipeline with a transformer"),
+])
+def test_bad_input_refused_on_every_rank_before_anything_changes(pools, case, match):
+    results = pools(4).run(pipeline_tasks.refusal, "tiny-qwen-image", case, timeout=300)
+    for rank, result in enumerate(results):
+        assert result["error"] is not None and match in result["error"], (rank, result)
+        assert result["untouched"], (rank, result)
+    assert len({r["error"] for r in results}) == 1  # the same message on every rank
