@@ -172,12 +172,21 @@ def _plan(args) -> int:
         raise SystemExit("meshsp plan: --infer and --coverage are separate runs; give one")
     if args.infer:
         return _infer_plan(args)
+    if args.published:
+        from meshsp.planner import published_markdown
+
+        print(published_markdown())
+        return 0
+    if args.markdown and not args.coverage:
+        raise SystemExit("meshsp plan: --markdown goes with --coverage")
     if args.coverage:
         from meshsp.plans.coverage import coverage, markdown
         from meshsp.zoo import NOT_DIT
 
         rows = coverage()
         print(markdown(rows))
+        if args.markdown:
+            return 0
         dits = [r for c, r in rows.items() if c not in NOT_DIT]
         print(f"\n{sum(r.status != 'refused' for r in dits)} of {len(dits)} diffusion transformers have a plan.")
         return 0
@@ -430,6 +439,10 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--output", metavar="PLAN.yaml", help="with --infer: write the plan here")
     plan.add_argument("--coverage", action="store_true",
                       help="print which diffusers transformer classes have a plan (shipped, converted, inferred)")
+    plan.add_argument("--markdown", action="store_true",
+                      help="with --coverage: the table alone, as docs/models.md holds it")
+    plan.add_argument("--published", action="store_true",
+                      help="the published runs against the planner's predictions, as docs/planning.md holds them")
     plan.add_argument("--width", type=int, default=1024)
     plan.add_argument("--height", type=int, default=1024)
     plan.add_argument("--frames", type=int, default=1)

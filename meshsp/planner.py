@@ -39,7 +39,7 @@ import math
 from dataclasses import dataclass
 from typing import NamedTuple
 
-__all__ = ["HARDWARE", "MODELS", "PUBLISHED", "Hardware", "ModelShape", "Published", "RequestTime", "predict",
+__all__ = ["HARDWARE", "MODELS", "PUBLISHED", "published_markdown", "Hardware", "ModelShape", "Published", "RequestTime", "predict",
            "predict_step", "recommend", "request_time", "tokens"]
 
 # Shared efficiencies and overheads (every hardware, every model):
@@ -143,6 +143,30 @@ PUBLISHED = [
     Published("flux", "l20", "pcie", 1024, 28, 1, 2, 1.71),
     Published("flux", "l20", "pcie", 1024, 28, 1, 4, 2.85),
 ]
+
+
+_NAMES = {"qwen-image": "Qwen-Image", "flux": "FLUX.1-dev"}
+_LINKS = {"nvlink": "NVLink", "pcie": "PCIe", "ib": "InfiniBand"}
+
+
+def published_markdown() -> str:
+    """``PUBLISHED`` against ``predict`` as the Markdown table of docs/planning.md (``meshsp plan --published``).
+
+    Example::
+
+        print(published_markdown())   # | Qwen-Image | H800, NVLink | 2048x2048 | 50 | U2 | 1.73x | 1.72x | yes (-1%) |
+    """
+    lines = ["| model | GPU, link | size | steps | degrees | published | predicted, whole request | within 15%? |",
+             "|---|---|---|---|---|---|---|---|"]
+    for row in PUBLISHED:
+        got = predict(row.model, row.hardware, row.size, row.size, steps=row.steps, ring=row.ring,
+                      ulysses=row.ulysses, interconnect=row.interconnect)
+        degrees = "x".join([f"U{row.ulysses}"] * (row.ulysses > 1) + [f"R{row.ring}"] * (row.ring > 1))
+        off = got / row.speedup - 1
+        lines.append(f"| {_NAMES.get(row.model, row.model)} | {row.hardware.upper()}, {_LINKS[row.interconnect]} | "
+                     f"{row.size}x{row.size} | {row.steps} | {degrees} | {row.speedup:.2f}x | {got:.2f}x | "
+                     f"{'yes' if abs(off) <= 0.15 else 'no'} ({off * 100:+.0f}%) |")
+    return "\n".join(lines)
 
 
 def tokens(model: ModelShape, width: int, height: int, frames: int = 1) -> int:

@@ -77,3 +77,32 @@ def test_bad_input_refused_on_every_rank_before_anything_changes(pools, case, ma
         assert result["error"] is not None and match in result["error"], (rank, result)
         assert result["untouched"], (rank, result)
     assert len({r["error"] for r in results}) == 1  # the same message on every rank
+
+
+def _run_script(tmp_path, launcher: list[str], name: str, *flags: str):
+    import os
+    import pathlib
+    import subprocess
+
+    root = pathlib.Path(__file__).resolve().parents[1]
+    out = tmp_path / name
+    proc = subprocess.run([*launcher, str(root / "examples" / "diffusers_script.py"), "--width", "80", "--height", "48",
+                           "--steps", "2", "--output", str(out), *flags],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    from PIL import Image
+
+    return np.asarray(Image.open(out)).astype(int)
+
+
+def test_example_script_under_torchrun_and_spawned_equals_one_process(tmp_path):
+    import sys
+
+    layout = ("--ulysses-degree", "2", "--cfg-parallel-size", "2", "--ulysses-mode", "advanced_uaa")
+    one = _run_script(tmp_path, [sys.executable], "one.png")
+    torchrun = _run_script(tmp_path, [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "4"],
+                           "torchrun.png", *layout)
+    spawned = _run_script(tmp_path, [sys.executable], "spawned.png", "--spawn", "4", *layout)
+    assert one.shape == (48, 80, 3)
+    assert np.abs(torchrun - one).max() <= 1 and np.abs(spawned - one).max() <= 1
