@@ -65,7 +65,7 @@ from torch.distributed.device_mesh import DeviceMesh
 
 from meshsp.ops.comm import _count
 
-__all__ = ["CACHE_KINDS", "PipelineCache", "StepCache", "cache_config", "check_cache", "check_pipeline_cache",
+__all__ = ["BATCH_WIDE_CACHES", "CACHE_KINDS", "PipelineCache", "StepCache", "cache_config", "check_batching", "check_cache", "check_pipeline_cache",
            "enable_cache", "enable_pipeline_cache"]
 
 logger = logging.getLogger(__name__)
@@ -182,6 +182,24 @@ def cache_config(kind: str, **options):
         return cls(**options)
     except (TypeError, ValueError) as exc:
         raise ValueError(f"cache kind {kind!r}: {exc}") from exc
+
+
+# Caches whose skip decision is one statistic over the whole batch: a request's image would depend on its batch-mates.
+BATCH_WIDE_CACHES = ("first-block", "sea")
+
+
+def check_batching(batch_size: int, kind: str | None) -> None:
+    """Refuse more than one request per batch with a step cache that decides from the whole batch
+    (``BATCH_WIDE_CACHES``): the engine for each batch, the server for its ``--max-batch-size``.
+
+    Example::
+
+        check_batching(4, "first-block")   # ValueError: ... decides from the whole batch ...
+    """
+    if batch_size > 1 and kind in BATCH_WIDE_CACHES:
+        raise ValueError(f"the {kind!r} step cache decides from the whole batch's tensors, so a request's images would "
+                         f"depend on what it is batched with (batches of up to {batch_size}); run requests one at a "
+                         "time (--max-batch-size 1), or use a per-token cache ('taylorseer', 'mag', 'pab', 'faster').")
 
 
 def check_cache(kind: str, options: Mapping | None = None, parallel_config=None) -> None:
@@ -379,7 +397,6 @@ class StepCache:
         if group is not None and kind == "sea":
             for shared in {id(h.shared_state): h.shared_state for h in hooks}.values():
                 _agree_sea(shared, group)
-        self.hooked = len(hooks)
 
     @property
     def counts(self) -> dict[str, int]:

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from meshsp.cache import BATCH_WIDE_CACHES, check_batching
 from meshsp.config import ParallelConfig
 from meshsp.launch import RankFailure, WorkerPool
 from meshsp.loading import Stages, load_kwargs, load_pipeline, offload, rank_device, weights_info
@@ -89,10 +90,6 @@ def resolve_model(model: str) -> str:
     return str(tiny_pipeline_path(model)) if model in TINY_PIPELINES else model
 
 
-# Step caches whose skip decision is one statistic over the whole batch (meshsp.cache).
-BATCH_WIDE_CACHES = ("first-block", "sea")
-
-
 def batch_key(params: SamplingParams) -> tuple:
     """What requests must share to run as one batch: size, steps, frames and guidance. Seeds, prompts
     and negative prompts may differ (whether there is a negative prompt may not: it selects true CFG).
@@ -122,8 +119,6 @@ class _Runner:
                  cache_options: dict | None = None) -> None:
         from diffusers import DiffusionPipeline
 
-
-        self.config = config
         if _rank() != 0:  # progress bars and loading output on rank 0 only
             import diffusers.utils.logging as diffusers_logging
             import transformers.utils.logging as transformers_logging
@@ -398,10 +393,7 @@ class Engine:
             batch.append((prompts, params))
         if not batch:
             raise ValueError("generate_batch needs at least one (prompt, SamplingParams) request.")
-        if len(batch) > 1 and self.cache in BATCH_WIDE_CACHES:
-            raise ValueError(f"the {self.cache!r} step cache decides from the whole batch's tensors, so a request's "
-                             f"images would depend on what it is batched with; run requests one at a time, or use "
-                             f"a per-token cache ('taylorseer', 'mag', 'pab', 'faster').")
+        check_batching(len(batch), self.cache)
         if len({batch_key(params) for _, params in batch}) > 1:
             raise ValueError(f"requests batched together must share size, steps, frames and guidance (batch_key); "
                              f"got {[batch_key(params) for _, params in batch]}. Run them in separate batches.")

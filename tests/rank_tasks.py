@@ -11,6 +11,7 @@ import torch.nn.functional as F
 import meshsp
 from meshsp import ParallelConfig, SeqLayout, init_sp_mesh, shard_sequence
 from meshsp.ops import record_comm
+from meshsp.plans.verify import local_bytes
 
 _MESHES: dict = {}
 
@@ -259,22 +260,17 @@ def model_parity(family: str, ring: int, ulysses: int, mode: str, heads: int | N
     from torch.distributed.tensor.parallel import parallelize_module
 
     from meshsp.plans import get_plan, parallelize, plan_from_cp_plan
+    from meshsp.plans.verify import compare
     from meshsp.tiny import build_transformer, make_inputs, output_tensor
 
-    mesh = mesh_for(ring, ulysses)
-    model = build_transformer(family, heads=heads, **(config or {}))
-    with torch.no_grad():
-        expected = output_tensor(model(**make_inputs(family, model, **inputs)))
-    plan = plan_from_cp_plan(model, ulysses_mode=mode) if plan_source == "cp_plan" else get_plan(model, ulysses_mode=mode)
-    (parallelize if entry == "meshsp" else parallelize_module)(model, mesh, plan)
-    with torch.no_grad(), record_comm() as stats:
-        out = output_tensor(model(**make_inputs(family, model, **inputs)))
-    scale = expected.abs().max().item()
-    torch.testing.assert_close(out, expected, atol=tol * max(scale, 1.0), rtol=tol,
-                               msg=lambda m: f"{family} R{ring}xU{ulysses} {mode} {inputs}: {m}")
-    # The forward really ran sequence-parallel (an untouched model would match the reference too).
-    assert (stats.calls["all_to_all"] > 0) == (ulysses > 1) and (stats.calls["p2p"] > 0) == (ring > 1), stats.calls
-    return {"diff": (out - expected).abs().max().item(), "calls": dict(stats.calls)}
+    def apply(model):
+        plan = plan_from_cp_plan(model, ulysses_mode=mode) if plan_source == "cp_plan" else get_plan(model, ulysses_mode=mode)
+        (parallelize if entry == "meshsp" else parallelize_module)(model, mesh_for(ring, ulysses), plan)
+
+    result = compare(lambda: build_transformer(family, heads=heads, **(config or {})),
+                     lambda m: output_tensor(m(**make_inputs(family, m, **inputs))), apply,
+                     where=f"{family} R{ring}xU{ulysses} {mode} {inputs}", ring=ring, ulysses=ulysses, tol=tol)
+    return {"diff": result["diff"], "calls": result["calls"]}
 
 
 def dtype_parity(family: str, ring: int, ulysses: int, dtype: torch.dtype, heads: int = 3) -> dict:
@@ -523,38 +519,23 @@ def config_mesh(**degrees):
     return _MESHES[key]
 
 
-def local_param_bytes(model) -> int:
-    from torch.distributed.tensor import DTensor
-
-    return sum((p.to_local() if isinstance(p, DTensor) else p).nbytes for p in [*model.parameters(), *model.buffers()])
-
-
 def tp_parity(family: str, tp: int, ring: int = 1, ulysses: int = 1, mode: str = "strict", heads: int = 4,
               inputs: dict | None = None, tol: float = 1e-5, config: dict | None = None) -> dict:
     """Single-device forward vs the model parallelized with its plan on a mesh with a ``tp`` axis;
     returns the max abs diff, the communication and this rank's parameter bytes."""
     from meshsp.plans import get_plan, parallelize
+    from meshsp.plans.verify import compare
     from meshsp.tiny import build_transformer, make_inputs, output_tensor
 
     inputs = inputs or dict(h=4, w=4, txt=8, frames=2)
     mesh = config_mesh(tensor_parallel_size=tp, ring_degree=ring, ulysses_degree=ulysses)
-    model = build_transformer(family, heads=heads, **(config or {}))
-    with torch.no_grad():
-        expected = output_tensor(model(**make_inputs(family, model, **inputs)))
-    # Fresh (forwards fill some buffers lazily) and in one dtype (CogVideoX keeps a float64 buffer),
-    # as the planner counts it.
-    model = build_transformer(family, heads=heads, **(config or {})).to(torch.float32)
-    full = local_param_bytes(model)
-    parallelize(model, mesh, get_plan(model, ulysses_mode=mode))
-    mine = local_param_bytes(model)
-    with torch.no_grad(), record_comm() as stats:
-        out = output_tensor(model(**make_inputs(family, model, **inputs)))
-    scale = expected.abs().max().item()
-    torch.testing.assert_close(out, expected, atol=tol * max(scale, 1.0), rtol=tol,
-                               msg=lambda m: f"{family} TP{tp} R{ring}xU{ulysses} {mode} {inputs}: {m}")
-    assert stats.calls["tp_all_reduce"] > 0 and (stats.calls["all_to_all"] > 0) == (ulysses > 1), stats.calls
-    return {"diff": (out - expected).abs().max().item(), "calls": dict(stats.calls),
-            "bytes": dict(stats.bytes_sent), "param_bytes": mine, "full_param_bytes": full}
+    # In one dtype (CogVideoX keeps a float64 buffer), as the planner counts it.
+    result = compare(lambda: build_transformer(family, heads=heads, **(config or {})).to(torch.float32),
+                     lambda m: output_tensor(m(**make_inputs(family, m, **inputs))),
+                     lambda m: parallelize(m, mesh, get_plan(m, ulysses_mode=mode)),
+                     where=f"{family} TP{tp} R{ring}xU{ulysses} {mode} {inputs}", ring=ring, ulysses=ulysses, tp=tp,
+                     tol=tol)
+    return {k: result[k] for k in ("diff", "calls", "bytes", "param_bytes", "full_param_bytes")}
 
 
 def tp_parity_all(families: list[str], tp: int, ring: int, ulysses: int, mode: str, heads: dict, inputs: dict) -> dict:
@@ -603,7 +584,7 @@ def text_encoder_tp_parity(tp: int) -> dict:
     with torch.no_grad(), record_comm() as stats:
         out = encoder.model.language_model(input_ids=ids).last_hidden_state
     torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
-    return {"why": why, "calls": dict(stats.calls), "bytes": local_param_bytes(encoder)}
+    return {"why": why, "calls": dict(stats.calls), "bytes": local_bytes(encoder)}
 
 
 def vae_decode_parity(pipeline: str, shape: tuple, tol: float = 1e-5, **degrees) -> dict:

@@ -97,4 +97,4 @@ def test_verify_runs_tp_layouts_beside_sp_ones():
     cls = "PixArtTransformer2DModel"
     lines = verify(cls, get_plan(build(cls, heads=4)), layouts=[(1, 2), (1, 1, 2)], heads=4)
     assert lines[0].startswith("R1xU2: equal") and "parameter bytes" not in lines[0], lines
-    assert lines[1].startswith("R1xU1xTP2: equal") and "parameter bytes per rank" in lines[1], lines
+    assert lines[1].startswith("R1xU1xTP2: equal") and "parameter and buffer bytes per rank" in lines[1], lines

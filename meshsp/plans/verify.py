@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["parity", "verify"]
+__all__ = ["compare", "local_bytes", "parity", "verify"]
 
 LAYOUTS = ((1, 2), (2, 1), (2, 2))  # (ring, ulysses): U2, R2, U2xR2
 
@@ -24,19 +24,54 @@ def grid_for(cls: str) -> dict:
     return dict(h=3, w=5, frames=2 if entry.video else 1, txt=7, batch=2, text_pad=2 if entry.text_mask else 0)
 
 
-def _local_bytes(model: torch.nn.Module) -> int:
+def local_bytes(model: torch.nn.Module) -> int:
+    """The bytes of parameters and buffers this rank holds (a DTensor's local shard)."""
     from torch.distributed.tensor import DTensor
 
-    return sum((p.to_local() if isinstance(p, DTensor) else p).nbytes for p in model.parameters())
+    return sum((t.to_local() if isinstance(t, DTensor) else t).nbytes for t in [*model.parameters(), *model.buffers()])
+
+
+def compare(build, forward, apply, *, where: str, ring: int, ulysses: int, tp: int = 1, tol: float = 1e-5) -> dict:
+    """The check every parity run makes on one rank: ``forward(model)`` of a model from ``build()``
+    (seeded: the same weights each time) before and after ``apply(model)`` parallelizes a fresh one.
+    Raises unless the outputs agree within ``tol`` of the output scale and the parallel forward
+    communicated as the ``ring x ulysses x tp`` layout says (an untouched model would match too),
+    and unless tensor parallelism (only) left this rank less than the whole model. Returns the max
+    difference, the scale, the calls and bytes sent, the parallel model and its bytes.
+
+    Example::
+
+        compare(lambda: build(cls, heads=3), lambda m: output_of(m, m(**inputs)),
+                lambda m: parallelize_module(m, mesh, plan), where=cls, ring=1, ulysses=2)
+    """
+    from meshsp.ops import record_comm
+
+    reference = build()
+    with torch.no_grad():
+        expected = forward(reference)
+    model = build()  # fresh: some forwards fill buffers lazily
+    full = local_bytes(model)
+    apply(model)
+    mine = local_bytes(model)
+    with torch.no_grad(), record_comm() as stats:
+        out = forward(model)
+    scale = expected.abs().max().item()
+    torch.testing.assert_close(out, expected, atol=tol * max(scale, 1.0), rtol=tol, msg=lambda m: f"{where}: {m}")
+    calls = stats.calls
+    communicated = ((calls["all_to_all"] > 0) == (ulysses > 1) and (calls["p2p"] > 0) == (ring > 1)
+                    and (calls["tp_all_reduce"] > 0) == (tp > 1))
+    assert communicated, f"{where}: the forward did not run as the layout says: {dict(calls)}"
+    assert (mine < full) == (tp > 1), f"{where}: {mine} of {full} parameter and buffer bytes on this rank"
+    return {"diff": (out - expected).abs().max().item(), "scale": scale, "calls": dict(calls),
+            "bytes": dict(stats.bytes_sent), "model": model, "param_bytes": mine, "full_param_bytes": full}
 
 
 def parity(cls: str, ring: int, ulysses: int, plan_dict: dict | None = None, *, tp: int = 1,
            mode: str = "advanced_uaa", heads: int | None = 3, grid: dict | None = None, tol: float = 1e-5) -> dict:
     """On one rank: single-device vs parallel output of tiny ``cls`` (plan: ``plan_dict`` or
-    ``get_plan``) on a ring x ulysses x tp mesh; raises if they differ, if the forward did not
-    communicate as the layout says, or (``tp > 1``) if no parameter was sharded. Returns the max
-    difference, the output scale, this rank's share of the attention's query tokens (1.0 without
-    SP) and of the parameter bytes.
+    ``get_plan``) on a ring x ulysses x tp mesh (``compare``). Returns the max difference, the
+    output scale, this rank's share of the attention's query tokens (1.0 without SP) and of the
+    parameter and buffer bytes.
 
     Example::
 
@@ -45,32 +80,21 @@ def parity(cls: str, ring: int, ulysses: int, plan_dict: dict | None = None, *, 
     from torch.distributed.tensor.parallel import parallelize_module
 
     from meshsp.bench import sp_mesh
-    from meshsp.ops import record_comm
     from meshsp.plans import Plan, get_plan
     from meshsp.zoo import build, inputs_for, output_of
 
     grid = grid or grid_for(cls)
-    where = f"{cls} R{ring}xU{ulysses}xTP{tp} {mode}"
-    model = build(cls, heads=heads)
-    with torch.no_grad():
-        expected = output_of(model, model(**inputs_for(model, **grid)))
-    plan = Plan.from_dict(plan_dict, ulysses_mode=mode) if plan_dict else get_plan(model, ulysses_mode=mode)
-    full = _local_bytes(model)
-    parallelize_module(model, sp_mesh(ring, ulysses, tp), plan)
-    mine = _local_bytes(model)
-    with torch.no_grad(), record_comm() as stats:
-        out = output_of(model, model(**inputs_for(model, **grid)))
-    scale = expected.abs().max().item()
-    torch.testing.assert_close(out, expected, atol=tol * max(scale, 1.0), rtol=tol,
-                               msg=lambda m: f"{where} {grid}: {m}")
-    calls = stats.calls
-    communicated = ((calls["all_to_all"] > 0) == (ulysses > 1) and (calls["p2p"] > 0) == (ring > 1)
-                    and (calls["tp_all_reduce"] > 0) == (tp > 1))
-    assert communicated, f"{where}: the forward did not run as the layout says: {dict(calls)}"
-    assert (mine < full) == (tp > 1), f"{where}: {mine} of {full} parameter bytes on this rank"
-    local, total = plan.state.attention_tokens
-    return {"diff": (out - expected).abs().max().item(), "scale": scale, "share": local / total if total else 1.0,
-            "param_share": mine / full}
+    plans = []
+
+    def apply(model):
+        plans.append(Plan.from_dict(plan_dict, ulysses_mode=mode) if plan_dict else get_plan(model, ulysses_mode=mode))
+        parallelize_module(model, sp_mesh(ring, ulysses, tp), plans[0])
+
+    result = compare(lambda: build(cls, heads=heads), lambda m: output_of(m, m(**inputs_for(m, **grid))), apply,
+                     where=f"{cls} R{ring}xU{ulysses}xTP{tp} {mode} {grid}", ring=ring, ulysses=ulysses, tp=tp, tol=tol)
+    local, total = plans[0].state.attention_tokens
+    return {"diff": result["diff"], "scale": result["scale"], "share": local / total if total else 1.0,
+            "param_share": result["param_bytes"] / result["full_param_bytes"]}
 
 
 def verify(cls: str, plan, layouts=LAYOUTS, timeout: float = 300.0, **kwargs) -> list[str]:
@@ -99,6 +123,6 @@ def verify(cls: str, plan, layouts=LAYOUTS, timeout: float = 300.0, **kwargs) ->
             line = (f"{name}: equal to the single-device output (max diff {diff:.1e}, output scale "
                     f"{results[0]['scale']:.2f}); attention shares per rank {[round(r['share'], 2) for r in results]}")
             if tp > 1:
-                line += f"; parameter bytes per rank {results[0]['param_share']:.2f} of the model's"
+                line += f"; parameter and buffer bytes per rank {results[0]['param_share']:.2f} of the model's"
             lines.append(line)
     return lines
