@@ -81,6 +81,38 @@ def refusal(name: str, case: str) -> dict:
     return {"error": error, "untouched": untouched}
 
 
+def cfg_missing_uncond() -> list[str]:
+    """CFG parallel on a transformer that gets 'cond' calls with no 'uncond' partner (a pipeline whose
+    guidance was misjudged): cfg rank 1 answered with a placeholder, so both ranks must refuse, at
+    the next 'cond' call and at the end of a pipeline call (``finish``), and carry on after."""
+    from meshsp.cfg import apply_cfg_parallel
+    from meshsp.tiny import build_transformer, make_inputs
+
+    mesh = meshsp.init_sp_mesh(meshsp.ParallelConfig(cfg_degree=2))
+    model = build_transformer("qwen-image")
+    hook = apply_cfg_parallel(model, mesh["cfg"].get_group())
+    inputs = make_inputs("qwen-image", model)
+    errors = []
+    with torch.no_grad():
+        for calls in (2, 1):
+            try:
+                for _ in range(calls):
+                    with model.cache_context("cond"):
+                        model(**inputs)
+                hook.finish()
+            except ValueError as exc:
+                errors.append(str(exc))
+        with model.cache_context("cond"):  # a guided step after: the hook works again
+            cond = model(**inputs).sample
+        with model.cache_context("uncond"):
+            model(**inputs)
+        hook.finish()
+    hook.enabled = False
+    with torch.no_grad():
+        torch.testing.assert_close(cond, model(**inputs).sample)
+    return errors
+
+
 def _hook_count(pipe) -> int:
     import torch.nn as nn
 

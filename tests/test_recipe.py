@@ -19,6 +19,8 @@ CASES = {
                         QWEN, {}),
     "qwen-U2xR2-uaa-taylorseer": ("tiny-qwen-image", dict(ulysses_degree=2, ring_degree=2, ulysses_mode="advanced_uaa"),
                                   QWEN, {"cache": "taylorseer"}),
+    "qwen-cfg2xU2-uaa-unguided": ("tiny-qwen-image", dict(cfg_degree=2, ulysses_degree=2, ulysses_mode="advanced_uaa"),
+                                  {k: v for k, v in QWEN.items() if k != "negative_prompt"}, {}),
     "flux-R2xU2-uaa": ("tiny-flux", dict(ring_degree=2, ulysses_degree=2, ulysses_mode="advanced_uaa"), FLUX, {}),
     "wan-cfg2xU2-uaa": ("tiny-wan", dict(cfg_degree=2, ulysses_degree=2, ulysses_mode="advanced_uaa"), WAN, {}),
 }
@@ -56,8 +58,9 @@ def test_pipeline_call_equals_one_process(pools, references, case):
     if degrees.get("tensor_parallel_size", 1) > 1:
         assert first["text_encoders"] == ("text_encoder",)  # Qwen2.5-VL's language model on the tp axis
         assert first["sent"].get("tp_all_reduce", 0) > 0
-    if degrees.get("cfg_degree", 1) > 1:  # one exchange of the predictions per guided step
-        assert first["sent"]["cfg_all_gather"] == kwargs["num_inference_steps"]
+    if degrees.get("cfg_degree", 1) > 1:  # one exchange of the predictions per guided step; none unguided
+        guided = "negative_prompt" in kwargs
+        assert first["sent"].get("cfg_all_gather", 0) == (kwargs["num_inference_steps"] if guided else 0)
     if options.get("cache"):
         assert first["cache"]["calls"] > 0
 
@@ -106,3 +109,8 @@ def test_example_script_under_torchrun_and_spawned_equals_one_process(tmp_path):
     spawned = _run_script(tmp_path, [sys.executable], "spawned.png", "--spawn", "4", *layout)
     assert one.shape == (48, 80, 3)
     assert np.abs(torchrun - one).max() <= 1 and np.abs(spawned - one).max() <= 1
+
+
+def test_cfg_parallel_refuses_a_cond_call_left_without_its_uncond(pools):
+    for errors in pools(2).run(pipeline_tasks.cfg_missing_uncond, timeout=300):
+        assert len(errors) == 2 and all("expected an 'uncond' transformer call" in e for e in errors), errors
