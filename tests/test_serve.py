@@ -5,41 +5,31 @@ import io
 import os
 import pathlib
 import signal
-import subprocess
-import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
 from conftest import assert_gone
-from test_serve_scale import start
 from openai import BadRequestError, NotFoundError, OpenAI
 from PIL import Image
 
-from meshsp.launch import free_port
+from meshsp.serve.process import ServerProcess, start_server
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 MODEL = "tiny-qwen-image"
 
 
-def _start(port: int) -> subprocess.Popen:
-    return start([sys.executable, "-m", "meshsp.cli", "serve", MODEL, "--usp", "2", "--ulysses-mode", "advanced_uaa",
-                  "--port", str(port), "--max-size", "256", "--max-n", "3", "--max-steps", "8"], port)
-
-
-def _stop(proc: subprocess.Popen) -> str:
-    proc.send_signal(signal.SIGTERM)
-    out, _ = proc.communicate(timeout=60)
-    return out
+def _start() -> ServerProcess:
+    return start_server([MODEL, "--usp", "2", "--ulysses-mode", "advanced_uaa", "--max-size", "256", "--max-n", "3",
+                         "--max-steps", "8"])
 
 
 @pytest.fixture(scope="module")
 def server():
-    port = free_port()
-    proc = _start(port)
-    yield f"http://127.0.0.1:{port}"
-    _stop(proc)
+    started = _start()
+    yield started.url
+    started.stop()
 
 
 def _png(b64: str) -> Image.Image:
@@ -141,9 +131,8 @@ def test_unknown_model_is_404_and_server_keeps_serving(server):
 
 
 def test_killed_worker_gives_503_and_sigterm_cleans_up():
-    port = free_port()
-    proc = _start(port)
-    url = f"http://127.0.0.1:{port}"
+    server = _start()
+    url = server.url
     pids = httpx.get(f"{url}/health").json()["worker_pids"]
     os.kill(pids[1], signal.SIGKILL)
     t0 = time.monotonic()
@@ -152,8 +141,8 @@ def test_killed_worker_gives_503_and_sigterm_cleans_up():
     assert time.monotonic() - t0 < 60
     assert httpx.post(f"{url}/v1/images/generations", json=BODY, timeout=30).status_code == 503
     assert httpx.get(f"{url}/health").status_code == 503
-    log = _stop(proc)
+    log = server.stop()
     # uvicorn shuts down gracefully, then re-raises SIGTERM so the exit status reports it
-    assert proc.returncode in (0, -signal.SIGTERM) and "Application shutdown complete" in log, log[-2000:]
+    assert server.process.returncode in (0, -signal.SIGTERM) and "Application shutdown complete" in log, log[-2000:]
     assert "worker failure" in log
     assert_gone(pids)

@@ -18,6 +18,7 @@ import pytest
 from PIL import Image
 
 from meshsp.launch import free_port
+from meshsp.serve.process import start_server
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 MODEL = "tiny-qwen-image"
@@ -25,39 +26,16 @@ BODY = {"prompt": "a cat", "size": "64x48", "num_inference_steps": 2, "seed": 7}
 HOLD = dict(BODY, size="512x512", num_inference_steps=32, n=3)  # keeps the workers busy for seconds
 
 
-def start(cmd: list[str], port: int, timeout: float = 240) -> subprocess.Popen:
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"}, start_new_session=True)
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited: {proc.stdout.read()[-3000:]}")
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
-                return proc
-        except httpx.HTTPError:
-            time.sleep(0.5)
-    os.killpg(proc.pid, signal.SIGKILL)
-    raise RuntimeError("server did not come up in time")
-
-
-def stop(proc: subprocess.Popen) -> str:
-    proc.send_signal(signal.SIGTERM)
-    out, _ = proc.communicate(timeout=90)
-    return out
-
-
-def serve_cmd(port: int, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "meshsp.cli", "serve", MODEL, "--usp", "2", "--ulysses-mode", "advanced_uaa",
-            "--port", str(port), "--max-size", "512", "--max-n", "3", "--max-steps", "32", *extra]
+def serve_args(*extra: str) -> list[str]:
+    return [MODEL, "--usp", "2", "--ulysses-mode", "advanced_uaa", "--max-size", "512", "--max-n", "3",
+            "--max-steps", "32", *extra]
 
 
 @pytest.fixture(scope="module")
 def server():
-    port = free_port()
-    proc = start(serve_cmd(port, "--max-batch-size", "4"), port)
-    yield f"http://127.0.0.1:{port}"
-    log = stop(proc)
+    started = start_server(serve_args("--max-batch-size", "4"))
+    yield started.url
+    log = started.stop()
     assert "Application shutdown complete" in log, log[-2000:]
 
 
@@ -257,12 +235,12 @@ def test_torchrun_two_nodes_serves_the_same_images(server):
 def test_cached_server_batches_per_token_caches_and_counts_skips():
     """``--cache taylorseer`` (a per-token cache) with batching: batched images equal served alone,
     the skips are in /metrics; a batch-wide cache with batching is refused before anything starts."""
-    refused = subprocess.run(serve_cmd(free_port(), "--cache", "first-block", "--max-batch-size", "2"), cwd=ROOT,
-                             capture_output=True, text=True, timeout=120)
+    refused = subprocess.run([sys.executable, "-m", "meshsp.cli", "serve", "--port", str(free_port()),
+                              *serve_args("--cache", "first-block", "--max-batch-size", "2")],
+                             cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert refused.returncode != 0 and "decides from the whole batch" in refused.stderr
-    port = free_port()
-    proc = start(serve_cmd(port, "--cache", "taylorseer", "--max-batch-size", "4"), port)
-    url = f"http://127.0.0.1:{port}"
+    server = start_server(serve_args("--cache", "taylorseer", "--max-batch-size", "4"))
+    url = server.url
     try:
         bodies = [dict(BODY, seed=s, num_inference_steps=8, prompt=f"cached {s}") for s in range(3)]
         alone = [pixels(post(url, b)) for b in bodies]
@@ -277,4 +255,4 @@ def test_cached_server_batches_per_token_caches_and_counts_skips():
         assert 0 < metric(url, "meshsp_cache_skipped_total") < metric(url, "meshsp_cache_calls_total")
         assert httpx.get(f"{url}/health").json()["cache"] == "taylorseer"
     finally:
-        stop(proc)
+        server.stop()

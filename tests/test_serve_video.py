@@ -13,29 +13,24 @@ import httpx
 import numpy as np
 import pytest
 from conftest import assert_gone
-from test_serve_scale import start, stop
 
-from meshsp.launch import free_port
+from meshsp.serve.process import ServerProcess, start_server
 
 MODEL = "tiny-wan"
 JOB = {"prompt": "a boat on a lake", "size": "64x48", "num_frames": 5, "num_inference_steps": 2, "seed": 3}
 
 
-def video_server(port: int, video_dir: pathlib.Path):
-    import sys
-
-    return start([sys.executable, "-m", "meshsp.cli", "serve", MODEL, "--usp", "2", "--ulysses-mode",
-                  "advanced_uaa", "--port", str(port), "--max-size", "256", "--max-steps", "40", "--max-frames", "17",
-                  "--max-batch-size", "2", "--video-dir", str(video_dir)], port)
+def video_server(video_dir: pathlib.Path) -> ServerProcess:
+    return start_server([MODEL, "--usp", "2", "--ulysses-mode", "advanced_uaa", "--max-size", "256", "--max-steps",
+                         "40", "--max-frames", "17", "--max-batch-size", "2", "--video-dir", str(video_dir)])
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    port = free_port()
     directory = tmp_path_factory.mktemp("videos")
-    proc = video_server(port, directory)
-    yield f"http://127.0.0.1:{port}", directory
-    stop(proc)
+    started = video_server(directory)
+    yield started.url, directory
+    started.stop()
 
 
 def wait(url: str, job_id: str, timeout: float = 120) -> dict:
@@ -138,9 +133,8 @@ def test_unknown_ids_and_image_endpoint(server):
 
 
 def test_sigterm_records_queued_jobs_cancelled(tmp_path):
-    port = free_port()
-    proc = video_server(port, tmp_path)
-    url = f"http://127.0.0.1:{port}"
+    server = video_server(tmp_path)
+    url = server.url
     pids = httpx.get(f"{url}/health").json()["worker_pids"]
     ids = [httpx.post(f"{url}/v1/videos", json=dict(JOB, seed=s, num_inference_steps=40, size="128x128")).json()["id"]
            for s in range(4)]  # one batch of 2 runs, the other 2 wait
@@ -148,8 +142,8 @@ def test_sigterm_records_queued_jobs_cancelled(tmp_path):
     while httpx.get(f"{url}/v1/videos/{ids[0]}").json()["status"] == "queued":
         assert time.monotonic() < deadline
         time.sleep(0.05)
-    log = stop(proc)
-    assert proc.returncode in (0, -signal.SIGTERM) and "Application shutdown complete" in log, log[-2000:]
+    log = server.stop()
+    assert server.process.returncode in (0, -signal.SIGTERM) and "Application shutdown complete" in log, log[-2000:]
     record = {j["id"]: j for j in json.loads((tmp_path / "jobs.json").read_text())}
     # The running batch (the first job, maybe the second) finished; every other one is recorded cancelled.
     statuses = [record[i]["status"] for i in ids]
@@ -165,9 +159,8 @@ def test_sigterm_records_queued_jobs_cancelled(tmp_path):
 
 
 def test_dead_worker_fails_running_and_later_jobs(tmp_path):
-    port = free_port()
-    proc = video_server(port, tmp_path)
-    url = f"http://127.0.0.1:{port}"
+    server = video_server(tmp_path)
+    url = server.url
     pids = httpx.get(f"{url}/health").json()["worker_pids"]
     running = httpx.post(f"{url}/v1/videos", json=dict(JOB, num_inference_steps=40, size="128x128")).json()["id"]
     queued = httpx.post(f"{url}/v1/videos", json=dict(JOB, num_inference_steps=3)).json()["id"]
@@ -181,5 +174,5 @@ def test_dead_worker_fails_running_and_later_jobs(tmp_path):
     later = httpx.post(f"{url}/v1/videos", json=JOB)
     assert later.status_code == 503 and "died" in later.json()["error"]["message"]
     assert httpx.get(f"{url}/health").status_code == 503
-    stop(proc)
+    server.stop()
     assert_gone(pids)

@@ -29,38 +29,12 @@ from __future__ import annotations
 
 import base64
 import io
-import os
 import re
-import signal
 import statistics
-import subprocess
-import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 
 __all__ = ["format_rows", "run"]
-
-
-def _start(cmd: list[str], url: str, timeout: float = 300) -> subprocess.Popen:
-    import httpx
-
-    import tempfile
-
-    log = tempfile.TemporaryFile(mode="w+")  # not a pipe: its progress bars would fill one and block the server
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=log, text=True,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            log.seek(0)
-            raise RuntimeError(f"the server exited: {log.read()[-3000:]}")
-        try:
-            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                return proc
-        except httpx.HTTPError:
-            time.sleep(0.5)
-    proc.kill()
-    raise RuntimeError(f"the server did not come up within {timeout:.0f} s")
 
 
 def _pixels(b64: str):
@@ -105,17 +79,15 @@ def run(model: str = "tiny-qwen-image", *, clients: int = 8, requests: int = 4, 
     import httpx
     import numpy as np
 
-    from meshsp.launch import free_port
+    from meshsp.serve.process import start_server
 
     bodies = [[{"prompt": f"a lighthouse at dusk, client {c}, request {i}", "size": f"{size}x{size}",
                 "num_inference_steps": steps, "seed": 1000 * c + i} for i in range(requests)] for c in range(clients)]
     rows, reference = [], None
     for batch in batch_sizes:
-        port = free_port()
-        url = f"http://127.0.0.1:{port}"
-        proc = _start([sys.executable, "-m", "meshsp.cli", "serve", model, "--usp", str(ulysses), "--ulysses-mode",
-                       ulysses_mode, "--port", str(port), "--max-size", str(size), "--max-steps", str(steps),
-                       "--max-batch-size", str(batch)], url)
+        server = start_server([model, "--usp", str(ulysses), "--ulysses-mode", ulysses_mode, "--max-size", str(size),
+                               "--max-steps", str(steps), "--max-batch-size", str(batch)])
+        url = server.url
         try:
             httpx.post(f"{url}/v1/images/generations", json=bodies[0][0], timeout=600).raise_for_status()  # warm-up
             before = _batches(url)
@@ -123,8 +95,7 @@ def run(model: str = "tiny-qwen-image", *, clients: int = 8, requests: int = 4, 
             after = _batches(url)
             mean_batch = (after[0] - before[0]) / (after[1] - before[1])
         finally:
-            proc.send_signal(signal.SIGTERM)
-            proc.communicate(timeout=120)
+            server.stop()
         if reference is None:
             reference = images
         diff = max(int(np.abs(_pixels(images[k]) - _pixels(reference[k])).max()) for k in images)
