@@ -21,6 +21,7 @@ import re
 import secrets
 import tempfile
 import time
+from collections.abc import Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Literal
@@ -123,8 +124,11 @@ class _Server:
     def failure(self) -> str | None:
         return self.scheduler.failure
 
-    def _check_common(self, model: str | None, steps: int | None, size: str | None):
-        lim = self.limits
+    def _check_common(self, req: ImageRequest | VideoRequest) -> tuple[int, int, int] | JSONResponse:
+        """(steps, width, height) of a request, or the 4xx for the checks images and videos share."""
+        if not req.prompt.strip():
+            return _error(400, "'prompt' must not be empty or blank.", param="prompt")
+        lim, model, steps, size = self.limits, req.model, req.num_inference_steps, req.size
         if model is not None and model != self.model_name:
             return _error(404, f"the model '{model}' does not exist; this server serves '{self.model_name}'.",
                           param="model")
@@ -146,9 +150,7 @@ class _Server:
     def check(self, req: ImageRequest) -> tuple[list[str], SamplingParams] | JSONResponse:
         if self.engine.is_video:
             return _error(400, f"{self.engine.pipeline_class} makes video: create a job with POST /v1/videos.")
-        if not req.prompt.strip():
-            return _error(400, "'prompt' must not be empty or blank.", param="prompt")
-        checked = self._check_common(req.model, req.num_inference_steps, req.size)
+        checked = self._check_common(req)
         if isinstance(checked, JSONResponse):
             return checked
         if req.n > self.limits.max_n:
@@ -163,9 +165,7 @@ class _Server:
     def check_video(self, req: VideoRequest) -> tuple[SamplingParams, int] | JSONResponse:
         if not self.engine.is_video:
             return _error(400, f"{self.engine.pipeline_class} makes images: use POST /v1/images/generations.")
-        if not req.prompt.strip():
-            return _error(400, "'prompt' must not be empty or blank.", param="prompt")
-        checked = self._check_common(req.model, req.num_inference_steps, req.size)
+        checked = self._check_common(req)
         if isinstance(checked, JSONResponse):
             return checked
         steps, width, height = checked
@@ -189,6 +189,19 @@ class _Server:
 
     def down(self) -> JSONResponse:
         return _error(503, f"the sequence-parallel workers are down: {self.failure}", "server_error")
+
+    async def accept(self, endpoint: str, request: Request, model: type[BaseModel],
+                     check: Callable[[BaseModel], tuple | JSONResponse],
+                     arrived: float) -> tuple[BaseModel, tuple] | Response:
+        """``(body, check(body))`` for a POST to ``endpoint`` whose body validates as ``model``, passes
+        ``check`` and finds the workers up; otherwise the 4xx or 503 to answer, already counted."""
+        req = await _body(request, model)
+        checked = req if isinstance(req, JSONResponse) else check(req)
+        if isinstance(checked, JSONResponse):
+            return self._answer(endpoint, checked, arrived)
+        if self.failure is not None:
+            return self._answer(endpoint, self.down(), arrived)
+        return req, checked
 
     def _answer(self, endpoint: str, response: Response, arrived: float) -> Response:
         self.metrics.requests.labels(endpoint=endpoint, status=str(response.status_code)).inc()
@@ -305,24 +318,19 @@ def create_app(engine: Engine, model_name: str, limits: Limits | None = None, *,
 
     @app.post("/v1/images/generations")
     async def images_generations(request: Request):
-        arrived = time.monotonic()
-        req = await _body(request, ImageRequest)
-        checked = req if isinstance(req, JSONResponse) else server.check(req)
-        if isinstance(checked, JSONResponse):
-            return server._answer("images", checked, arrived)
-        if server.failure is not None:
-            return server._answer("images", server.down(), arrived)
+        accepted = await server.accept("images", request, ImageRequest, server.check, time.monotonic())
+        if isinstance(accepted, Response):
+            return accepted
+        _, checked = accepted
         return await server.generate(request, *checked)
 
     @app.post("/v1/videos")
     async def create_video(request: Request):
         arrived = time.monotonic()
-        req = await _body(request, VideoRequest)
-        checked = req if isinstance(req, JSONResponse) else server.check_video(req)
-        if isinstance(checked, JSONResponse):
-            return server._answer("videos", checked, arrived)
-        if server.failure is not None:
-            return server._answer("videos", server.down(), arrived)
+        accepted = await server.accept("videos", request, VideoRequest, server.check_video, arrived)
+        if isinstance(accepted, Response):
+            return accepted
+        req, checked = accepted
         return server._answer("videos", JSONResponse(server.create_video(req, *checked)), arrived)
 
     @app.get("/v1/videos")
