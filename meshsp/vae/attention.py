@@ -1,17 +1,12 @@
 """Attention over the bands: the mid-block's spatial attention as Ring attention over the bands'
-tokens (``_BandAttention``), HunyuanVideo's frame-causal attention over all frames as a ring of its
-own (``FrameCausalAttention``), and the scoped torch-function interception both it and
-``BandNoise`` use."""
+tokens (``_BandAttention``), and HunyuanVideo's frame-causal attention over all frames as a ring of
+its own (``FrameCausalAttention``)."""
 
 from __future__ import annotations
 
 import torch
 import torch.distributed as dist
-import torch.nn as nn
 import torch.nn.functional as F
-from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.tensor.parallel.style import ParallelStyle
-from torch.overrides import TorchFunctionMode
 
 from meshsp.ops.comm import _count
 from meshsp.ops.consensus import agree
@@ -19,6 +14,7 @@ from meshsp.ops.kernel import local_attention
 from meshsp.ops.ring import merge_partials
 from meshsp.styles import ParallelAttention, PlanState
 from meshsp.vae.bands import Bands
+from meshsp.vae.intercept import _BandIntercept
 
 __all__ = ["FrameCausalAttention"]
 
@@ -37,38 +33,7 @@ class _BandAttention(ParallelAttention):
         return super().attention(sp, query, key, value, *args, **kwargs)
 
 
-class _Intercept(TorchFunctionMode):
-    """Routes calls of one torch function to ``handler(*args, **kwargs)``; entered and left by a
-    style's hooks, so it is scoped to one module's forward."""
-
-    def __init__(self, func, handler) -> None:
-        super().__init__()
-        self.func, self.handler = func, handler
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        if func is not self.func:
-            return func(*args, **(kwargs or {}))
-        return self.handler(*args, **(kwargs or {}))
-
-
-def _scoped(module: nn.Module, bands: Bands, make_mode) -> None:
-    """Enter ``make_mode(args)`` for each forward of ``module`` inside a split decode."""
-    modes: list[TorchFunctionMode] = []
-
-    def enter(mod, args):
-        if bands.active:
-            modes.append(make_mode(args))
-            modes[-1].__enter__()
-
-    def leave(mod, args, output):
-        if modes:
-            modes.pop().__exit__(None, None, None)
-
-    module.register_forward_pre_hook(enter)
-    module.register_forward_hook(leave, always_call=True)
-
-
-class FrameCausalAttention(ParallelStyle):
+class FrameCausalAttention(_BandIntercept):
     """A mid-block whose attention runs over all frames with a frame-causal mask (HunyuanVideo's
     ``prepare_causal_attention_mask``: a token sees the tokens of its own and earlier frames), run
     as Ring attention over the bands.
@@ -79,19 +44,11 @@ class FrameCausalAttention(ParallelStyle):
     is recognised and stands for this rule), and the steps merge by log-sum-exp."""
 
     def __init__(self, bands: Bands) -> None:
-        super().__init__()
-        self.bands = bands
+        super().__init__(bands, F.scaled_dot_product_attention)
 
-    def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
-        bands = self.bands
-
-        def mode(args):
-            frames, rows, width = args[0].shape[2:]  # the block's input [B, C, T, h, W]
-            return _Intercept(F.scaled_dot_product_attention,
-                              lambda *a, **kw: _frame_causal_sdpa(bands, frames, rows, width, *a, **kw))
-
-        _scoped(module, bands, mode)
-        return module
+    def _handler(self, args):
+        frames, rows, width = args[0].shape[2:]  # the block's input [B, C, T, h, W]
+        return lambda *a, **kw: _frame_causal_sdpa(self.bands, frames, rows, width, *a, **kw)
 
 
 def _frame_causal_sdpa(bands: Bands, frames: int, rows: int, width: int, query, key, value, attn_mask=None,
