@@ -135,7 +135,7 @@ def _serve(args) -> int:
     from meshsp.config import ParallelConfig
     from meshsp.engine import Engine
     from meshsp.serve import Limits, serve
-    from meshsp.serve.scheduler import check_batching
+    from meshsp.cache import check_batching
 
     config = ParallelConfig(ulysses_degree=args.ulysses_degree, ring_degree=args.ring_degree,
                             ulysses_mode=args.ulysses_mode, cfg_degree=args.cfg_parallel_size,

@@ -17,14 +17,14 @@ worker dies, the running jobs and every queued one fail with ``WorkersDown``, as
 from __future__ import annotations
 
 import asyncio
-import itertools
 import logging
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-from meshsp.engine import BATCH_WIDE_CACHES, Engine, SamplingParams, batch_key
+from meshsp.cache import check_batching
+from meshsp.engine import Engine, SamplingParams, batch_key
 from meshsp.launch import RankFailure
 from meshsp.serve.metrics import Metrics
 
@@ -33,23 +33,12 @@ __all__ = ["Cancelled", "Job", "Scheduler", "WorkersDown", "check_batching"]
 log = logging.getLogger(__name__)
 
 
-def check_batching(max_batch_size: int, cache: str | None) -> None:
-    """Refuse batching with a step cache that decides from the whole batch (``BATCH_WIDE_CACHES``)."""
-    if max_batch_size > 1 and cache in BATCH_WIDE_CACHES:
-        raise ValueError(f"--max-batch-size {max_batch_size} with --cache {cache}: that cache decides from the whole "
-                         f"batch, so an image would depend on what it is batched with. Use --max-batch-size 1, or a "
-                         f"per-token cache (taylorseer, mag, pab, faster).")
-
-
 class WorkersDown(RuntimeError):
     """The sequence-parallel workers are gone; nothing more can run."""
 
 
 class Cancelled(RuntimeError):
     """The job was dropped before it ran (its client left, or the server is stopping)."""
-
-
-_ids = itertools.count()
 
 
 @dataclass(eq=False)
@@ -62,7 +51,6 @@ class Job:
     on_start: Callable[[], None] | None = None  # called when its batch starts (video jobs: in_progress)
     arrived: float = field(default_factory=time.monotonic)
     alone: bool = False  # rerun by itself after its batch failed with a request error
-    serial: int = field(default_factory=lambda: next(_ids))
 
     @property
     def images(self) -> int:
