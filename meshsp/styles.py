@@ -39,7 +39,7 @@ from meshsp.ops.consensus import agree, describe
 from meshsp.ops.replicated import replicated_query_attention
 from meshsp.placements import SeqLayout
 
-__all__ = ["CheckInputs", "GatherSequence", "ParallelAttention", "PlanState", "SeqDim", "ShardSequence"]
+__all__ = ["CheckInputs", "GatherSequence", "ParallelAttention", "PlanState", "SeqDim", "ShardSequence", "scope_mode"]
 
 _MASK_FLOOR = -1.0e4  # additive masks: 0 keeps a key, <= this drops it (exp underflows to 0 in fp32)
 
@@ -424,6 +424,34 @@ def check_call(where: str, query, key, dropout_p: float, is_causal: bool, enable
         raise ValueError(f"{where}: {query.shape[1]} query vs {key.shape[1]} key heads without enable_gqa=True.")
 
 
+def scope_mode(module: nn.Module, make_mode) -> None:
+    """For each forward of ``module``, enter the ``TorchFunctionMode`` that ``make_mode(args)``
+    returns (None: none) in a forward pre-hook and leave it in an always-called forward hook, an
+    exception in the forward included: the interception never outlives that forward.
+
+    Example::
+
+        scope_mode(block, lambda args: MyMode())   # MyMode sees only block's forward
+    """
+    modes: list[TorchFunctionMode | None] = []
+
+    @torch.compiler.disable  # bookkeeping stays eager: no recompiles under torch.compile
+    def enter(mod, args):
+        mode = make_mode(args)
+        if mode is not None:
+            mode.__enter__()
+        modes.append(mode)
+
+    @torch.compiler.disable
+    def leave(mod, args, output):
+        mode = modes.pop() if modes else None
+        if mode is not None:
+            mode.__exit__(None, None, None)
+
+    module.register_forward_pre_hook(enter)
+    module.register_forward_hook(leave, always_call=True)
+
+
 class _RouteAttention(TorchFunctionMode):
     def __init__(self, style: ParallelAttention, sp: SPMesh) -> None:
         super().__init__()
@@ -494,20 +522,5 @@ class ParallelAttention(_Bound):
 
     def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
         sp = SPMesh(device_mesh)
-        modes: list[_RouteAttention] = []
-
-        @torch.compiler.disable  # bookkeeping stays eager: no recompiles under torch.compile
-
-        def enter(mod, args):
-            mode = _RouteAttention(self, sp)
-            mode.__enter__()
-            modes.append(mode)
-
-        @torch.compiler.disable  # bookkeeping stays eager: no recompiles under torch.compile
-
-        def leave(mod, args, output):
-            modes.pop().__exit__(None, None, None)
-
-        module.register_forward_pre_hook(enter)
-        module.register_forward_hook(leave, always_call=True)
+        scope_mode(module, lambda args: _RouteAttention(self, sp))
         return module

@@ -11,6 +11,7 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor.parallel.style import ParallelStyle
 from torch.overrides import TorchFunctionMode
 
+from meshsp.styles import scope_mode
 from meshsp.vae.bands import Bands
 
 
@@ -40,18 +41,5 @@ class _BandIntercept(ParallelStyle):
         raise NotImplementedError
 
     def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
-        modes: list[TorchFunctionMode] = []
-
-        def enter(mod, args):
-            if self.bands.active:
-                modes.append(_Intercept(self.func, self._handler(args)))
-                modes[-1].__enter__()
-
-        def leave(mod, args, output):
-            # Always called, an exception in the forward included: the mode never outlives it.
-            if modes:
-                modes.pop().__exit__(None, None, None)
-
-        module.register_forward_pre_hook(enter)
-        module.register_forward_hook(leave, always_call=True)
+        scope_mode(module, lambda args: _Intercept(self.func, self._handler(args)) if self.bands.active else None)
         return module
