@@ -228,7 +228,6 @@ def _apply(pipe, config: ParallelConfig, mesh: DeviceMesh | None, models: dict, 
     base = type(pipe)
     pipe.__class__ = _parallel_class(base)
     pipe.meshsp = record
-    pipe._meshsp_signature = inspect.signature(base.__call__)
     return pipe
 
 
@@ -256,9 +255,11 @@ def _parallel_class(base: type) -> type:
     name (diffusers saves a pipeline's class name in its config) and the signature."""
     cls = _PARALLEL_CLASSES.get(base)
     if cls is None:
+        signature = inspect.signature(base.__call__)
+
         @functools.wraps(base.__call__)
         def __call__(self, *args, **kwargs):
-            return _call(self, base.__call__, args, kwargs)
+            return _call(self, base.__call__, signature, args, kwargs)
 
         cls = type(base.__name__, (base,), {"__call__": __call__, "__module__": base.__module__,
                                             "__qualname__": base.__qualname__, "__doc__": base.__doc__})
@@ -266,12 +267,12 @@ def _parallel_class(base: type) -> type:
     return cls
 
 
-def _call(pipe, call, args: tuple, kwargs: dict):
+def _call(pipe, call, signature: inspect.Signature, args: tuple, kwargs: dict):
     """One pipeline call with CFG parallel on when it guides, and the cache told its step count."""
     from meshsp.cfg import uses_guidance
 
     record: PipelineParallelism = pipe.meshsp
-    bound = pipe._meshsp_signature.bind(pipe, *args, **kwargs)
+    bound = signature.bind(pipe, *args, **kwargs)
     bound.apply_defaults()
     arguments = dict(bound.arguments)
     arguments.update(arguments.pop("kwargs", None) or {})

@@ -40,6 +40,7 @@ def parallel_call(name: str, degrees: dict, kwargs: dict, options: dict | None =
         out = call(pipe, kwargs)
     record = pipe.meshsp
     return {"out": out, "transformers": record.transformers, "vae_ranks": record.vae_ranks,
+            "vae_encode_split": record.vae_encode_split,
             "text_encoders": record.text_encoders, "cfg": len(record.cfg_hooks),
             "cache": dict(record.cache.counts) if record.cache is not None else None,
             "sent": dict(stats.calls), "class": type(pipe).__name__}

@@ -18,7 +18,7 @@ CASES = {
     "qwen-TP2xU2-uaa": ("tiny-qwen-image", dict(tensor_parallel_size=2, ulysses_degree=2, ulysses_mode="advanced_uaa"),
                         QWEN, {}),
     "qwen-U2xR2-uaa-taylorseer": ("tiny-qwen-image", dict(ulysses_degree=2, ring_degree=2, ulysses_mode="advanced_uaa"),
-                                  QWEN, {"cache": "taylorseer"}),
+                                  {**QWEN, "num_inference_steps": 8}, {"cache": "taylorseer"}),
     "qwen-cfg2xU2-uaa-unguided": ("tiny-qwen-image", dict(cfg_degree=2, ulysses_degree=2, ulysses_mode="advanced_uaa"),
                                   {k: v for k, v in QWEN.items() if k != "negative_prompt"}, {}),
     "flux-R2xU2-uaa": ("tiny-flux", dict(ring_degree=2, ulysses_degree=2, ulysses_mode="advanced_uaa"), FLUX, {}),
@@ -32,11 +32,14 @@ def references():
     out = {}
     for case, (name, _, kwargs, options) in CASES.items():
         pipe = pipeline_tasks.load(name)
+        cache = None
         if options.get("cache"):
             from meshsp.cache import enable_pipeline_cache
 
-            enable_pipeline_cache(pipe, options["cache"]).prepare(kwargs["num_inference_steps"])
+            cache = enable_pipeline_cache(pipe, options["cache"])
+            cache.prepare(kwargs["num_inference_steps"])
         out[case] = pipeline_tasks.call(pipe, kwargs)
+        out[case, "cache"] = dict(cache.counts) if cache is not None else None
     return out
 
 
@@ -52,6 +55,7 @@ def test_pipeline_call_equals_one_process(pools, references, case):
         # Decoded pixels in [0, 1]: SP, TP and the split VAE agree with one process to fp32 rounding.
         assert diff <= 2e-5, (case, rank, diff)
         assert got["vae_ranks"] == 4 and got["transformers"] == ("transformer",)
+        assert got["vae_encode_split"]  # these VAEs' encoders split too (image-to-image pipelines use them)
         assert got["class"] == results[0]["class"] and got["sent"]  # it communicated
     first = results[0]
     assert first["cfg"] == (1 if degrees.get("cfg_degree", 1) > 1 else 0)
@@ -61,8 +65,8 @@ def test_pipeline_call_equals_one_process(pools, references, case):
     if degrees.get("cfg_degree", 1) > 1:  # one exchange of the predictions per guided step; none unguided
         guided = "negative_prompt" in kwargs
         assert first["sent"].get("cfg_all_gather", 0) == (kwargs["num_inference_steps"] if guided else 0)
-    if options.get("cache"):
-        assert first["cache"]["calls"] > 0
+    if options.get("cache"):  # the same blocks computed and skipped as in one process
+        assert first["cache"] == references[case, "cache"] and first["cache"]["skipped"] > 0, first["cache"]
 
 
 @pytest.mark.parametrize("case,match", [
