@@ -1,41 +1,136 @@
 """The local attention kernel: ``(out, lse)`` on one device, with a real log-sum-exp.
 
 Shape legend: B batch, H query heads, Hk key/value heads, G = H // Hk, Sq / Sk local query / key
-lengths, D head dim (Dv for values).
+lengths, D head dim of queries and keys, Dv of values; P a head dim padded for a kernel.
 
-Every algorithm (ring merge, hybrid) needs the per-row log-sum-exp of the scores. The fused kernels
-return it: ``_scaled_dot_product_flash_attention_for_cpu`` on CPU, the flash / memory-efficient
-kernels on CUDA; float64 on CUDA (no fused kernel), value head dims that differ from the query's,
-and other devices use the explicit math below.
+Every algorithm (ring merge, hybrid, whole-query) needs the per-row log-sum-exp of the scores, in
+float32 at least. ``route`` picks the kernel from what a call is (device, compute capability,
+dtype, head dims, mask) — a small table, tested on its own:
+
+==================  ===========================================================================
+kernel              taken for
+==================  ===========================================================================
+``cpu-flash``       every CPU call (``_scaled_dot_product_flash_attention_for_cpu``, any dtype)
+``cuda-flash``      CUDA, bf16 / fp16, no mask, compute capability 8.0+, padded head dim <= 256
+``cuda-efficient``  other CUDA calls the memory-efficient kernel takes: masks, fp32, head dims
+                    above 256, capability below 8.0 (fp16 / fp32; bf16 needs 8.0)
+``math``            float64 on CUDA, bf16 below capability 8.0, other devices: explicit scores
+                    in float32 (float64 for float64), query rows in chunks of bounded memory
+==================  ===========================================================================
+
+Head dims a kernel cannot take are padded with zeros, which changes no score and no output: q and
+k to the kernel's alignment (8 for flash; the memory-efficient kernel's GEMM alignment), v to its
+own; where a kernel needs one head dim for q, k and v (flash, CPU), all three to the larger. The
+softmax scale stays the original ``D ** -0.5``; the output is sliced back to ``Dv``.
 
 Conventions the merge relies on: a row whose keys are all masked (or an empty key shard) has
 ``lse = -inf`` and ``out = 0``; zero-length query shards give empty outputs without calling a kernel
-(the CPU kernel crashes on them).
+(the CPU kernel crashes on them). Nothing here synchronises with the host.
 """
 
 from __future__ import annotations
 
-import torch
+import functools
+from dataclasses import dataclass
 
-__all__ = ["local_attention", "math_attention"]
+import torch
+import torch.nn.functional as F
+
+__all__ = ["KernelRoute", "local_attention", "math_attention", "route"]
 
 _NEG_INF = float("-inf")
+_HALF = (torch.float16, torch.bfloat16)
+_FLASH_MAX_HEAD_DIM = 256
+MATH_CHUNK_BYTES = 256 << 20  # float32 scores alive at a time on the math path
+
+
+@dataclass(frozen=True)
+class KernelRoute:
+    """The kernel a call runs on and the head dims it runs at (padded with zeros where larger)."""
+
+    kernel: str
+    head_dim: int
+    value_dim: int
+
+
+def _round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
+def _efficient_alignment(dtype: torch.dtype, capability: tuple[int, int]) -> int:
+    """The memory-efficient kernel's head-dim alignment (torch's ``minimum_gemm_alignment``):
+    tensor cores from 7.0 for halves and 8.0 for fp32 want 128-bit rows; 4 elements from 8.0."""
+    half = dtype in _HALF
+    tensor_cores = capability[0] >= 8 or (capability[0] >= 7 and half)
+    alignment = 4 if capability[0] >= 8 else 1
+    return max(alignment, 128 // (16 if half else 32)) if tensor_cores else alignment
+
+
+def route(device_type: str, dtype: torch.dtype, head_dim: int, value_dim: int, masked: bool,
+          capability: tuple[int, int] | None = None) -> KernelRoute:
+    """The kernel ``local_attention`` runs for such a call; pure (``capability`` is the CUDA
+    device's compute capability, read from the device when None).
+
+    Example::
+
+        route("cuda", torch.bfloat16, 72, 72, masked=False, capability=(9, 0))
+        # KernelRoute(kernel='cuda-flash', head_dim=72, value_dim=72)
+        route("cuda", torch.bfloat16, 100, 100, masked=False, capability=(9, 0))
+        # KernelRoute(kernel='cuda-flash', head_dim=104, value_dim=104)
+    """
+    widest = max(head_dim, value_dim)
+    if device_type == "cpu":
+        return KernelRoute("cpu-flash", widest, widest)
+    if device_type != "cuda" or dtype == torch.float64:
+        return KernelRoute("math", head_dim, value_dim)
+    capability = capability or (0, 0)
+    if dtype in _HALF and not masked and capability[0] >= 8 and _round_up(widest, 8) <= _FLASH_MAX_HEAD_DIM:
+        padded = _round_up(widest, 8)
+        return KernelRoute("cuda-flash", padded, padded)
+    if dtype == torch.bfloat16 and capability[0] < 8:
+        return KernelRoute("math", head_dim, value_dim)  # no fused bf16 kernel before Ampere
+    a = _efficient_alignment(dtype, capability)
+    return KernelRoute("cuda-efficient", _round_up(head_dim, a), _round_up(value_dim, a))
+
+
+@functools.lru_cache(maxsize=None)
+def _capability(index: int) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(index)
+
+
+def route_for(q: torch.Tensor, v: torch.Tensor, masked: bool) -> KernelRoute:
+    """``route`` for these tensors."""
+    cap = _capability(q.device.index if q.device.index is not None else torch.cuda.current_device()) \
+        if q.device.type == "cuda" else None
+    return route(q.device.type, q.dtype, q.shape[-1], v.shape[-1], masked, cap)
+
+
+def _pad(t: torch.Tensor, size: int) -> torch.Tensor:
+    return t if t.shape[-1] == size else F.pad(t, (0, size - t.shape[-1]))
+
+
+def _last_dim_unit_stride(t: torch.Tensor) -> torch.Tensor:
+    """The fused kernels take any layout whose last dim is dense (a token-major view included)."""
+    return t if t.stride(-1) == 1 else t.contiguous()
 
 
 def _fold_groups(q_BHSD: torch.Tensor, kv_heads: int) -> torch.Tensor:
     """[B, H, Sq, D] -> [B, Hk, G*Sq, D]: each K/V head serves its G query heads as longer rows."""
     b, h, s, d = q_BHSD.shape
-    return q_BHSD.reshape(b, kv_heads, (h // kv_heads) * s, d)
+    return q_BHSD if h == kv_heads else q_BHSD.reshape(b, kv_heads, (h // kv_heads) * s, d)
 
 
-def _additive(mask_BSk: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """Boolean key-padding mask (True = attend) -> additive bias [B, 1, 1, Sk]."""
-    bias = torch.zeros(mask_BSk.shape, dtype=dtype, device=mask_BSk.device)
-    return bias.masked_fill_(~mask_BSk, _NEG_INF)[:, None, None, :]
+def _additive(mask_BSk: torch.Tensor, dtype: torch.dtype, width: int | None = None) -> torch.Tensor:
+    """Boolean key-padding mask (True = attend) -> additive bias [B, 1, 1, Sk], in memory ``width``
+    wide (the memory-efficient kernel wants a bias whose rows are 16-aligned)."""
+    b, sk = mask_BSk.shape
+    bias = torch.zeros(b, 1, 1, width or sk, dtype=dtype, device=mask_BSk.device)[..., :sk]
+    return bias.masked_fill_(~mask_BSk[:, None, None, :], _NEG_INF)
 
 
 def math_attention(q, k, v, mask_BSk=None, scale=None):
-    """Reference attention by explicit scores; any dtype, any device. Returns (out, lse)."""
+    """Reference attention by explicit scores in the inputs' dtype; any device. Returns (out, lse).
+    (The selftest's float64 reference; calls in other dtypes route to ``_math_kernel``.)"""
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     group = q.shape[1] // k.shape[1]
     k = k.repeat_interleave(group, dim=1)
@@ -48,40 +143,66 @@ def math_attention(q, k, v, mask_BSk=None, scale=None):
     return torch.matmul(probs.to(v.dtype), v), lse
 
 
+def _math_kernel(q, k, v, mask_BSk, scale):
+    """Explicit scores in float32 (float64 for float64) over chunks of query rows, so that no more
+    than ``MATH_CHUNK_BYTES`` of scores live at a time; out in q's dtype, lse float32 / float64."""
+    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    b, h, sq, _ = q.shape
+    rows = max(1, MATH_CHUNK_BYTES // max(1, b * h * k.shape[2] * 8))
+    k, v = k.to(acc), v.to(acc)
+    outs, lses = [], []
+    for start in range(0, sq, rows):
+        out, lse = math_attention(q[:, :, start:start + rows].to(acc), k, v, mask_BSk, scale)
+        outs.append(out.to(q.dtype))
+        lses.append(lse)
+    return torch.cat(outs, dim=2), torch.cat(lses, dim=2)
+
+
 def _cpu_kernel(q, k, v, mask_BSk, scale):
-    kv_heads = k.shape[1]
     # The CPU kernel runs ~3% faster on head-major memory than on token-major views (measured at
     # S=8192, D=64), which pays for the copy.
-    q_fold = _fold_groups(q, kv_heads).contiguous()
+    q_fold = _fold_groups(q, k.shape[1]).contiguous()
     bias = None if mask_BSk is None else _additive(mask_BSk, q.dtype)
     out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
         q_fold, k.contiguous(), v.contiguous(), attn_mask=bias, scale=scale
     )
-    b, h, s, _ = q.shape
-    return out.reshape(b, h, s, v.shape[-1]), lse.reshape(b, h, s)
+    return out, lse
 
 
-def _cuda_kernel(q, k, v, mask_BSk, scale):
-    kv_heads = k.shape[1]
-    q_fold = _fold_groups(q, kv_heads).contiguous()
-    b, h, s, _ = q.shape
-    if mask_BSk is None and q.dtype in (torch.float16, torch.bfloat16) and q.shape[-1] <= 256:
-        out, lse = torch.ops.aten._scaled_dot_product_flash_attention(
-            q_fold, k.contiguous(), v.contiguous(), scale=scale
-        )[:2]
-    else:
-        bias = None
-        if mask_BSk is not None:
-            # The memory-efficient kernel wants a bias whose last dim is 16-aligned in memory.
-            sk = k.shape[2]
-            padded = torch.zeros(b, 1, 1, -(-sk // 16) * 16, dtype=q.dtype, device=q.device)
-            padded[..., :sk] = _additive(mask_BSk, q.dtype)
-            bias = padded[..., :sk].expand(b, kv_heads, q_fold.shape[2], sk)
-        out, lse = torch.ops.aten._scaled_dot_product_efficient_attention(
-            q_fold, k.contiguous(), v.contiguous(), bias, True, scale=scale
-        )[:2]
-    lse = lse[..., : q_fold.shape[2]]  # the efficient kernel pads lse rows to a multiple of 32
-    return out.reshape(b, h, s, v.shape[-1]), lse.reshape(b, h, s)
+def _cuda_flash(q, k, v, mask_BSk, scale):
+    q_fold = _last_dim_unit_stride(_fold_groups(q, k.shape[1]))
+    out, lse = torch.ops.aten._scaled_dot_product_flash_attention(
+        q_fold, _last_dim_unit_stride(k), _last_dim_unit_stride(v), scale=scale
+    )[:2]
+    return out, lse
+
+
+def _cuda_efficient(q, k, v, mask_BSk, scale):
+    q_fold = _last_dim_unit_stride(_fold_groups(q, k.shape[1]))
+    b, hk, sk = k.shape[0], k.shape[1], k.shape[2]
+    bias = None
+    if mask_BSk is not None:
+        bias = _additive(mask_BSk, q.dtype, _round_up(sk, 16)).expand(b, hk, q_fold.shape[2], sk)
+    out, lse = torch.ops.aten._scaled_dot_product_efficient_attention(
+        q_fold, _last_dim_unit_stride(k), _last_dim_unit_stride(v), bias, True, scale=scale
+    )[:2]
+    return out, lse[..., : q_fold.shape[2]]  # the kernel pads lse rows to a multiple of 32
+
+
+_KERNELS = {"cpu-flash": _cpu_kernel, "cuda-flash": _cuda_flash, "cuda-efficient": _cuda_efficient}
+
+
+def run_route(chosen: KernelRoute, q, k, v, mask_BSk=None, scale=None):
+    """Run ``chosen`` (as ``route`` returns it) on non-empty inputs: pad, call, slice back.
+    Returns (out [B, H, Sq, Dv], lse [B, H, Sq]) as the kernel gives them."""
+    b, h, sq, d = q.shape
+    dv = v.shape[-1]
+    scale = d ** -0.5 if scale is None else scale
+    if chosen.kernel == "math":
+        return _math_kernel(q, k, v, mask_BSk, scale)
+    q, k, v = _pad(q, chosen.head_dim), _pad(k, chosen.head_dim), _pad(v, chosen.value_dim)
+    out, lse = _KERNELS[chosen.kernel](q, k, v, mask_BSk, scale)
+    return out.reshape(b, h, sq, chosen.value_dim)[..., :dv], lse.reshape(b, h, sq)
 
 
 def local_attention(
@@ -91,10 +212,11 @@ def local_attention(
     mask_BSk: torch.Tensor | None = None,
     scale: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Attention of q [B, H, Sq, D] over k, v [B, Hk, Sk, D] -> (out [B, H, Sq, Dv], lse [B, H, Sq]).
+    """Attention of q [B, H, Sq, D] over k [B, Hk, Sk, D], v [B, Hk, Sk, Dv] -> (out [B, H, Sq, Dv],
+    lse [B, H, Sq]).
 
     ``mask_BSk`` is a boolean key-padding mask (True = attend). ``lse`` is float32, or float64 for
-    float64 inputs.
+    float64 inputs. The kernel is ``route``'s.
 
     Example::
 
@@ -106,18 +228,11 @@ def local_attention(
     if sq == 0 or sk == 0 or h == 0:
         out = q.new_zeros(b, h, sq, v.shape[-1])
         return out, torch.full((b, h, sq), _NEG_INF, dtype=lse_dtype, device=q.device)
-    if q.shape[-1] != v.shape[-1]:  # the fused kernels need one head size for q, k and v
-        out, lse = math_attention(q, k, v, mask_BSk, scale)
-    elif q.device.type == "cpu":
-        out, lse = _cpu_kernel(q, k, v, mask_BSk, scale)
-    elif q.device.type == "cuda" and q.dtype != torch.float64:
-        out, lse = _cuda_kernel(q, k, v, mask_BSk, scale)
-    else:
-        out, lse = math_attention(q, k, v, mask_BSk, scale)
+    out, lse = run_route(route_for(q, v, mask_BSk is not None), q, k, v, mask_BSk, scale)
     lse = lse.to(lse_dtype)
     if mask_BSk is not None:
-        # Fully masked rows: the fused kernels report lse = 0 with a zero output; make it -inf so
-        # that merging with other key blocks gives such a block no weight.
+        # Fully masked rows: the fused kernels report lse = 0 (or NaN) with a zero (or NaN)
+        # output; make them -inf and 0 so that merging with other key blocks gives them no weight.
         empty_B = ~mask_BSk.any(dim=-1)
         lse = lse.masked_fill(empty_B[:, None, None], _NEG_INF)
         out = out.masked_fill(empty_B[:, None, None, None], 0.0)
