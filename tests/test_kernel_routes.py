@@ -116,3 +116,19 @@ def test_token_major_views_are_not_copied_for_the_gpu_kernels():
     assert kernel._fold_groups(x, 4) is x  # no grouped queries: no reshape, no copy
     y = torch.randn(2, 4, 16, 9).transpose(-1, -2)
     assert kernel._last_dim_unit_stride(y).stride(-1) == 1
+
+
+@pytest.mark.parametrize("q_heads, kv_heads, ulysses", [(9, 3, 2), (9, 3, 4), (12, 4, 5), (6, 2, 4), (8, 2, 3)])
+def test_cut_gqa_groups_expand_by_shapes(q_heads, kv_heads, ulysses):
+    """K/V heads for query heads that cut through a group come from shapes, not an index list
+    (which would be a host-to-device copy per attention call), and equal indexing by that list."""
+    from meshsp.ops.attention import _cut_group, _expand_heads
+    from meshsp.placements import HeadSplit
+
+    heads = HeadSplit(q_heads, kv_heads, ulysses)
+    for u in range(ulysses):
+        k = torch.randn(2, heads.kv_count(u), 5, 3)
+        index, cut = heads.kv_index(u), _cut_group(heads, u)
+        assert (index is None) == (cut is None)
+        if index is not None:
+            assert torch.equal(_expand_heads(k, *cut), k[:, index])

@@ -32,6 +32,24 @@ def _grid(flat: list[int], ring: int, ulysses: int) -> SeqLayout:
     return SeqLayout(tuple(tuple(flat[r * ulysses : (r + 1) * ulysses]) for r in range(ring)))
 
 
+def _cut_group(heads: HeadSplit, u: int) -> tuple[int, int, int] | None:
+    """(group, first, count) when rank ``u``'s query heads cut through a GQA group: its K/V heads,
+    each repeated ``group`` times, narrowed to ``count`` heads from ``first``; None when aligned."""
+    index = heads.kv_index(u)
+    if index is None:
+        return None
+    group = heads.q_heads // heads.kv_heads
+    first = heads.q_ranges[u][0] - heads.kv_ranges[u][0] * group
+    return group, first, len(index)
+
+
+def _expand_heads(t: torch.Tensor, group: int, first: int, count: int) -> torch.Tensor:
+    """[B, hk, S, D] -> [B, count, S, D], query head i reading K/V head (first + i) // group: by
+    shapes alone (an index list would be copied to the device on every call)."""
+    b, hk, s, d = t.shape
+    return t[:, :, None].expand(b, hk, group, s, d).reshape(b, hk * group, s, d).narrow(1, first, count)
+
+
 @torch.library.custom_op("meshsp::sp_attention", mutates_args=())
 def _sp_attention_op(
     q: torch.Tensor,
@@ -67,11 +85,11 @@ def _sp_attention_op(
                   f"{q.dtype}, mask {mask is not None}, uaa {uaa}, scale {scale}")
         agree("sp_attention", shared, error, (ulysses_pg, ring_pg), q.device.type)
     heads = HeadSplit(q.shape[1], k.shape[1], ulysses)
-    index = heads.kv_index(u) if ulysses > 1 else None
+    expand = _cut_group(heads, u) if ulysses > 1 else None
 
     def attend(q, k, v, mask):
-        if index is not None:  # query heads cut through a GQA group: one K/V head per query head
-            k, v = k[:, index], v[:, index]
+        if expand is not None:  # query heads cut through a GQA group: one K/V head per query head
+            k, v = _expand_heads(k, *expand), _expand_heads(v, *expand)
         if ring > 1:
             return ring_attention(q, k, v, mask, group=ring_pg, kv_lens=kv_layout.ring_lens, scale=scale)[0]
         return local_attention(q, k, v, mask, scale)[0]

@@ -88,12 +88,17 @@ class RingPass:
     """One step of a ring: send a buffer to the next rank, receive the previous rank's buffer.
 
     Sizes are known on both sides (they follow from the global shape), so a zero-length block is
-    neither sent nor received and no sizes travel.
+    neither sent nor received and no sizes travel. gloo's point-to-point takes no CUDA memory: GPU
+    buffers on a gloo group (several ranks sharing one GPU, as the selftest runs them) travel
+    through host copies.
     """
 
     def __init__(self, group: dist.ProcessGroup, send: torch.Tensor, recv_numel: int) -> None:
         size = dist.get_world_size(group)
         me = dist.get_rank(group)
+        self.device = send.device
+        if send.device.type != "cpu" and dist.get_backend(group) == "gloo":
+            send = send.cpu()
         self.recv = send.new_empty(recv_numel)
         ops = []
         if send.numel():
@@ -106,4 +111,4 @@ class RingPass:
     def wait(self) -> torch.Tensor:
         for work in self._works:
             work.wait()
-        return self.recv
+        return self.recv.to(self.device, non_blocking=True)

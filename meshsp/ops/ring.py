@@ -82,7 +82,8 @@ def ring_attention(
         return b * hk * kv_lens[src] * (d + dv) + (b * kv_lens[src] if with_mask else 0)
 
     block = _kv_buffer(k, v, mask_BSk)
-    q = q.contiguous()  # once, not at every step (the kernels want head-major queries)
+    if q.device.type == "cpu" or q.shape[1] != hk:
+        q = q.contiguous()  # once, not at every step (the CPU kernel and grouped queries want it)
     out = lse = None
     for step in range(size):
         src = (me - step) % size

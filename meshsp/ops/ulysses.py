@@ -99,9 +99,10 @@ def ulysses_attention(
         q_c, k_c, v_c, m = pending()  # chunk c has arrived and its send buffer is free ...
         mask_out = m if c == 0 else mask_out
         pending = post(c + 1, None) if c + 1 < len(plan) else None  # ... before chunk c+1's is made
-        # Head-major copies, which the kernels run fastest on; the receive buffer dies here, before
-        # the kernel allocates its own work space.
-        q_c, k_c, v_c = q_c.contiguous(), k_c.contiguous(), v_c.contiguous()
+        # On CPU, head-major copies, which its kernel runs fastest on (the receive buffer dies here,
+        # before the kernel allocates its own work space); the CUDA kernels read the strided views.
+        if q_c.device.type == "cpu":
+            q_c, k_c, v_c = q_c.contiguous(), k_c.contiguous(), v_c.contiguous()
         returns.append(_gather(attend(q_c, k_c, v_c, mask_out), group, plan[c][0], q_lens, result))
         del q_c, k_c, v_c
     for finish in returns:
