@@ -22,6 +22,7 @@ layers between them compile as usual, and the attention itself is one opaque cus
 from __future__ import annotations
 
 import inspect
+import weakref
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -141,10 +142,30 @@ class PlanState:
         # calls: the share of the work this rank did (about 1 / SP degree when the plan shards).
         self.attention_tokens = [0, 0]
         self._lens: dict[tuple, list[list[tuple[int, ...]]]] = {}
+        self._masks: dict[int, tuple] = {}  # id(mask) -> (weak reference, signature, bool mask)
 
     @property
     def uaa(self) -> bool:
         return self.ulysses_mode == "advanced_uaa"
+
+    def key_mask(self, attn_mask, query, key, convert) -> torch.Tensor | None:
+        """The boolean [B, S_k] key-padding mask ``convert()`` makes of ``attn_mask``, once per mask
+        tensor: a model passes the same mask to every block, and its checks (an additive mask's
+        values, a per-head mask's heads) read the values on the host — a sync, and for shard-dependent
+        checks a collective, that would otherwise run in every layer. Every rank runs the same model
+        code, so all of them hit or miss together. Keyed by the tensor itself (a weak reference, so a
+        freed mask's reused id never matches) and its version (so an in-place edit is seen)."""
+        if attn_mask is None:
+            return None
+        signature = (attn_mask._version, tuple(query.shape[:2]), tuple(key.shape))
+        hit = self._masks.get(id(attn_mask))
+        if hit is not None and hit[0]() is attn_mask and hit[1] == signature:
+            return hit[2]
+        mask = convert()
+        if len(self._masks) > 64:
+            self._masks = {i: e for i, e in self._masks.items() if e[0]() is not None}
+        self._masks[id(attn_mask)] = (weakref.ref(attn_mask), signature, mask)
+        return mask
 
     def rank_lens(self, sp: SPMesh, where: str, local: tuple[int, ...]) -> list[list[tuple[int, ...]]]:
         """Every SP rank's ``local`` tuple, ``[ring][ulysses]``; exchanged once per input shapes.
@@ -491,17 +512,7 @@ class ParallelAttention(_Bound):
                   scale=None, enable_gqa=False):
         where = f"plan '{self.key}'"
         check_call(where, query, key, dropout_p, is_causal, enable_gqa)
-        if _plain_key_padding(attn_mask, key):
-            mask = _key_padding(attn_mask, query, key, where)
-        else:
-            # Checks on mask values or query-row shapes depend on each rank's shard: agree on them so
-            # that a failure raises on every rank instead of leaving the others in a collective.
-            mask, error = None, None
-            try:
-                mask = _key_padding(attn_mask, query, key, where)
-            except ValueError as exc:
-                error = str(exc)
-            agree(where, "attention mask", error, (sp.ulysses_group, sp.ring_group), sp.device)
+        mask = self.state.key_mask(attn_mask, query, key, lambda: self._key_mask(sp, attn_mask, query, key, where))
         lens = self.state.rank_lens(sp, self.key, (query.shape[2], key.shape[2]))
         if self.queries == "replicated":
             q_lens = sorted({n[0] for row in lens for n in row})
@@ -519,6 +530,20 @@ class ParallelAttention(_Bound):
             q_layout=q_layout, kv_layout=kv_layout, uaa=self.state.uaa, scale=scale,
             validate=False,  # CheckInputs agreed on the model's inputs at the start of the forward
         )
+
+    @staticmethod
+    def _key_mask(sp: SPMesh, attn_mask, query, key, where: str) -> torch.Tensor | None:
+        if _plain_key_padding(attn_mask, key):
+            return _key_padding(attn_mask, query, key, where)
+        # Checks on mask values or query-row shapes depend on each rank's shard: agree on them so
+        # that a failure raises on every rank instead of leaving the others in a collective.
+        mask, error = None, None
+        try:
+            mask = _key_padding(attn_mask, query, key, where)
+        except ValueError as exc:
+            error = str(exc)
+        agree(where, "attention mask", error, (sp.ulysses_group, sp.ring_group), sp.device)
+        return mask
 
     def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
         sp = SPMesh(device_mesh)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 
 import torch
 import torch.distributed as dist
@@ -48,12 +49,16 @@ def pipelined(on: bool):
     """Force Ulysses' pipelined head-chunk exchange on (any size) for the block, or leave the default."""
     from meshsp.ops import ulysses
 
-    saved = ulysses.PIPELINE_MIN_BYTES
-    ulysses.PIPELINE_MIN_BYTES = 0 if on else saved
+    saved = os.environ.get(ulysses.PIPELINE_MIN_BYTES_ENV)
+    if on:
+        os.environ[ulysses.PIPELINE_MIN_BYTES_ENV] = "0"
     try:
         yield
     finally:
-        ulysses.PIPELINE_MIN_BYTES = saved
+        if saved is None:
+            os.environ.pop(ulysses.PIPELINE_MIN_BYTES_ENV, None)
+        else:
+            os.environ[ulysses.PIPELINE_MIN_BYTES_ENV] = saved
 
 
 def dtensor_parity(cases: list[dict]) -> list[float]:

@@ -132,3 +132,41 @@ def test_cut_gqa_groups_expand_by_shapes(q_heads, kv_heads, ulysses):
         assert (index is None) == (cut is None)
         if index is not None:
             assert torch.equal(_expand_heads(k, *cut), k[:, index])
+
+
+def test_a_mask_is_converted_once_per_tensor_not_per_layer():
+    """A model hands every block the same mask tensor: its conversion (host reads of an additive
+    mask's values, or a collective for shard-dependent checks) runs once, again only for a new
+    tensor or after an in-place edit."""
+    from meshsp.styles import PlanState
+
+    state, calls = PlanState(), []
+    q, k = torch.zeros(2, 4, 3, 8), torch.zeros(2, 4, 5, 8)
+
+    def convert():
+        calls.append(1)
+        return torch.ones(2, 5, dtype=torch.bool)
+
+    mask = torch.zeros(2, 1, 1, 5)
+    for _ in range(30):  # 30 layers
+        state.key_mask(mask, q, k, convert)
+    assert len(calls) == 1
+    mask.fill_(-1e9)  # edited in place
+    state.key_mask(mask, q, k, convert)
+    state.key_mask(mask.clone(), q, k, convert)  # another tensor
+    state.key_mask(mask, q, torch.zeros(2, 4, 6, 8), convert)  # other keys
+    assert len(calls) == 4 and state.key_mask(None, q, k, convert) is None
+
+
+def test_ulysses_pipeline_threshold_per_backend_and_setting(monkeypatch):
+    from meshsp.ops import ulysses
+
+    monkeypatch.delenv(ulysses.PIPELINE_MIN_BYTES_ENV, raising=False)
+    for backend, expected in (("gloo", 1 << 20), ("nccl", 16 << 20), ("mpi", 1 << 20)):
+        monkeypatch.setattr(ulysses.dist, "get_backend", lambda group, b=backend: b)
+        assert ulysses.pipeline_min_bytes(None) == expected
+    monkeypatch.setenv(ulysses.PIPELINE_MIN_BYTES_ENV, "4096")
+    assert ulysses.pipeline_min_bytes(None) == 4096
+    monkeypatch.setenv(ulysses.PIPELINE_MIN_BYTES_ENV, "1MiB")
+    with pytest.raises(ValueError, match="MESHSP_ULYSSES_PIPELINE_MIN_BYTES='1MiB' must be a whole number"):
+        ulysses.pipeline_min_bytes(None)

@@ -101,7 +101,7 @@ def _sp_attention_op(
         # so that all of them issue the same collectives: the group's mean q, k, v bytes per rank.
         tokens_q, tokens_kv = sum(q_layout.lens[r]), sum(kv_layout.lens[r])
         per_rank = (tokens_q * q.shape[1] * q.shape[3] + tokens_kv * k.shape[1] * (k.shape[3] + v.shape[3]))
-        pipelined = ring == 1 and q.shape[0] * per_rank * q.element_size() // ulysses >= _ulysses.PIPELINE_MIN_BYTES
+        pipelined = ring == 1 and q.shape[0] * per_rank * q.element_size() // ulysses >= _ulysses.pipeline_min_bytes(ulysses_pg)
         return _ulysses.ulysses_attention(q, k, v, mask, group=ulysses_pg, heads=heads, q_lens=q_layout.lens[r],
                                           kv_lens=kv_layout.lens[r], attend=attend,
                                           chunks=_ulysses.CHUNKS if pipelined else 1)

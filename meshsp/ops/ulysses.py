@@ -23,6 +23,7 @@ model's ``transpose(1, 2).flatten(2)`` reads without a copy.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Sequence
 
 import torch
@@ -32,16 +33,36 @@ from meshsp.ops.comm import all_to_all, wait
 from meshsp.placements import HeadSplit
 from meshsp.placements.sequence import balanced_sizes
 
-__all__ = ["scatter_heads", "gather_heads", "ulysses_attention", "head_chunks"]
+__all__ = ["scatter_heads", "gather_heads", "ulysses_attention", "head_chunks", "pipeline_min_bytes"]
 
 
 CHUNKS = 2  # head chunks of the pipelined exchange (ulysses_attention)
 # Pipelining pays one more collective's latency each way for hiding one chunk's transfer, and it
-# halves the exchange buffers alive at a time (lower peak memory). Below this many bytes of local
-# q, k, v per rank the latency wins (measured on gloo: a toy Flux forward with ~0.2 MB per
+# halves the exchange buffers alive at a time (lower peak memory). Below a size of local q, k, v
+# per rank the latency wins. On gloo that is 1 MiB (measured: a toy Flux forward with ~0.2 MB per
 # attention ran 13.8 ms unchunked vs 17.5 ms chunked; with ~3 MB, chunking cut the peak activation
-# memory per rank from 0.65x to 0.53x of one process at the same speed).
-PIPELINE_MIN_BYTES = 1 << 20
+# memory per rank from 0.65x to 0.53x of one process at the same speed). NCCL moves 1 MiB over
+# NVLink in a few microseconds, less than a collective's launch latency: its default is 16 MiB, an
+# estimate from link speeds, not yet measured on GPUs. ``MESHSP_ULYSSES_PIPELINE_MIN_BYTES`` sets
+# it for every backend (the same value on every rank, or ranks would issue different collectives).
+PIPELINE_MIN_BYTES = {"gloo": 1 << 20, "nccl": 16 << 20}
+PIPELINE_MIN_BYTES_ENV = "MESHSP_ULYSSES_PIPELINE_MIN_BYTES"
+
+
+def pipeline_min_bytes(group: dist.ProcessGroup) -> int:
+    """Bytes of local q, k, v per rank from which Ulysses alone pipelines its exchange: the
+    environment's setting, else the group backend's default (gloo's for a backend not listed)."""
+    setting = os.environ.get(PIPELINE_MIN_BYTES_ENV)
+    if setting is None:
+        return PIPELINE_MIN_BYTES.get(dist.get_backend(group), PIPELINE_MIN_BYTES["gloo"])
+    try:
+        value = int(setting)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise ValueError(f"{PIPELINE_MIN_BYTES_ENV}={setting!r} must be a whole number of bytes >= 0 "
+                         "(0 pipelines every exchange); unset it for the backend's default.")
+    return value
 
 
 def head_chunks(heads: HeadSplit, chunks: int = CHUNKS) -> list[tuple[tuple, tuple]]:
