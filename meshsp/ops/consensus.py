@@ -66,7 +66,9 @@ def agree(what: str, description: str, error: str | None, groups, device: str = 
             raise ValueError(error)
         return
     digest = int.from_bytes(hashlib.sha256(description.encode()).digest()[:7], "little")
-    mine = torch.tensor([digest, int(error is not None)], dtype=torch.int64, device=device)
+    mine = torch.tensor([digest, int(error is not None)], dtype=torch.int64)
+    if device != "cpu":  # from pinned memory: the copy is queued, not a synchronous pageable copy
+        mine = mine.pin_memory().to(device, non_blocking=True)
     table = _gather_ints(mine, groups).view(-1, 2)
     if bool((table[:, 0] == table[0, 0]).all()) and not bool(table[:, 1].any()):
         return
