@@ -40,9 +40,44 @@ def add_generate_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--num-frames", type=int, default=None, help="video pipelines only")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--output", default="output.png")
-    parser.add_argument("--timeout", type=float, default=600.0,
-                        help="seconds a collective may wait before the process group gives up")
+    add_timeout_args(parser)
     add_dtype_arg(parser)
+
+
+def _seconds_or_none(text: str) -> float | None:
+    if text.lower() == "none":
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0.0
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number of seconds or 'none', got {text!r}")
+    return value
+
+
+def add_timeout_args(parser: argparse.ArgumentParser) -> None:
+    """``--timeout`` (one collective) and ``--request-timeout`` (one whole call on spawned workers)."""
+    parser.add_argument("--timeout", type=float, default=600.0,
+                        help="seconds one collective may wait before the process group gives up (default 600)")
+    parser.add_argument("--request-timeout", type=_seconds_or_none, default=3600.0, metavar="SECONDS",
+                        help="seconds one generation may run on the spawned workers before they are stopped, "
+                             "separate from --timeout; 'none' for no limit (default 3600)")
+
+
+def parallel_config(args):
+    """The ``ParallelConfig`` of ``generate``'s and ``serve``'s flags.
+
+    Example::
+
+        parallel_config(build_parser().parse_args(["generate", "--request-timeout", "none"])).request_timeout_s  # None
+    """
+    from meshsp.config import ParallelConfig
+
+    return ParallelConfig(ulysses_degree=args.ulysses_degree, ring_degree=args.ring_degree,
+                          ulysses_mode=args.ulysses_mode, cfg_degree=args.cfg_parallel_size,
+                          tensor_parallel_size=args.tensor_parallel_size, timeout_s=args.timeout,
+                          request_timeout_s=args.request_timeout)
 
 
 def add_dtype_arg(parser: argparse.ArgumentParser) -> None:
@@ -70,12 +105,9 @@ def run_generate(args) -> int:
     """Generate one image (or video frames) and write it; output on rank 0 only."""
     import time
 
-    from meshsp.config import ParallelConfig
     from meshsp.engine import Engine, SamplingParams
 
-    config = ParallelConfig(ulysses_degree=args.ulysses_degree, ring_degree=args.ring_degree,
-                            ulysses_mode=args.ulysses_mode, cfg_degree=args.cfg_parallel_size,
-                            tensor_parallel_size=args.tensor_parallel_size, timeout_s=args.timeout)
+    config = parallel_config(args)
     params = SamplingParams(num_inference_steps=args.num_inference_steps, width=args.width,
                             height=args.height, seed=args.seed, guidance_scale=args.guidance_scale,
                             negative_prompt=args.negative_prompt, num_frames=args.num_frames)
@@ -132,14 +164,11 @@ def _serve(args) -> int:
     import os
     import signal
 
-    from meshsp.config import ParallelConfig
     from meshsp.engine import Engine
     from meshsp.serve import Limits, serve
     from meshsp.cache import check_batching
 
-    config = ParallelConfig(ulysses_degree=args.ulysses_degree, ring_degree=args.ring_degree,
-                            ulysses_mode=args.ulysses_mode, cfg_degree=args.cfg_parallel_size,
-                            tensor_parallel_size=args.tensor_parallel_size, timeout_s=args.timeout)
+    config = parallel_config(args)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1 and world != config.world_size:
         raise SystemExit(f"torchrun started {world} processes but the mesh needs {config.world_size} "
@@ -424,8 +453,7 @@ def build_parser() -> argparse.ArgumentParser:
                           "of up to this many images (default 1: one request at a time)")
     srv.add_argument("--video-dir", default=None,
                      help="video pipelines: where the MP4s and jobs.json are kept (default: a new temporary directory)")
-    srv.add_argument("--timeout", type=float, default=600.0,
-                     help="seconds a collective may wait before the process group gives up")
+    add_timeout_args(srv)
     add_dtype_arg(srv)
     srv.set_defaults(func=_serve)
 

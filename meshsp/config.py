@@ -21,6 +21,14 @@ def _check_degree(name: str, value: object) -> None:
         )
 
 
+def _check_seconds(name: str, value: object, *, none_ok: bool) -> None:
+    if value is None and none_ok:
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        also = " or None (no limit)" if none_ok else ""
+        raise ValueError(f"{name} must be a positive number of seconds{also}, got {value!r}.")
+
+
 @dataclass(frozen=True, kw_only=True)
 class ParallelConfig:
     """Degrees of the ``("cfg", "ring", "ulysses", "tp")`` mesh and the Ulysses mode.
@@ -28,6 +36,10 @@ class ParallelConfig:
     ``tensor_parallel_size`` shards the transformer's weights over the innermost ``tp`` axis (each
     rank holds ``1 / tp`` of the attention and MLP weights and runs on ``heads / tp`` heads);
     sequence parallelism then splits those heads and the tokens further.
+
+    ``timeout_s`` bounds each collective (the process group's timeout); ``request_timeout_s`` and
+    ``load_timeout_s`` bound a whole generation and the loading on the engine's spawned workers
+    (``None``: no limit), so a long healthy call is not cut at the collective timeout.
 
     Example::
 
@@ -42,8 +54,12 @@ class ParallelConfig:
     ulysses_mode: str = "strict"
     cfg_degree: int = 1
     tensor_parallel_size: int = 1
-    # Seconds a collective may wait before the process group gives up (see docs: failure behaviour).
+    # Seconds one collective may wait before the process group gives up (see docs/failures.md).
     timeout_s: float = field(default=600.0)
+    # Seconds a whole call on the engine's spawned workers may run (a generation: many collectives),
+    # and loading the pipeline onto them, before the workers are stopped; None: no limit.
+    request_timeout_s: float | None = 3600.0
+    load_timeout_s: float | None = 3600.0
 
     def __post_init__(self) -> None:
         _check_degree("ulysses_degree", self.ulysses_degree)
@@ -58,8 +74,9 @@ class ParallelConfig:
             raise ValueError(
                 f"ulysses_mode must be one of {ULYSSES_MODES}, got {self.ulysses_mode!r}."
             )
-        if isinstance(self.timeout_s, bool) or not isinstance(self.timeout_s, (int, float)) or self.timeout_s <= 0:
-            raise ValueError(f"timeout_s must be a positive number of seconds, got {self.timeout_s!r}.")
+        _check_seconds("timeout_s", self.timeout_s, none_ok=False)
+        _check_seconds("request_timeout_s", self.request_timeout_s, none_ok=True)
+        _check_seconds("load_timeout_s", self.load_timeout_s, none_ok=True)
 
     @property
     def uaa(self) -> bool:

@@ -264,6 +264,20 @@ class _Runner:
 _RUNNER: _Runner | None = None  # the runner of a spawned worker process
 
 
+def _init_process_group(device: str, config: ParallelConfig) -> None:
+    """Under torchrun: the process group of the engine's device (NCCL for CUDA, one GPU per rank;
+    gloo for CPU, on a GPU host too), so the mesh built later follows it."""
+    if dist.is_initialized():
+        return
+    from meshsp.mesh import check_gpus, local_rank, local_world_size
+
+    backend = "nccl" if device == "cuda" else "gloo"
+    check_gpus(local_world_size(), backend)
+    if backend == "nccl":
+        torch.cuda.set_device(local_rank())
+    dist.init_process_group(backend, timeout=datetime.timedelta(seconds=config.timeout_s))
+
+
 def _worker_load(model: str, config: ParallelConfig, dtype: torch.dtype, device: str, encode_text_once: bool,
                  cpu_offload: bool, vae_parallel: bool, vae_tiling: bool, cache: str | None,
                  cache_options: dict | None) -> dict:
@@ -348,6 +362,8 @@ class Engine:
         self._control = None  # under torchrun: rank 0's channel to the others (lead / follow)
         self._leading = False
         if spmd or self.config.world_size == 1:
+            if spmd:
+                _init_process_group(self.device, self.config)
             self._runner = _Runner(model, self.config, self.dtype, self.device, encode_text_once, cpu_offload,
                                    vae_parallel, vae_tiling, cache, cache_options)
             info = self._runner.info()
@@ -360,7 +376,7 @@ class Engine:
             try:
                 info = self._pool.run(_worker_load, model, self.config, self.dtype, self.device, encode_text_once,
                                       cpu_offload, vae_parallel, vae_tiling, cache, cache_options,
-                                      timeout=self.config.timeout_s)[0]
+                                      timeout=self.config.load_timeout_s)[0]
             except BaseException:
                 self._pool.close()
                 raise
@@ -401,8 +417,9 @@ class Engine:
             failure = self._pool.failure()
             if failure is not None:
                 self._pool.close()
-                raise RankFailure(f"the engine's workers are gone: {failure}; create a new Engine.")
-            result = self._pool.run(_worker_generate, batch, timeout=self.config.timeout_s)[0]
+                raise RankFailure(f"the engine's workers are gone: {failure}; create a new Engine.",
+                                  pool_failed=True)
+            result = self._pool.run(_worker_generate, batch, timeout=self.config.request_timeout_s)[0]
         else:
             if self._leading:
                 self._send("generate", batch)
@@ -448,7 +465,7 @@ class Engine:
     def rank_info(self) -> list[dict]:
         """Per rank: the loaded pipeline components and their parameter counts."""
         if self._pool is not None:
-            return self._pool.run(_worker_rank_info, timeout=self.config.timeout_s)
+            return self._pool.run(_worker_rank_info, timeout=self.config.request_timeout_s)
         return [self._runner.rank_info()]
 
     def weights_info(self) -> list[dict]:
@@ -462,7 +479,7 @@ class Engine:
                 engine.weights_info()[0]["vae"]   # {"bytes": ..., "device": "cpu", "offloaded": True}
         """
         if self._pool is not None:
-            return self._pool.run(_worker_weights_info, timeout=self.config.timeout_s)
+            return self._pool.run(_worker_weights_info, timeout=self.config.request_timeout_s)
         return [self._runner.weights_info()]
 
     @property

@@ -2,8 +2,13 @@
 
 ``WorkerPool(n)`` spawns ``n`` processes once, each joined to one process group; ``pool.run(fn,
 *args)`` runs ``fn`` on every rank and returns the per-rank results in rank order. A rank that
-raises makes ``run`` raise with that rank's traceback; a rank that dies or a call that exceeds its
-timeout makes ``run`` raise too and shuts the pool down, so a caller never waits forever.
+raises makes ``run`` raise ``RankFailure`` with that rank's traceback. The others get
+``error_grace_s`` to answer too (an error every rank raises alike, or a rank that was not waiting
+for the one that raised): then the pool stays usable. A rank still running after the grace is taken
+to be blocked in a collective waiting for the rank that raised, which would last until the process
+group's timeout: every worker is killed at once and the pool is marked failed. A rank that dies, or
+a call that exceeds its own timeout (``run(..., timeout=)``, separate from the process group's),
+fails the pool the same way, so a caller never waits for a rank that cannot answer.
 
 Example::
 
@@ -36,14 +41,20 @@ def report_progress(fraction: float) -> None:
         _PROGRESS.value = float(fraction)
 
 
+_POLL_S = 0.1  # how often a waiting caller looks for dead ranks and expired deadlines
+
+
 class RankFailure(RuntimeError):
-    """A rank raised, died or timed out. ``errors`` maps rank -> message."""
+    """A rank raised, died or timed out. ``errors`` maps rank -> traceback of each rank that raised
+    (empty when ranks died or the call timed out); ``pool_failed`` is True when the workers were
+    stopped (a rank died, timed out, or was left blocked by one that raised): the pool is unusable."""
 
     def __init__(self, message: str, errors: dict[int, str] | None = None,
-                 exceptions: dict[int, BaseException] | None = None) -> None:
+                 exceptions: dict[int, BaseException] | None = None, *, pool_failed: bool = False) -> None:
         super().__init__(message)
-        self.errors = errors or {}  # empty when ranks died or timed out rather than raised
+        self.errors = errors or {}
         self.exceptions = exceptions or {}
+        self.pool_failed = pool_failed
 
 
 def free_port() -> int:
@@ -63,10 +74,10 @@ def _worker(rank, world, port, backend, threads, pg_timeout_s, env, tasks, resul
 
     torch.set_num_threads(threads)
     if backend == "nccl":
-        torch.cuda.set_device(rank % torch.cuda.device_count())
+        torch.cuda.set_device(rank)  # one GPU per rank: the parent checked the count (check_gpus)
     dist.init_process_group(backend, rank=rank, world_size=world,
                             timeout=datetime.timedelta(seconds=pg_timeout_s))
-    results.put((rank, "ready", None))
+    results.put((rank, "ready", ("ok", None)))
     while True:
         task = tasks.get()
         if task is None:
@@ -86,7 +97,19 @@ def _worker(rank, world, port, backend, threads, pg_timeout_s, env, tasks, resul
 
 
 class WorkerPool:
-    """``world_size`` spawned ranks in one process group, reused across calls."""
+    """``world_size`` spawned ranks in one process group, reused across calls.
+
+    ``pg_timeout_s`` bounds each collective inside a call (the process group's timeout); a call's
+    own length is bounded by ``run(..., timeout=)``. ``error_grace_s``: how long, after one rank
+    raised, the others may take to answer before they are taken to be blocked and killed.
+    ``backend="nccl"`` needs one GPU per rank (``meshsp.mesh.check_gpus``, checked before any
+    process starts).
+
+    Example::
+
+        with WorkerPool(2, pg_timeout_s=600) as pool:
+            pool.run(my_module.step, 42, timeout=3600)   # a long call, short collectives
+    """
 
     def __init__(
         self,
@@ -96,15 +119,22 @@ class WorkerPool:
         threads: int = 1,
         pg_timeout_s: float = 120.0,
         start_timeout_s: float = 120.0,
+        error_grace_s: float = 3.0,
         env: dict[str, str] | None = None,
     ) -> None:
+        if backend == "nccl":
+            from meshsp.mesh import check_gpus
+
+            check_gpus(world_size, backend)
         self.world_size = world_size
+        self.error_grace_s = error_grace_s
         ctx = mp.get_context("spawn")
         self._results = ctx.Queue()
         self._progress = ctx.Value("d", 0.0, lock=False)
         self._tasks = [ctx.Queue() for _ in range(world_size)]
         self._calls = 0
         self._failure: str | None = None
+        self._closed = False
         port = free_port()
         self._procs = [
             ctx.Process(
@@ -130,11 +160,11 @@ class WorkerPool:
         return all(p.is_alive() for p in self._procs)
 
     def failure(self) -> str | None:
-        """Why the pool is unusable (a rank died or timed out), or None while every rank is up."""
+        """Why the pool is unusable (a rank died, timed out or was stopped), or None while every rank is up."""
         if self._failure is None:
             dead = [r for r, p in enumerate(self._procs) if not p.is_alive()]
             if dead:
-                self._failure = f"rank(s) {dead} died (exit codes {[self._procs[r].exitcode for r in dead]})"
+                self._failure = self._died(dead)
         return self._failure
 
     @property
@@ -146,11 +176,21 @@ class WorkerPool:
     def pids(self) -> list[int]:
         return [p.pid for p in self._procs]
 
-    def run(self, fn: Callable[..., Any], *args, timeout: float = 300.0, return_exceptions: bool = False, **kwargs) -> list[Any]:
+    def run(self, fn: Callable[..., Any], *args, timeout: float | None = 300.0, return_exceptions: bool = False,
+            **kwargs) -> list[Any]:
         """Run ``fn(*args, **kwargs)`` on every rank; per-rank results in rank order.
 
-        With ``return_exceptions=True`` a rank's exception is returned in its slot instead of raised.
+        ``timeout``: seconds the whole call may take (None: no limit) before every worker is stopped.
+        With ``return_exceptions=True`` a rank's exception is returned in its slot instead of raised
+        (as long as the pool survives the call).
+
+        Example::
+
+            pool.run(os.getpid, timeout=10)   # [pid_rank0, pid_rank1]
         """
+        failure = self.failure()
+        if failure is not None:
+            raise RankFailure(f"the pool's workers are gone: {failure}", pool_failed=True)
         self._calls += 1
         call_id = self._calls
         for q in self._tasks:
@@ -163,42 +203,83 @@ class WorkerPool:
                               {r: rep[1] for r, rep in replies.items() if rep[0] == "error"})
         return [replies[r][1] for r in range(self.world_size)]
 
-    def _collect(self, call_id, timeout: float) -> dict[int, Any]:
-        deadline = time.monotonic() + timeout
+    def _collect(self, call_id, timeout: float | None) -> dict[int, Any]:
+        """Every rank's reply to ``call_id``; on a dead rank, an expired timeout or ranks left blocked
+        by one that raised, the workers are killed and ``RankFailure`` raised."""
+        deadline = None if timeout is None else time.monotonic() + timeout
         replies: dict[int, Any] = {}
+        raised: list[int] = []  # ranks that raised, in the order their errors arrived
+        grace_end = float("inf")  # from the first error on: when the ranks yet to answer count as blocked
         while len(replies) < self.world_size:
             try:
-                rank, cid, payload = self._results.get(timeout=0.2)
+                rank, cid, payload = self._results.get(timeout=_POLL_S)
             except queue.Empty:
-                dead = [r for r, p in enumerate(self._procs) if not p.is_alive() and r not in replies]
-                if dead or time.monotonic() > deadline:
-                    why = (f"rank(s) {dead} died (exit codes {[self._procs[r].exitcode for r in dead]})"
-                           if dead else f"no answer from rank(s) {sorted(set(range(self.world_size)) - set(replies))} within {timeout:.0f}s")
-                    self._failure = why
-                    self.close()
-                    raise RankFailure(why) from None
-                continue
-            if cid == call_id:
-                replies[rank] = payload
+                pass
+            else:
+                if cid == call_id:
+                    replies[rank] = payload
+                    if payload[0] == "error":
+                        if not raised:
+                            grace_end = time.monotonic() + self.error_grace_s
+                        raised.append(rank)
+            missing = [r for r in range(self.world_size) if r not in replies]
+            dead = [r for r in missing if not self._procs[r].is_alive()]
+            if dead:
+                self._fail(self._died(dead))
+            if missing and time.monotonic() > grace_end:
+                self._fail_blocked(raised[0], replies[raised[0]], missing)
+            if deadline is not None and missing and time.monotonic() > deadline:
+                self._fail(f"no answer from rank(s) {missing} within the call's timeout of {timeout:g} s")
         return replies
 
-    def close(self) -> None:
-        """Stop every rank: politely first, then by force; leaves no child process behind."""
-        if self.failure() is None:
-            self._failure = "the pool was closed"
-        for p, q in zip(self._procs, self._tasks):
+    def _died(self, dead: list[int]) -> str:
+        return f"rank(s) {dead} died (exit codes {[self._procs[r].exitcode for r in dead]})"
+
+    def _fail_blocked(self, rank: int, reply: tuple, missing: list[int]) -> None:
+        """``rank`` raised and ``missing`` did not answer within the grace: they wait for it in a
+        collective, until the process group's timeout. Stop them all now and name the rank."""
+        _, exc, tb = reply
+        why = (f"rank {rank} raised {exc!r}; rank(s) {missing} had not finished {self.error_grace_s:g} s later "
+               "(blocked in a collective waiting for it), so every worker was stopped")
+        self._abort(why)
+        raise RankFailure(f"{why}\n{tb}", {rank: tb}, {rank: exc}, pool_failed=True)
+
+    def _fail(self, why: str) -> None:
+        self._abort(why)
+        raise RankFailure(why, pool_failed=True)
+
+    def _abort(self, why: str) -> None:
+        """Mark the pool failed and kill every worker now: the live ones may be blocked in a
+        collective, where a polite stop would not reach them."""
+        self._failure = why
+        for p in self._procs:
             if p.is_alive():
-                try:
-                    q.put(None)
-                except (ValueError, OSError):
-                    pass
-        deadline = time.monotonic() + 5
+                p.kill()
+        self._reap(5.0)
+
+    def _reap(self, wait_s: float) -> None:
+        deadline = time.monotonic() + wait_s
         for p in self._procs:
             p.join(max(0.0, deadline - time.monotonic()))
         for p in self._procs:
             if p.is_alive():
                 p.kill()
                 p.join(5)
-        for q in (*self._tasks, self._results):
-            q.close()
-            q.join_thread()
+        if not self._closed:
+            self._closed = True
+            for q in (*self._tasks, self._results):
+                q.cancel_join_thread()  # a dead reader would leave the feeder thread blocked
+                q.close()
+
+    def close(self) -> None:
+        """Stop every rank: politely first, then by force; leaves no child process behind."""
+        if self.failure() is None:
+            self._failure = "the pool was closed"
+        if not self._closed:
+            for p, q in zip(self._procs, self._tasks):
+                if p.is_alive():
+                    try:
+                        q.put(None)
+                    except (ValueError, OSError):
+                        pass
+        self._reap(5.0)

@@ -22,10 +22,18 @@ def _local_rank() -> int:
 
 def rank_device(device: str) -> torch.device:
     """This rank's device: on CUDA its local GPU (the current one outside a launcher), made current
-    before loading, since diffusers' models read ``device_map="cuda"`` as the current GPU."""
+    before loading, since diffusers' models read ``device_map="cuda"`` as the current GPU. Under a
+    launcher, more ranks on the node (``LOCAL_WORLD_SIZE``) than GPUs raise ``ValueError``
+    (``meshsp.mesh.check_gpus``): one GPU per rank."""
     if device == "cpu":
         return torch.device("cpu")
-    index = _local_rank() % torch.cuda.device_count() if "LOCAL_RANK" in os.environ else torch.cuda.current_device()
+    if "LOCAL_RANK" in os.environ:
+        from meshsp.mesh import check_gpus, local_world_size
+
+        check_gpus(local_world_size(), "nccl")
+        index = _local_rank()
+    else:
+        index = torch.cuda.current_device()
     torch.cuda.set_device(index)
     return torch.device("cuda", index)
 

@@ -152,7 +152,7 @@ class Scheduler:
                 outputs = await loop.run_in_executor(self.executor, self.engine.generate_batch,
                                                      [(j.prompts, j.params) for j in batch])
             except RankFailure as exc:
-                if exc.errors:  # the ranks raised and are alive: the request failed, not the server
+                if not exc.pool_failed:  # the ranks raised and are alive: the request failed, not the server
                     self._request_failed(batch, exc)
                 else:
                     self._down(batch, exc)
