@@ -991,3 +991,74 @@ def band_group_norm_parity() -> dict:
         torch.testing.assert_close(out, expected, atol=tol * scale, rtol=tol)
         diffs[str(dtype)] = (out - expected).abs().max().item() / scale
     return diffs
+
+
+def host_syncs(family: str, layers: int, ulysses: int = 2, mask_cache: bool = True) -> dict:
+    """Host syncs (``aten._local_scalar_dense``: every ``bool()`` / ``.item()`` of a tensor) and
+    host-to-device index lists (``aten.lift_fresh``) in a second forward of a masked model with
+    ``layers`` blocks, parallelized with U``ulysses`` UAA: none may grow with the layer count.
+    ``mask_cache=False`` converts the mask in every attention call, as before it was cached."""
+    from unittest import mock
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from meshsp.styles import PlanState
+
+    from meshsp.plans import get_plan, parallelize
+    from meshsp.tiny import FAMILIES, build_transformer, make_inputs
+
+    class Count(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.counts = {}
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            name = str(func.overloadpacket.__name__)
+            self.counts[name] = self.counts.get(name, 0) + 1
+            return func(*args, **(kwargs or {}))
+
+    if family in FAMILIES:
+        model = build_transformer(family, heads=3, num_layers=layers)
+        inputs = make_inputs(family, model, batch=2, text_pad=2)
+    else:  # a diffusers class from meshsp.zoo
+        from meshsp.zoo import build, inputs_for
+
+        model = build(family, num_layers=layers)
+        inputs = inputs_for(model, batch=2, text_pad=2)
+    parallelize(model, mesh_for(1, ulysses), get_plan(model, ulysses_mode="advanced_uaa"))
+    uncached = mock.patch.object(PlanState, "key_mask", lambda self, m, q, k, convert: None if m is None else convert())
+    with torch.no_grad(), (contextlib.nullcontext() if mask_cache else uncached):
+        model(**inputs)  # the first forward exchanges the local lengths once
+        with Count() as count:
+            model(**inputs)
+    return {k: count.counts.get(k, 0) for k in ("_local_scalar_dense", "lift_fresh", "nonzero")}
+
+
+def mask_syncs(layers: int, mask_cache: bool = True) -> int:
+    """Host syncs of ``layers`` SP attention calls (U2) handed one additive key-padding mask, as a
+    model's blocks are: its values are checked on the host once, not in every call."""
+    from unittest import mock
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from meshsp.styles import ParallelAttention, PlanState, SPMesh
+
+    class Count(TorchDispatchMode):
+        syncs = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            Count.syncs += func.overloadpacket is torch.ops.aten._local_scalar_dense
+            return func(*args, **(kwargs or {}))
+
+    sp, style = SPMesh(mesh_for(1, 2)), ParallelAttention()
+    g = torch.Generator().manual_seed(dist.get_rank())
+    q, k, v = (torch.randn(2, 4, 6, 8, generator=g) for _ in range(3))
+    bias = torch.zeros(2, 1, 1, 6)
+    bias[:, ..., -2:] = -1e9  # the last two local keys are padding
+    uncached = mock.patch.object(PlanState, "key_mask", lambda self, m, q, k, convert: None if m is None else convert())
+    with (contextlib.nullcontext() if mask_cache else uncached):
+        style.attention(sp, q, k, v, attn_mask=bias)  # exchanges the local lengths once
+        with Count():
+            for _ in range(layers):
+                style.attention(sp, q, k, v, attn_mask=bias)
+    return Count.syncs

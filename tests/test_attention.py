@@ -153,3 +153,16 @@ def test_whole_queries_over_sharded_keys(pools, world, ring, ulysses):
             b, h, sq = case["B"], case["H"], case["Sq"]
             lse_bytes = b * h * sq * r["itemsize"]
             assert r["calls"] == 2 * axes and r["bytes"] == axes * (lse_bytes + r["out"] * r["itemsize"] + lse_bytes), r
+
+
+def test_no_host_syncs_per_layer(pools):
+    """An additive key-padding mask handed to every block is checked on the host once: later
+    attention calls make no ``bool()`` / ``.item()`` of a tensor (without the per-tensor cache,
+    three per call); a masked model's whole forward makes the same two (its input check) at 1 and 3
+    blocks."""
+    pool = pools(2)
+    assert pool.run(rank_tasks.mask_syncs, 4) == [0, 0]
+    assert pool.run(rank_tasks.mask_syncs, 4, mask_cache=False) == [12, 12]  # the check can fail
+    for family in ("qwen-image", "hunyuan-video"):
+        one, three = (pool.run(rank_tasks.host_syncs, family, n)[0] for n in (1, 3))
+        assert one == three and one["_local_scalar_dense"] == 2 and one["nonzero"] == 0, (family, one, three)
