@@ -237,3 +237,36 @@ def local_attention(
         lse = lse.masked_fill(empty_B[:, None, None], _NEG_INF)
         out = out.masked_fill(empty_B[:, None, None, None], 0.0)
     return out, lse
+
+
+# Representative calls for the routing table the docs print (meshsp selftest --routes).
+ROUTE_EXAMPLES = (
+    ("cpu", None, torch.bfloat16, 128, 128, False),
+    ("cpu", None, torch.float32, 40, 40, True),
+    ("cpu", None, torch.float32, 64, 32, False),
+    ("cuda", (9, 0), torch.bfloat16, 128, 128, False),
+    ("cuda", (9, 0), torch.bfloat16, 100, 100, False),
+    ("cuda", (9, 0), torch.float16, 6, 6, False),
+    ("cuda", (9, 0), torch.bfloat16, 192, 128, False),
+    ("cuda", (9, 0), torch.bfloat16, 320, 320, False),
+    ("cuda", (9, 0), torch.bfloat16, 128, 128, True),
+    ("cuda", (9, 0), torch.bfloat16, 100, 100, True),
+    ("cuda", (9, 0), torch.float32, 128, 128, False),
+    ("cuda", (9, 0), torch.float32, 6, 6, True),
+    ("cuda", (9, 0), torch.float32, 64, 30, True),
+    ("cuda", (7, 5), torch.float16, 128, 128, False),
+    ("cuda", (7, 5), torch.float32, 6, 6, False),
+    ("cuda", (7, 5), torch.bfloat16, 128, 128, False),
+    ("cuda", (9, 0), torch.float64, 64, 64, False),
+)
+
+
+def routes_markdown() -> str:
+    """``ROUTE_EXAMPLES`` through ``route``, as a markdown table."""
+    rows = ["| device | capability | dtype | D | Dv | mask | kernel | runs at D, Dv |", "|---|---|---|---|---|---|---|---|"]
+    for device, cap, dtype, d, dv, masked in ROUTE_EXAMPLES:
+        r = route(device, dtype, d, dv, masked, cap)
+        padded = f"{r.head_dim}, {r.value_dim}" + (" (padded)" if (r.head_dim, r.value_dim) != (d, dv) else "")
+        rows.append(f"| {device} | {'.'.join(map(str, cap)) if cap else '-'} | {str(dtype).removeprefix('torch.')} "
+                    f"| {d} | {dv} | {'yes' if masked else 'no'} | `{r.kernel}` | {padded} |")
+    return "\n".join(rows)
