@@ -11,7 +11,15 @@ __all__ = ["main"]
 def _selftest(args) -> int:
     from meshsp.selftest import run
 
-    return run(device=args.device, pipelines=not args.kernels_only)
+    return run(device=args.device, pipelines=not args.no_pipelines, ranks=args.ranks, json_path=args.json)
+
+
+def _world_sizes(text: str) -> tuple[int, ...]:
+    """``--ranks 2,4`` -> (2, 4); ``0`` -> () (no multi-rank checks)."""
+    try:
+        return tuple(n for n in (int(part) for part in text.split(",") if part.strip()) if n)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected world sizes such as 2,4; got {text!r}") from None
 
 
 def _demo(args) -> int:
@@ -417,9 +425,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="meshsp", description="Sequence parallelism for diffusion transformers.")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    st = sub.add_parser("selftest", help="the attention kernel's paths and the tiny pipelines on one device")
+    st = sub.add_parser("selftest", help="meshsp's attention code on one device and on gloo ranks, tiny pipelines")
     st.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    st.add_argument("--kernels-only", action="store_true", help="skip the pipeline generations")
+    st.add_argument("--no-pipelines", "--kernels-only", dest="no_pipelines", action="store_true",
+                    help="skip the pipeline generations")
+    st.add_argument("--ranks", type=_world_sizes, default=None,
+                    help="world sizes of the gloo checks, e.g. 2,4 (default: 2 on cpu, 2,4 on cuda; 0: none)")
+    st.add_argument("--json", default=None, metavar="PATH", help="also write the JSON summary to PATH")
     st.set_defaults(func=_selftest)
 
     demo = sub.add_parser("demo", help="SP attention on 4 CPU ranks vs the single-device result")

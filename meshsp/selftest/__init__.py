@@ -1,172 +1,164 @@
-"""``meshsp selftest [--device cpu|cuda]``: the local attention kernel and the tiny pipelines on one device.
+"""``meshsp selftest [--device cpu|cuda]``: meshsp's attention code on one device, and on gloo ranks.
 
-1. **Kernel paths.** ``meshsp.ops.local_attention`` — the function every SP algorithm calls on its
-   local shards — on each path it takes for the device (CPU: the fused CPU flash kernel, and the
-   math path for value head dims that differ; CUDA: flash for unmasked bf16/fp16, memory-efficient
-   for masks and fp32, math for float64), in bf16, fp16 and fp32, with key-padding masks, grouped
-   queries, odd head dims and empty shards. Each output must be no further from a float64
-   reference than ``F.scaled_dot_product_attention`` in the same dtype (x1.5, plus a floor of a few
-   units in the dtype's last place), and its log-sum-exp must match the float64 one.
-2. **Generation.** A 1-rank bf16 generation of each embedded tiny pipeline: finite, right size.
-3. **Timing.** The kernel against plain SDPA at one larger shape, same dtype.
+1. **Kernel paths** (``kernels.py``). ``meshsp.ops.local_attention`` — what every SP algorithm
+   runs on its shards — on each route ``meshsp.ops.kernel.route`` gives for the device (the route
+   and padded head dims are printed per case), in bf16, fp16, fp32 and fp64: masks, a fully masked
+   batch row (out 0, lse -inf), GQA, head dims that are not multiples of 8 and above 256, value
+   head dims below and above the query's, empty shards, one token.
+2. **Merges and simulations** (``kernels.py``). ``merge_partials`` over two key blocks (in place
+   and not) and over empty partials; Ring over 4 uneven key blocks (one empty) and whole-query
+   attention over 4 simulated ranks' keys, both in one process with the ops' own merge math.
+3. **Ranks** (``ranks.py``). ``sp_attention`` (Ulysses, Ring, hybrid) and
+   ``replicated_query_attention`` on 2 gloo ranks (and 4 on CUDA) with tensors on the device,
+   each rank's shard against single-device float64 attention.
+4. **Generation** (``generation.py``). A 1-rank bf16 generation of each embedded tiny pipeline.
+5. **Timings** (``timing.py``). The kernel against ``F.scaled_dot_product_attention``.
 
-Prints one line per check and returns 0 only if all pass.
+Every result is judged against float64 (``numerics.py``): no further off than SDPA in the same
+dtype x1.5, plus a floor of a few units in the last place. Each check prints one ``PASS`` or
+``FAIL`` line (an exception is a ``FAIL`` with its type and message); a JSON summary ends the
+output. Returns 0 if every check passed, 1 if one failed, 2 if the run cannot start.
+
+Example::
+
+    from meshsp.selftest import run
+    run(device="cuda", json_path="selftest.json")   # 0 when every check passes
 """
 
 from __future__ import annotations
 
-import math
+import json
+import os
+import sys
 import time
-import zlib
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
 
 import torch
-import torch.nn.functional as F
 
-from meshsp.ops.kernel import local_attention, math_attention
+from meshsp.selftest.generation import PIPELINES, check_pipeline
+from meshsp.selftest.kernels import (CASES, DTYPES, check_kernel, check_merge, check_merge_empty,
+                                     check_ring_simulation, check_whole_query_simulation)
+from meshsp.selftest.numerics import dtype_label
+from meshsp.selftest.ranks import DIST_CASES, check_on_ranks
+from meshsp.selftest.report import Report, describe_error
+from meshsp.selftest.timing import TIMINGS, time_kernel
 
-__all__ = ["CASES", "run"]
+__all__ = ["CASES", "DIST_CASES", "check_kernel", "default_ranks", "run"]
 
-
-@dataclass(frozen=True)
-class Case:
-    name: str
-    b: int = 2
-    h: int = 4
-    hk: int = 4
-    sq: int = 77
-    sk: int = 77
-    d: int = 64
-    dv: int | None = None
-    mask: bool = False
+_WORLDS = sorted({case.world for case in DIST_CASES})
 
 
-CASES = (
-    Case("plain"),
-    Case("key-padding mask", mask=True),
-    Case("GQA 8 query / 2 kv heads", h=8, hk=2),
-    Case("GQA + mask, cross lengths", h=6, hk=3, sq=33, sk=91, mask=True),
-    Case("odd head dim 40", d=40),
-    Case("odd head dim 72, mask", d=72, mask=True),
-    Case("value head dim != query's", d=64, dv=32),
-    Case("empty query shard", sq=0),
-    Case("empty key shard", sk=0),
-    Case("one token", sq=1, sk=1),
-)
-_TOL_ULP = {torch.bfloat16: 2 ** -8, torch.float16: 2 ** -11, torch.float32: 2 ** -23}
+def default_ranks(device: str) -> tuple[int, ...]:
+    """2 gloo ranks; 4 as well on CUDA (on a small CPU, starting 4 ranks costs more than the rest)."""
+    return (2, 4) if device == "cuda" else (2,)
 
 
-def _path(case: Case, dtype: torch.dtype, device: str) -> str:
-    if case.sq == 0 or case.sk == 0:
-        return "empty (no kernel)"
-    if (case.dv or case.d) != case.d:
-        return "math"
-    if device == "cpu":
-        return "cpu flash"
-    if not case.mask and dtype in (torch.float16, torch.bfloat16) and case.d <= 256:
-        return "cuda flash"
-    return "cuda memory-efficient"
+def _header(device: str) -> dict:
+    cuda = device == "cuda"
+    return {"device": device, "device_name": torch.cuda.get_device_name() if cuda else "CPU",
+            "capability": list(torch.cuda.get_device_capability()) if cuda else None,
+            "torch": torch.__version__, "cuda": torch.version.cuda if cuda else None,
+            "cpu_threads": torch.get_num_threads()}
 
 
-def _inputs(case: Case, dtype: torch.dtype, device: str):
-    g = torch.Generator().manual_seed(zlib.crc32(case.name.encode()))  # the same inputs in every process
-    q = torch.randn(case.b, case.h, case.sq, case.d, generator=g, dtype=torch.float64)
-    k = torch.randn(case.b, case.hk, case.sk, case.d, generator=g, dtype=torch.float64)
-    v = torch.randn(case.b, case.hk, case.sk, case.dv or case.d, generator=g, dtype=torch.float64)
-    mask = None
-    if case.mask and case.sk:
-        mask = torch.rand(case.b, case.sk, generator=g) < 0.7
-        mask[:, 0] = True
-    cast = [t.to(device=device, dtype=dtype) for t in (q, k, v)]
-    return (q, k, v), cast, None if mask is None else mask.to(device)
-
-
-def check_kernel(case: Case, dtype: torch.dtype, device: str) -> tuple[bool, str]:
-    """One case in one dtype: (passed, description)."""
-    (q64, k64, v64), (q, k, v), mask = _inputs(case, dtype, device)
-    ref, ref_lse = math_attention(q64, k64, v64, None if mask is None else mask.cpu())
-    out, lse = local_attention(q, k, v, mask)
-    if case.sq == 0 or case.sk == 0:
-        ok = out.shape == ref.shape and bool((out == 0).all()) and bool(torch.isinf(lse).all() or lse.numel() == 0)
-        return ok, f"shape {tuple(out.shape)}, zeros, lse -inf"
-    err = (out.double().cpu() - ref).abs().max().item()
-    if (case.dv or case.d) == case.d:
-        sdpa_mask = None if mask is None else mask[:, None, None, :]
-        base = F.scaled_dot_product_attention(q, k, v, attn_mask=sdpa_mask, enable_gqa=case.h != case.hk)
-        bound = (base.double().cpu() - ref).abs().max().item()
-    else:
-        bound = 0.0  # no fused SDPA for differing head dims: hold the math path to the dtype's rounding
-    scale = ref.abs().max().item()
-    # Without SDPA to compare with, the floor alone bounds the math path: 16 units of rounding (one
-    # in 40 random inputs of that case needed 9 in float32).
-    allowed = 1.5 * bound + (8 if bound else 16) * _TOL_ULP[dtype] * max(scale, 1.0)
-    lse_err = (lse.double().cpu() - ref_lse).abs().max().item()
-    lse_allowed = 16 * _TOL_ULP[dtype] * max(ref_lse.abs().max().item(), 1.0)  # scores round in the dtype
-    ok = err <= allowed and lse_err <= lse_allowed and math.isfinite(err)
-    return ok, f"max err {err:.1e} (SDPA {bound:.1e}, allowed {allowed:.1e}), lse err {lse_err:.1e}"
-
-
-def time_kernel(dtype: torch.dtype, device: str, s: int, repeats: int = 5) -> tuple[float, float]:
-    """Median seconds of local_attention and of F.scaled_dot_product_attention at [1, 8, s, 64]."""
-    g = torch.Generator().manual_seed(0)
-    q, k, v = (torch.randn(1, 8, s, 64, generator=g).to(device=device, dtype=dtype) for _ in range(3))
-
-    def median(fn):
-        times = []
-        for _ in range(repeats + 1):
-            if device == "cuda":
-                torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            fn()
-            if device == "cuda":
-                torch.cuda.synchronize()
-            times.append(time.perf_counter() - t0)
-        return sorted(times[1:])[repeats // 2]
-
-    return median(lambda: local_attention(q, k, v)), median(lambda: F.scaled_dot_product_attention(q, k, v))
-
-
-def check_pipeline(name: str, device: str) -> tuple[bool, str]:
-    from meshsp.engine import Engine, SamplingParams
-
-    t0 = time.perf_counter()
-    with Engine(name, dtype="bfloat16", device=device) as engine:
-        params = SamplingParams(num_inference_steps=2, width=64, height=64, seed=0,
-                                num_frames=5 if engine.is_video else None)
-        images = engine.generate("a cat", params)
-    frames = images[0] if isinstance(images[0], list) else [images[0]]
-    import numpy as np
-
-    pixels = np.asarray(frames[0])
-    ok = frames[0].size == (64, 64) and np.isfinite(pixels).all()
-    return ok, f"{len(frames)} frame(s) {frames[0].size}, {time.perf_counter() - t0:.1f} s"
-
-
-def run(device: str = "cpu", pipelines: bool = True) -> int:
-    """Run every check on ``device``; print a line each; 0 if all pass."""
-    if device == "cuda" and not torch.cuda.is_available():
-        raise ValueError("selftest --device cuda: no CUDA device is visible; use --device cpu.")
-    if device not in ("cpu", "cuda"):
-        raise ValueError(f"selftest --device must be 'cpu' or 'cuda'; got {device!r}.")
-    start = time.perf_counter()
-    name = torch.cuda.get_device_name() if device == "cuda" else "CPU"
-    print(f"meshsp selftest on {device} ({name}), torch {torch.__version__}")
-    failures = 0
-    for dtype in (torch.bfloat16, torch.float16, torch.float32):
+def _kernel_checks(report: Report, device: str) -> None:
+    report.note("-- local_attention: each case's route [kernel head_dim/value_dim], against float64")
+    for dtype in DTYPES:
         for case in CASES:
-            ok, text = check_kernel(case, dtype, device)
-            failures += not ok
-            label = str(dtype).removeprefix("torch.")
-            print(f"  kernel {label:<8} {case.name:<28} [{_path(case, dtype, device)}] {text} {'OK' if ok else 'FAIL'}")
+            report.check(f"kernel {dtype_label(dtype)} {case.name}", check_kernel, case, dtype, device)
+
+
+def _merge_checks(report: Report, device: str) -> None:
+    report.note("-- merges; Ring and whole-query attention simulated on 4 key blocks (31/0/17/29)")
+    report.check("merge with empty partials", check_merge_empty, device)
+    for dtype in DTYPES:
+        label = dtype_label(dtype)
+        report.check(f"merge 2 key blocks {label}", check_merge, dtype, device)
+        report.check(f"Ring simulated, 4 blocks {label}", check_ring_simulation, dtype, device)
+        report.check(f"whole-query simulated, 4 blocks {label}", check_whole_query_simulation, dtype, device)
+
+
+def _start_pool(world: int):
+    from meshsp.launch import WorkerPool
+
+    return WorkerPool(world, threads=max(1, (os.cpu_count() or 1) // world), pg_timeout_s=60)
+
+
+def _rank_checks(report: Report, device: str, ranks: Sequence[int], pools: Callable | None) -> None:
+    for world in ranks:
+        cases = [case for case in DIST_CASES if case.world == world]
+        report.note(f"-- {world} gloo ranks, {device} tensors, each rank's shard against float64")
+        try:
+            pool = pools(world) if pools is not None else _start_pool(world)
+        except Exception as exc:
+            why = f"the {world} ranks did not start: {describe_error(exc)}"
+            for case in cases:
+                report.check(case.name, lambda: (False, why))
+            continue
+        try:
+            for case in cases:
+                report.check(case.name, check_on_ranks, pool, case, device)
+        finally:
+            if pools is None:
+                pool.close()
+
+
+def _generation_checks(report: Report, device: str) -> None:
+    report.note("-- generation, 1 rank, bf16")
+    for name in PIPELINES:
+        report.check(f"generate {name}", check_pipeline, name, device)
+
+
+def _timings(report: Report, device: str) -> None:
+    report.note("-- timings: median ms, meshsp kernel vs F.scaled_dot_product_attention (information)")
+    for name, dtype, masked in TIMINGS:
+        report.timing(name, time_kernel, dtype, masked, device)
+
+
+def _refusal(device: str, ranks: Sequence[int]) -> str | None:
+    if device not in ("cpu", "cuda"):
+        return f"--device must be 'cpu' or 'cuda'; got {device!r}."
+    if device == "cuda" and not torch.cuda.is_available():
+        return ("no CUDA device is visible (torch.cuda.is_available() is False); "
+                "run it where a GPU is visible, or use --device cpu.")
+    unknown = [n for n in ranks if n not in _WORLDS]
+    if unknown:
+        return f"--ranks {unknown}: the multi-rank checks run on {_WORLDS} ranks."
+    return None
+
+
+def run(device: str = "cpu", *, pipelines: bool = True, ranks: Sequence[int] | None = None,
+        json_path: str | None = None, pools: Callable | None = None,
+        emit: Callable[[str], None] = print) -> int:
+    """Run every check on ``device``; print a line each and the JSON summary; 0 if all pass.
+
+    ``ranks``: world sizes of the gloo checks (default ``default_ranks(device)``; empty: none);
+    ``pools``: ``world_size -> WorkerPool`` to use (and leave open) instead of starting ranks.
+    """
+    ranks = default_ranks(device) if ranks is None else tuple(ranks)
+    refusal = _refusal(device, ranks)
+    if refusal:
+        print(f"meshsp selftest: {refusal}", file=sys.stderr)
+        return 2
+    start = time.perf_counter()
+    header = _header(device)
+    capability = f", capability {header['capability'][0]}.{header['capability'][1]}" if header["capability"] else ""
+    report = Report(emit)
+    report.note(f"meshsp selftest on {device} ({header['device_name']}{capability}), torch {header['torch']}, "
+                f"{header['cpu_threads']} CPU threads")
+    _kernel_checks(report, device)
+    _merge_checks(report, device)
+    _rank_checks(report, device, ranks, pools)
     if pipelines:
-        for tiny in ("tiny-qwen-image", "tiny-flux", "tiny-wan"):
-            ok, text = check_pipeline(tiny, device)
-            failures += not ok
-            print(f"  generate {tiny} bf16, 1 rank: {text} {'OK' if ok else 'FAIL'}")
-    s = 16384 if device == "cuda" else 2048
-    for dtype in (torch.bfloat16, torch.float32):
-        mine, sdpa = time_kernel(dtype, device, s)
-        print(f"  timing [1, 8, {s}, 64] {str(dtype).removeprefix('torch.')}: meshsp kernel {mine * 1e3:.2f} ms, "
-              f"SDPA {sdpa * 1e3:.2f} ms ({sdpa / mine:.2f}x)")
-    print(f"{'all checks passed' if not failures else f'{failures} check(s) FAILED'} in {time.perf_counter() - start:.0f} s")
-    return 0 if not failures else 1
+        _generation_checks(report, device)
+    _timings(report, device)
+    seconds = time.perf_counter() - start
+    total, failed = len(report.results), report.failed
+    report.note(f"all {total} checks passed in {seconds:.0f} s" if not failed
+                else f"{failed} of {total} checks failed in {seconds:.0f} s")
+    summary = report.summary(**header, seconds=round(seconds, 1))
+    report.note(Report.json_line(summary))
+    if json_path:
+        with open(json_path, "w") as f:
+            json.dump(summary, f, indent=2)
+    return 0 if not failed else 1
