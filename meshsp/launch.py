@@ -63,7 +63,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(rank, world, port, backend, threads, pg_timeout_s, env, tasks, results, progress):
+def _worker(rank, world, port, backend, threads, pg_timeout_s, start_timeout_s, env, tasks, results, progress):
     global _PROGRESS
     _PROGRESS = progress if rank == 0 else None
     os.environ.update(env)
@@ -75,7 +75,10 @@ def _worker(rank, world, port, backend, threads, pg_timeout_s, env, tasks, resul
     torch.set_num_threads(threads)
     if backend == "nccl":
         torch.cuda.set_device(rank)  # one GPU per rank: the parent checked the count (check_gpus)
-    dist.init_process_group(backend, rank=rank, world_size=world,
+    # The rendezvous waits for the slowest rank to start (start_timeout_s); collectives get pg_timeout_s.
+    store = dist.TCPStore("127.0.0.1", port, world, is_master=rank == 0,
+                          timeout=datetime.timedelta(seconds=max(start_timeout_s, pg_timeout_s)))
+    dist.init_process_group(backend, store=store, rank=rank, world_size=world,
                             timeout=datetime.timedelta(seconds=pg_timeout_s))
     results.put((rank, "ready", ("ok", None)))
     while True:
@@ -139,7 +142,7 @@ class WorkerPool:
         self._procs = [
             ctx.Process(
                 target=_worker,
-                args=(r, world_size, port, backend, threads, pg_timeout_s, dict(env or {}),
+                args=(r, world_size, port, backend, threads, pg_timeout_s, start_timeout_s, dict(env or {}),
                       self._tasks[r], self._results, self._progress),
                 daemon=True,
             )
