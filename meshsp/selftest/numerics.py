@@ -47,7 +47,9 @@ def sdpa_or_none(q, k, v, mask_BSk=None) -> torch.Tensor | None:
 
 
 def _max_abs(a: torch.Tensor, b: torch.Tensor, rows: torch.Tensor) -> float:
-    diff = (a - b).abs()[rows]
+    diff = (a - b).abs()
+    if not bool(rows.all()):
+        diff = diff[rows]
     return diff.max().item() if diff.numel() else 0.0
 
 
