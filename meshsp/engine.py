@@ -263,6 +263,10 @@ class _Runner:
 
 _RUNNER: _Runner | None = None  # the runner of a spawned worker process
 
+# Under torchrun lead / follow: how long after finishing a call a rank waits for the others to
+# finish it too before it takes the world to be stuck (healthy ranks finish within a second).
+CHECK_IN_S = 30.0
+
 
 def _init_process_group(device: str, config: ParallelConfig) -> None:
     """Under torchrun: the process group of the engine's device (NCCL for CUDA, one GPU per rank;
@@ -360,6 +364,7 @@ class Engine:
         self.last_seconds = 0.0
         self.last_stages: dict[str, float] = {}  # the last call's seconds per stage (rank 0)
         self._control = None  # under torchrun: rank 0's channel to the others (lead / follow)
+        self._check_in_group = None  # under torchrun: every rank's barrier after each call
         self._leading = False
         if spmd or self.config.world_size == 1:
             if spmd:
@@ -369,6 +374,7 @@ class Engine:
             info = self._runner.info()
             if spmd and dist.is_initialized() and dist.get_world_size() > 1:
                 self._control = dist.new_group(backend="gloo", timeout=datetime.timedelta(days=365))
+                self._check_in_group = dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=CHECK_IN_S))
         else:
             model = resolve_model(model)  # build an embedded pipeline here, before any process group
             backend = "nccl" if self.device == "cuda" else "gloo"
@@ -423,7 +429,9 @@ class Engine:
         else:
             if self._leading:
                 self._send("generate", batch)
-            result = self._runner.generate(batch)
+                result = self._generate_checked_in(batch)
+            else:
+                result = self._runner.generate(batch)
         if result is None:
             return None
         outputs, self.last_seconds, self.last_stages, self.last_cache = result
@@ -455,9 +463,33 @@ class Engine:
             if command == "stop":
                 return
             try:
-                self._runner.generate(payload)
+                self._generate_checked_in(payload)
+            except RankFailure:
+                raise  # the world is out of step: this rank exits and torchrun stops the others
             except Exception:  # the same error reaches rank 0's caller, who reports it
                 logger.debug("a request failed on rank %d", _rank(), exc_info=True)
+
+    def _generate_checked_in(self, batch):
+        """``generate`` on this rank, then a barrier of every rank (``CHECK_IN_S``) on a gloo group
+        of its own. An error every rank raised alike passes it and the world goes on. A rank that
+        failed alone (out of memory) leaves the others waiting in a collective until the process
+        group's timeout: the barrier times out instead, and ``RankFailure`` ends the lead / follow
+        loop so torchrun stops every rank within seconds rather than after the timeout."""
+        error = None
+        try:
+            result = self._runner.generate(batch)
+        except Exception as exc:
+            error = exc
+        try:
+            dist.barrier(group=self._check_in_group)
+        except RuntimeError as exc:
+            what = f"raised {error!r}" if error is not None else "finished"
+            raise RankFailure(f"rank {_rank()} {what}, but not every rank finished the call within {CHECK_IN_S:g} s "
+                              "of it (one failed alone and the others wait for it in a collective); the torchrun "
+                              "world is out of step and stops", pool_failed=True) from (error or exc)
+        if error is not None:
+            raise error
+        return result
 
     def _send(self, command: str, payload) -> None:
         dist.broadcast_object_list([(command, payload)], src=0, group=self._control)
