@@ -25,18 +25,23 @@ A plan's ``tp`` entries run on the mesh's ``tp`` axis (``meshsp.plans.Plan``):
   weight is sharded like the features.
 
 Weights are sliced from each rank's own copy (``src_data_rank=None``): every rank must hold the same
-weights before ``parallelize``, as ranks that load one checkpoint do; nothing is broadcast.
+weights before ``parallelize``, as ranks that load one checkpoint do; nothing is broadcast. What a
+rank keeps of each parameter is a ``TPSlice`` (``param_slices`` of the style), the one description
+both slicing a loaded parameter and reading the rank's part straight from a checkpoint
+(``meshsp.loading.load_sharded_transformer``) follow; a parameter read that way is checked, not
+sliced again, when the plan is applied.
 """
 
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
 
 import torch
 import torch.distributed._functional_collectives as funcol
 import torch.nn as nn
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.tensor import DTensor, Replicate, Shard
+from torch.distributed.tensor import DTensor, Placement, Replicate, Shard
 from torch.distributed.tensor.parallel import ColwiseParallel as _TorchColwise
 from torch.distributed.tensor.parallel import RowwiseParallel as _TorchRowwise
 from torch.distributed.tensor.parallel.style import ParallelStyle
@@ -44,19 +49,97 @@ from torch.distributed.tensor.parallel.style import ParallelStyle
 from meshsp.ops.comm import _count
 
 __all__ = ["ColwiseParallel", "HeadShardedNorm", "LocalHeads", "PackedColwiseParallel", "PackedRowwiseParallel",
-           "RowwiseParallel", "ShardFeatures", "TP_STYLES", "tp_requirements"]
+           "RowwiseParallel", "ShardFeatures", "TPSlice", "TP_STYLES", "loaded_tp_size", "param_slices", "set_shard",
+           "tp_requirements"]
 
 HEAD_ATTRIBUTES = ("heads", "inner_dim", "inner_kv_dim", "kv_heads", "mlp_hidden_dim")
+_LOADED = "_meshsp_loaded_shards"  # module attribute: {parameter name: (TPSlice, tp mesh)} read sharded
 
 
-def _local_blocks(param: torch.Tensor, dim: int, sizes: list[int], mesh: DeviceMesh) -> torch.Tensor:
-    """This rank's slice of every block of ``param`` along ``dim``, concatenated."""
-    rank, n = mesh.get_local_rank(), mesh.size()
-    parts, offset = [], 0
-    for size in sizes:
-        parts.append(param.narrow(dim, offset + rank * (size // n), size // n))
-        offset += size
-    return torch.cat(parts, dim=dim).contiguous() if len(parts) > 1 else parts[0].contiguous()
+@dataclass(frozen=True)
+class TPSlice:
+    """What one tp rank holds of a full parameter: along ``dim``, its ``1/tp`` of each block
+    (``blocks``: sizes along ``dim`` that add up to it), concatenated; ``dim=None``: all of it, replicated.
+
+    Example::
+
+        TPSlice(0, (3072, 12288)).take(proj_out_weight, tp_mesh)   # a packed [attention, MLP] projection
+    """
+
+    dim: int | None
+    blocks: tuple[int, ...] = ()
+
+    @property
+    def placement(self) -> Placement:
+        return Replicate() if self.dim is None else Shard(self.dim)
+
+    def take(self, full, mesh: DeviceMesh) -> torch.Tensor:
+        """This rank's part of ``full``: a tensor, or a safetensors slice (``safe_open(...).get_slice``)
+        of which only that part is read. A sharded part is a tensor of its own, not a view of ``full``."""
+        if self.dim is None:
+            return full[...]
+        rank, n = mesh.get_local_rank(), mesh.size()
+        parts, offset = [], 0
+        for size in self.blocks:
+            start = offset + rank * (size // n)
+            parts.append(full[(slice(None),) * self.dim + (slice(start, start + size // n),)])
+            offset += size
+        return torch.cat(parts, dim=self.dim) if len(parts) > 1 else parts[0].clone(memory_format=torch.contiguous_format)
+
+
+def set_shard(module: nn.Module, name: str, local: torch.Tensor, part: TPSlice, mesh: DeviceMesh, *,
+              loaded: bool = False) -> None:
+    """Make ``module``'s parameter ``name`` the DTensor of this rank's ``local`` part. ``loaded``: it was
+    read sharded from a checkpoint, so applying the plan later checks it instead of slicing it."""
+    requires_grad = module._parameters[name].requires_grad
+    module.register_parameter(name, nn.Parameter(DTensor.from_local(local, mesh, [part.placement], run_check=False),
+                                                 requires_grad=requires_grad))
+    if loaded:
+        module.__dict__.setdefault(_LOADED, {})[name] = (part, mesh)
+
+
+def _shard_parameters(module: nn.Module, slices: dict[str, TPSlice], mesh: DeviceMesh, where: str) -> None:
+    """Each parameter of ``slices`` replaced by this rank's part; one read sharded is checked instead."""
+    loaded = module.__dict__.get(_LOADED, {})
+    for name, part in slices.items():
+        param = module._parameters[name]
+        if name in loaded:
+            if loaded[name] != (part, mesh):
+                raise ValueError(f"{where}.{name} was loaded sharded as {loaded[name][0]} on {loaded[name][1]}, but "
+                                 f"the plan shards it as {part} on {mesh}; load it with the plan and tp mesh it is "
+                                 "parallelized with (meshsp.loading.load_sharded_transformer).")
+            continue
+        if isinstance(param, DTensor):
+            raise ValueError(f"{where}.{name} is already a DTensor ({param.placements}): a tp plan was applied to it "
+                             "before. Parallelize a freshly loaded model.")
+        set_shard(module, name, part.take(param.detach(), mesh), part, mesh)
+
+
+def param_slices(style: ParallelStyle, module: nn.Module) -> dict[str, TPSlice]:
+    """``{parameter name: TPSlice}`` of what ``style`` keeps of ``module``'s parameters on each tp rank
+    (empty for styles that shard none). The module may be on ``meta``.
+
+    Example::
+
+        param_slices(RowwiseParallel(), nn.Linear(8, 4))   # {"weight": TPSlice(1, (8,)), "bias": TPSlice(None)}
+    """
+    slices = getattr(style, "param_slices", None)
+    if slices is None:
+        raise ValueError(f"{type(style).__name__} is not one of meshsp's tp styles ({sorted(TP_STYLES)}), so what it "
+                         "keeps of each parameter is not known; use the styles of meshsp.tp in the plan.")
+    return slices(module)
+
+
+def loaded_tp_size(model: nn.Module) -> int | None:
+    """The tp degree ``model``'s parameters were read sharded for (``meshsp.loading``); None if none were."""
+    for module in model.modules():
+        for _, mesh in module.__dict__.get(_LOADED, {}).values():
+            return mesh.size()
+    return None
+
+
+def _present(module: nn.Module, names: tuple[str, ...]) -> list[str]:
+    return [n for n in names if getattr(module, n, None) is not None]
 
 
 def block_sizes(blocks, total: int, where: str) -> list[int]:
@@ -86,6 +169,12 @@ class ColwiseParallel(_TorchColwise):
         super().__init__(**kwargs)
         self.src_data_rank = None
 
+    def param_slices(self, module: nn.Module) -> dict[str, TPSlice]:
+        return {n: TPSlice(0, (module.weight.shape[0],)) for n in _present(module, ("weight", "bias"))}
+
+    def _partition_linear_fn(self, name, module, device_mesh):
+        _shard_parameters(module, self.param_slices(module), device_mesh, name or type(module).__name__)
+
     @property
     def gathered(self) -> bool:
         return isinstance(self.output_layouts[0], Replicate)
@@ -108,6 +197,15 @@ class RowwiseParallel(_TorchRowwise):
         super().__init__(**kwargs)
         self.src_data_rank = None
 
+    def param_slices(self, module: nn.Module) -> dict[str, TPSlice]:
+        out = {"weight": TPSlice(1, (module.weight.shape[1],))}
+        if module.bias is not None:  # added once, after the all-reduce
+            out["bias"] = TPSlice(None)
+        return out
+
+    def _partition_linear_fn(self, name, module, device_mesh):
+        _shard_parameters(module, self.param_slices(module), device_mesh, name or type(module).__name__)
+
     @staticmethod
     def _prepare_output_fn(output_layouts, use_local_output, mod, outputs, device_mesh):
         n = device_mesh.size()
@@ -127,12 +225,9 @@ class PackedColwiseParallel(ColwiseParallel):
         super().__init__()
         self.blocks = blocks
 
-    def _partition_linear_fn(self, name, module, device_mesh):
-        sizes = _packed_sizes(self, module, 0, name or type(module).__name__)
-        for pname, param in list(module.named_parameters(recurse=False)):
-            local = _local_blocks(param.detach(), 0, sizes, device_mesh)
-            module.register_parameter(pname, nn.Parameter(
-                DTensor.from_local(local, device_mesh, [Shard(0)], run_check=False), requires_grad=param.requires_grad))
+    def param_slices(self, module: nn.Module) -> dict[str, TPSlice]:
+        sizes = tuple(_packed_sizes(self, module, 0, type(module).__name__))
+        return {n: TPSlice(0, sizes) for n in _present(module, ("weight", "bias"))}
 
 
 class PackedRowwiseParallel(RowwiseParallel):
@@ -144,19 +239,18 @@ class PackedRowwiseParallel(RowwiseParallel):
         super().__init__()
         self.blocks = blocks
 
-    def _partition_linear_fn(self, name, module, device_mesh):
-        sizes = _packed_sizes(self, module, 1, name or type(module).__name__)
-        weight = _local_blocks(module.weight.detach(), 1, sizes, device_mesh)
-        module.register_parameter("weight", nn.Parameter(
-            DTensor.from_local(weight, device_mesh, [Shard(1)], run_check=False), requires_grad=module.weight.requires_grad))
+    def param_slices(self, module: nn.Module) -> dict[str, TPSlice]:
+        out = {"weight": TPSlice(1, tuple(_packed_sizes(self, module, 1, type(module).__name__)))}
         if module.bias is not None:  # added once, after the all-reduce
-            module.register_parameter("bias", nn.Parameter(
-                DTensor.from_local(module.bias.detach(), device_mesh, [Replicate()], run_check=False),
-                requires_grad=module.bias.requires_grad))
+            out["bias"] = TPSlice(None)
+        return out
 
 
 class LocalHeads(ParallelStyle):
     """The attention module's head counts are this rank's during its forward (``heads / tp``)."""
+
+    def param_slices(self, module: nn.Module) -> dict[str, TPSlice]:
+        return {}
 
     def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
         n = device_mesh.size()
@@ -186,6 +280,9 @@ class ShardFeatures(ParallelStyle):
         if not outputs or any(not isinstance(i, int) or not isinstance(d, int) for i, d in outputs.items()):
             raise ValueError(f"ShardFeatures takes outputs as {{output index: dim}}, e.g. {{0: -1}}; got {outputs!r}.")
         self.outputs = dict(outputs)
+
+    def param_slices(self, module: nn.Module) -> dict[str, TPSlice]:
+        return {}
 
     def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
         rank, n = device_mesh.get_local_rank(), device_mesh.size()
@@ -220,16 +317,16 @@ def _sharded_rms_norm(module: nn.Module, group, features: int, hidden_states: to
 class HeadShardedNorm(ParallelStyle):
     """An RMSNorm over every head's features, run on this rank's column-sharded features."""
 
-    def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
+    def param_slices(self, module: nn.Module) -> dict[str, TPSlice]:
         features = _norm_features(module)
         if features is None:
             raise ValueError(f"HeadShardedNorm takes an RMSNorm over one feature dim with an 'eps'; got "
                              f"{type(module).__name__}.")
-        weight = getattr(module, "weight", None)
-        if weight is not None:
-            local = _local_blocks(weight.detach(), 0, [features], device_mesh)
-            module.register_parameter("weight", nn.Parameter(
-                DTensor.from_local(local, device_mesh, [Shard(0)], run_check=False), requires_grad=weight.requires_grad))
+        return {"weight": TPSlice(0, (features,))} if getattr(module, "weight", None) is not None else {}
+
+    def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
+        _shard_parameters(module, self.param_slices(module), device_mesh, type(module).__name__)
+        features = _norm_features(module)
         # The module's own forward would normalise over this rank's features only; this one is
         # scoped to the module the plan names (an instance attribute, nothing global).
         module.forward = functools.partial(_sharded_rms_norm, module, device_mesh.get_group(), features)
