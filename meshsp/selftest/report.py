@@ -69,8 +69,8 @@ class Report:
             self.check(f"timing {name}", lambda: (False, describe_error(exc)))
             return
         self.timings.append({"name": name, **timing})
-        self.emit(f"TIME  {name:<{_NAME_WIDTH}} meshsp {timing['meshsp_ms']:.2f} ms, SDPA {timing['sdpa_ms']:.2f} ms, "
-                  f"meshsp/SDPA {timing['ratio']:.2f} [{timing['kernel']}]")
+        self.emit(f"TIME  {name:<{_NAME_WIDTH}} {timing['shape']} [{timing['kernel']}] meshsp {timing['meshsp_ms']:.2f} ms, "
+                  f"SDPA {timing['sdpa_ms']:.2f} ms, meshsp/SDPA {timing['ratio']:.2f}")
 
     def note(self, text: str) -> None:
         self.emit(text)

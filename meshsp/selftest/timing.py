@@ -49,5 +49,5 @@ def time_kernel(dtype: torch.dtype, masked: bool, device: str, repeats: int = 5)
     mine = _median_s(lambda: local_attention(q, k, v, mask), device, repeats)
     sdpa = _median_s(lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=sdpa_mask), device, repeats)
     return {"shape": [b, h, s, d], "dtype": str(dtype).removeprefix("torch."), "masked": masked,
-            "kernel": route_label(device, dtype, d, d, masked), "meshsp_ms": mine * 1e3, "sdpa_ms": sdpa * 1e3,
-            "ratio": mine / sdpa}
+            "kernel": route_label(device, dtype, d, d, masked), "meshsp_ms": round(mine * 1e3, 3),
+            "sdpa_ms": round(sdpa * 1e3, 3), "ratio": round(mine / sdpa, 3)}
