@@ -134,9 +134,10 @@ class _Runner:
 
             skip = {name: None for name in text_encoder_names(DiffusionPipeline.load_config(path))}
         self.device = rank_device(device)
-        # diffusers keeps a model's _keep_in_fp32_modules in float32 whatever the dtype.
+        # diffusers keeps a model's _keep_in_fp32_modules in float32 whatever the dtype. With tensor
+        # parallelism each rank reads only its part of the transformers (meshsp.loading).
         self.pipe = load_pipeline(path, dtype, load_kwargs(self.device, cpu_offload=cpu_offload,
-                                                             local_rank=_local_rank()), skip)
+                                                             local_rank=_local_rank()), skip, config)
         if cpu_offload:
             offload(self.pipe, self.device)
         elif self.device.type == "cuda":

@@ -82,7 +82,9 @@ def parallelize_pipeline(pipe, config_or_mesh: ParallelConfig | DeviceMesh, *, u
     taking the same branch. ``plans``: ``{component: Plan}`` in place of ``get_plan``'s.
 
     Load the pipeline onto this rank's device first (tensor parallelism slices weights where they
-    are). Returns ``pipe``; ``pipe.meshsp`` (``PipelineParallelism``) records what was done.
+    are), or, so that no rank holds a whole transformer, with its transformers read sharded for the
+    same layout (``meshsp.loading.load_sharded_transformers``, as the engine does); their plans then
+    check those parameters instead of slicing them. Returns ``pipe``; ``pipe.meshsp`` (``PipelineParallelism``) records what was done.
     Everything that can be refused is refused first, with a ``ValueError`` on every rank and the
     pipeline unchanged: a pipeline with no transformer or one meshsp has no plan for, a world size
     other than the config's, a second call on the same pipeline, an option the pipeline cannot run.
@@ -156,10 +158,17 @@ def _axes(config: ParallelConfig) -> dict[str, int]:
 def _checked_plans(models: dict[str, nn.Module], config: ParallelConfig, given: dict) -> dict:
     """Each transformer's plan, validated against it, its tp widths checked; ``{}`` on one model rank."""
     from meshsp.plans import Plan, get_plan
+    from meshsp.tp import loaded_tp_size
 
     unknown = sorted(set(given) - set(models))
     if unknown:
         raise ValueError(f"plans names {unknown}, which this pipeline does not have; its transformers: {sorted(models)}.")
+    for name, model in models.items():
+        loaded = loaded_tp_size(model)
+        if loaded is not None and loaded != config.tensor_parallel_size:
+            raise ValueError(f"{name} was read sharded for tensor_parallel_size={loaded} (meshsp.loading), but the "
+                             f"config has tensor_parallel_size={config.tensor_parallel_size}; load it again for this "
+                             "layout.")
     if config.sequence_parallel_size * config.tensor_parallel_size == 1:
         return {}
     chosen = {}

@@ -113,3 +113,12 @@ def test_checkpoints_it_cannot_slice_are_refused(tmp_path, tiny_root):
     (folder / "config.json").write_text(json.dumps({**config, "quantization_config": {"quant_method": "bitsandbytes"}}))
     with pytest.raises(ValueError, match="quantized checkpoint"):
         load_sharded_transformer(str(tmp_path / "quantized"), "transformer", tp_mesh=None)
+
+
+def test_plans_check_what_was_read_sharded(pools, tiny_root):
+    messages = pools(2).run(tp_loading_tasks.refusals, tiny_root)
+    assert messages[0] == messages[1] and len(messages[0]) == 3, messages
+    layout, packed, twice = messages[0]
+    assert "read sharded for tensor_parallel_size=2" in layout and "tensor_parallel_size=1" in layout
+    assert "was loaded sharded as TPSlice(dim=0, blocks=(64,))" in packed and "blocks=(32, 32)" in packed
+    assert "already a DTensor" in twice and "freshly loaded" in twice

@@ -157,3 +157,37 @@ def engine_reads_sharded(name: str, tp: int) -> dict:
         del cls.from_pretrained  # ModelMixin's again
     model = runner.pipe.transformer
     return {"loaded_tp": loaded_tp_size(model), "bytes": local_bytes(model)}
+
+
+def refusals(root: str) -> list[str]:
+    """What applying a plan to a transformer read sharded refuses: another tp degree in
+    ``parallelize_pipeline``, another layout of one of its parameters; and a HeadShardedNorm applied
+    twice."""
+    import meshsp
+    from meshsp.loading import load_pipeline, load_sharded_transformer
+    from meshsp.pipelines import tiny_pipeline_path
+    from meshsp.plans import get_plan, parallelize
+    from meshsp.tp import HeadShardedNorm, PackedColwiseParallel
+
+    messages = []
+    pipe = load_pipeline(str(tiny_pipeline_path("tiny-qwen-image")), torch.float32, ({}, {}), {},
+                         ParallelConfig(tensor_parallel_size=2))
+    try:
+        meshsp.parallelize_pipeline(pipe, ParallelConfig(ulysses_degree=2))
+    except ValueError as exc:
+        messages.append(str(exc))
+    mesh = _tp_mesh(2)
+    model = load_sharded_transformer(f"{root}/flux", "transformer", mesh["tp"])
+    plan = get_plan(model)
+    plan.tp["transformer_blocks.*.attn.to_q"] = PackedColwiseParallel([1, 1])
+    try:
+        parallelize(model, mesh, plan)
+    except ValueError as exc:
+        messages.append(str(exc))
+    norm = torch.nn.RMSNorm(32, eps=1e-6)
+    HeadShardedNorm()._apply(norm, mesh["tp"])
+    try:  # torch's own styles refuse a second distribute_module; this one refuses on its own
+        HeadShardedNorm()._apply(norm, mesh["tp"])
+    except ValueError as exc:
+        messages.append(str(exc))
+    return messages
