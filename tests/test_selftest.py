@@ -44,11 +44,16 @@ def test_a_check_that_raises_is_a_fail_line(capsys, monkeypatch):
     def boom(*args, **kwargs):
         raise RuntimeError("merge exploded")
 
+    def no_ranks(world_size):
+        raise OSError("no ports left")
+
     monkeypatch.setattr(kernels, "merge_partials", boom)
-    assert run(device="cpu", pipelines=False, ranks=()) == 1
+    assert run(device="cpu", pipelines=False, ranks=(2,), pools=no_ranks) == 1
     out = capsys.readouterr().out
     failed = _check_lines(out, "FAIL")
-    assert failed and all("RuntimeError: merge exploded" in line for line in failed), failed
+    on_ranks = [line for line in failed if "the 2 ranks did not start: OSError: no ports left" in line]
+    assert len(on_ranks) == sum(case.world == 2 for case in DIST_CASES), failed
+    assert all("RuntimeError: merge exploded" in line for line in failed if line not in on_ranks), failed
     assert any(line.startswith("FAIL  Ring simulated") for line in failed)
     summary = _summary(out)
     assert summary["counts"]["failed"] == len(failed) and summary["counts"]["passed"] == 4 * len(CASES) + 4

@@ -36,8 +36,15 @@ from collections.abc import Callable, Sequence
 import torch
 
 from meshsp.selftest.generation import PIPELINES, check_pipeline
-from meshsp.selftest.kernels import (CASES, DTYPES, check_kernel, check_merge, check_merge_empty,
-                                     check_ring_simulation, check_whole_query_simulation)
+from meshsp.selftest.kernels import (
+    CASES,
+    DTYPES,
+    check_kernel,
+    check_merge,
+    check_merge_empty,
+    check_ring_simulation,
+    check_whole_query_simulation,
+)
 from meshsp.selftest.numerics import dtype_label
 from meshsp.selftest.ranks import DIST_CASES, check_on_ranks
 from meshsp.selftest.report import Report, describe_error
@@ -90,10 +97,10 @@ def _rank_checks(report: Report, device: str, ranks: Sequence[int], pools: Calla
         report.note(f"-- {world} gloo ranks, {device} tensors, each rank's shard against float64")
         try:
             pool = pools(world) if pools is not None else _start_pool(world)
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - each of its checks is a FAIL line
             why = f"the {world} ranks did not start: {describe_error(exc)}"
             for case in cases:
-                report.check(case.name, lambda: (False, why))
+                report.check(case.name, lambda why=why: (False, why))
             continue
         try:
             for case in cases:
@@ -134,6 +141,10 @@ def run(device: str = "cpu", *, pipelines: bool = True, ranks: Sequence[int] | N
 
     ``ranks``: world sizes of the gloo checks (default ``default_ranks(device)``; empty: none);
     ``pools``: ``world_size -> WorkerPool`` to use (and leave open) instead of starting ranks.
+
+    Example::
+
+        run(device="cpu", pipelines=False, ranks=(2, 4))   # 0 when every check passes
     """
     ranks = default_ranks(device) if ranks is None else tuple(ranks)
     refusal = _refusal(device, ranks)

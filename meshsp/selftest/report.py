@@ -55,7 +55,7 @@ class Report:
         try:
             passed, detail = fn(*args)
             passed, detail = bool(passed), _one_line(detail)
-        except Exception as exc:  # a check's failure, whatever it is, is reported, not raised
+        except Exception as exc:  # noqa: BLE001 - a check's failure, whatever it is, is its FAIL line
             passed, detail = False, describe_error(exc)
         self.results.append(Result(name, passed, detail))
         self.emit(f"{'PASS' if passed else 'FAIL'}  {name:<{_NAME_WIDTH}} {detail}")
@@ -65,8 +65,9 @@ class Report:
         """Run one timing (information, not a check) and print it; an exception is a FAIL line."""
         try:
             timing = fn(*args)
-        except Exception as exc:
-            self.check(f"timing {name}", lambda: (False, describe_error(exc)))
+        except Exception as exc:  # noqa: BLE001 - reported as a FAIL line, the run goes on
+            why = describe_error(exc)
+            self.check(f"timing {name}", lambda: (False, why))
             return
         self.timings.append({"name": name, **timing})
         self.emit(f"TIME  {name:<{_NAME_WIDTH}} {timing['shape']} [{timing['kernel']}] meshsp {timing['meshsp_ms']:.2f} ms, "
