@@ -117,13 +117,14 @@ def load_sharded_transformers(path: str, config: ParallelConfig, *, dtype: torch
                               device: torch.device | None = None) -> dict[str, nn.Module]:
     """Every transformer of the pipeline at ``path`` read sharded (``load_sharded_transformer``) for
     the tp axis of ``config``'s mesh (``meshsp.init_sp_mesh``, which starts the process group if
-    there is none); name -> model, to hand to ``DiffusionPipeline.from_pretrained``. A Hub id is
-    downloaded first, as ``from_pretrained`` does.
+    there is none); name -> model, to hand to the pipeline class's ``from_pretrained`` (the class's
+    own: ``DiffusionPipeline.from_pretrained`` loads a transformer the class lists as optional, as
+    Wan's, again). A Hub id is downloaded first, as ``from_pretrained`` does.
 
     Example::
 
         config = ParallelConfig(tensor_parallel_size=4)
-        pipe = DiffusionPipeline.from_pretrained(path, dtype=torch.bfloat16,
+        pipe = QwenImagePipeline.from_pretrained(path, dtype=torch.bfloat16,
                                                  **load_sharded_transformers(path, config, dtype=torch.bfloat16))
         meshsp.parallelize_pipeline(pipe, config)
     """
@@ -160,7 +161,7 @@ def load_sharded_transformer(path: str, subfolder: str, tp_mesh: DeviceMesh, *, 
 
         mesh = meshsp.init_sp_mesh(ParallelConfig(tensor_parallel_size=4))
         transformer = load_sharded_transformer(path, "transformer", mesh["tp"], dtype=torch.bfloat16)
-        pipe = DiffusionPipeline.from_pretrained(path, transformer=transformer, dtype=torch.bfloat16)
+        pipe = QwenImagePipeline.from_pretrained(path, transformer=transformer, dtype=torch.bfloat16)
         meshsp.parallelize_pipeline(pipe, mesh)
     """
     from meshsp.plans import get_plan
