@@ -9,6 +9,11 @@ __all__ = ["main"]
 
 
 def _selftest(args) -> int:
+    if args.routes:
+        from meshsp.ops.kernel import routes_markdown
+
+        print(routes_markdown())
+        return 0
     from meshsp.selftest import run
 
     return run(device=args.device, pipelines=not args.no_pipelines, ranks=args.ranks, json_path=args.json)
@@ -432,6 +437,8 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--ranks", type=_world_sizes, default=None,
                     help="world sizes of the gloo checks, e.g. 2,4 (default: 2 on cpu, 2,4 on cuda; 0: none)")
     st.add_argument("--json", default=None, metavar="PATH", help="also write the JSON summary to PATH")
+    st.add_argument("--routes", action="store_true",
+                    help="print the local kernel's routing table (markdown) and exit; runs nothing")
     st.set_defaults(func=_selftest)
 
     demo = sub.add_parser("demo", help="SP attention on 4 CPU ranks vs the single-device result")

@@ -34,7 +34,7 @@ def test_generated_tables_equal_what_the_code_prints(page, command, body):
 
 def test_the_tables_the_code_can_print_are_generated():
     commands = {cmd for _, cmd, _ in (p.values for p in _blocks())}
-    assert {"meshsp plan --coverage --markdown", "meshsp plan --published"} <= commands
+    assert {"meshsp plan --coverage --markdown", "meshsp plan --published", "meshsp selftest --routes"} <= commands
 
 
 def _slug(heading: str) -> str:

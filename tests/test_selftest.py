@@ -28,7 +28,7 @@ def test_selftest_passes_on_cpu(capsys, pools, tmp_path):
     assert run(device="cpu", ranks=(2, 4), pools=pools, json_path=str(path)) == 0
     out = capsys.readouterr().out
     summary = _summary(out)
-    expected = 4 * len(CASES) + 1 + 3 * 4 + len(DIST_CASES) + 3
+    expected = 4 * len(CASES) + 2 + 3 * 4 + len(DIST_CASES) + 3
     assert summary["counts"] == {"checks": expected, "passed": expected, "failed": 0}, summary["counts"]
     assert len(_check_lines(out, "PASS")) == expected and not _check_lines(out, "FAIL"), out
     assert summary["device"] == "cpu" and summary["torch"] == torch.__version__ and summary["capability"] is None
@@ -56,7 +56,7 @@ def test_a_check_that_raises_is_a_fail_line(capsys, monkeypatch):
     assert all("RuntimeError: merge exploded" in line for line in failed if line not in on_ranks), failed
     assert any(line.startswith("FAIL  Ring simulated") for line in failed)
     summary = _summary(out)
-    assert summary["counts"]["failed"] == len(failed) and summary["counts"]["passed"] == 4 * len(CASES) + 4
+    assert summary["counts"]["failed"] == len(failed) and summary["counts"]["passed"] == 4 * len(CASES) + 5
     assert summary["timings"], "the run went on after the failures"
 
 
@@ -93,3 +93,20 @@ def test_selftest_refuses_cuda_without_a_gpu(capsys):
     assert main(["selftest", "--device", "cuda"]) == 2
     captured = capsys.readouterr()
     assert "no CUDA device is visible" in captured.err and "Traceback" not in captured.err + captured.out
+
+
+def test_a_host_sync_in_the_kernel_path_fails(monkeypatch):
+    """A ``bool()`` of a tensor per call (a host sync on a GPU) fails the no-sync check."""
+    from meshsp.selftest import syncs
+
+    real = syncs.local_attention
+
+    def syncing(q, k, v, mask=None):
+        out, lse = real(q, k, v, mask)
+        bool(torch.isfinite(lse).all())
+        return out, lse
+
+    assert syncs.check_no_host_syncs("cpu")[0]
+    monkeypatch.setattr(syncs, "local_attention", syncing)
+    ok, detail = syncs.check_no_host_syncs("cpu")
+    assert not ok and "30 host syncs" in detail, detail

@@ -233,9 +233,10 @@ def local_attention(
     if mask_BSk is not None:
         # Fully masked rows: the fused kernels report lse = 0 (or NaN) with a zero (or NaN)
         # output; make them -inf and 0 so that merging with other key blocks gives them no weight.
+        # In place: both are the kernel's fresh outputs (no copy of the output per call).
         empty_B = ~mask_BSk.any(dim=-1)
-        lse = lse.masked_fill(empty_B[:, None, None], _NEG_INF)
-        out = out.masked_fill(empty_B[:, None, None, None], 0.0)
+        lse = lse.masked_fill_(empty_B[:, None, None], _NEG_INF)
+        out = out.masked_fill_(empty_B[:, None, None, None], 0.0)
     return out, lse
 
 

@@ -8,6 +8,8 @@
 2. **Merges and simulations** (``kernels.py``). ``merge_partials`` over two key blocks (in place
    and not) and over empty partials; Ring over 4 uneven key blocks (one empty) and whole-query
    attention over 4 simulated ranks' keys, both in one process with the ops' own merge math.
+   No host syncs on that path (``syncs.py``): every route, the merges and the grouped-query
+   head expansion, watched with CUDA's sync debug mode (on CUDA) and by counting host reads.
 3. **Ranks** (``ranks.py``). ``sp_attention`` (Ulysses, Ring, hybrid) and
    ``replicated_query_attention`` on 2 gloo ranks (and 4 on CUDA) with tensors on the device,
    each rank's shard against single-device float64 attention.
@@ -48,6 +50,7 @@ from meshsp.selftest.kernels import (
 from meshsp.selftest.numerics import dtype_label
 from meshsp.selftest.ranks import DIST_CASES, check_on_ranks
 from meshsp.selftest.report import Report, describe_error
+from meshsp.selftest.syncs import check_no_host_syncs
 from meshsp.selftest.timing import TIMINGS, time_kernel
 
 __all__ = ["CASES", "DIST_CASES", "check_kernel", "default_ranks", "run"]
@@ -78,6 +81,7 @@ def _kernel_checks(report: Report, device: str) -> None:
 def _merge_checks(report: Report, device: str) -> None:
     report.note("-- merges; Ring and whole-query attention simulated on 4 key blocks (31/0/17/29)")
     report.check("merge with empty partials", check_merge_empty, device)
+    report.check("no host syncs: every route, merges, GQA heads", check_no_host_syncs, device)
     for dtype in DTYPES:
         label = dtype_label(dtype)
         report.check(f"merge 2 key blocks {label}", check_merge, dtype, device)
