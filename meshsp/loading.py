@@ -73,7 +73,7 @@ def load_kwargs(device: torch.device, *, cpu_offload: bool, local_rank: int) -> 
 
 def load_pipeline(path: str, dtype: torch.dtype, kwargs: tuple[dict, dict], skip: dict,
                   config: ParallelConfig | None = None):
-    """``DiffusionPipeline.from_pretrained`` placed by ``kwargs`` (``load_kwargs``): the transformers
+    """The pipeline class's ``from_pretrained`` placed by ``kwargs`` (``load_kwargs``): the transformers
     first with theirs (where given), handed to the pipeline, which loads the rest with its own. With
     ``config.tensor_parallel_size`` > 1 the transformers are read sharded for the config's tp axis
     (``load_sharded_transformers``), so no rank holds a whole one."""
@@ -135,8 +135,8 @@ def load_sharded_transformers(path: str, config: ParallelConfig, *, dtype: torch
     if config.tensor_parallel_size == 1:
         raise ValueError("load_sharded_transformers is for tensor_parallel_size > 1; with 1, load the pipeline with "
                          "DiffusionPipeline.from_pretrained.")
-    tp_mesh = init_sp_mesh(config)["tp"]
     local = path if os.path.isdir(path) else DiffusionPipeline.download(path)
+    tp_mesh = init_sp_mesh(config)["tp"]
     return {name: load_sharded_transformer(local, name, tp_mesh, dtype=dtype, device=device)
             for name in _transformer_names(local)}
 

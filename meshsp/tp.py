@@ -63,7 +63,7 @@ class TPSlice:
 
     Example::
 
-        TPSlice(0, (3072, 12288)).take(proj_out_weight, tp_mesh)   # a packed [attention, MLP] projection
+        TPSlice(1, (3072, 12288)).take(proj_out.weight, tp_mesh)   # Flux proj_out over [attention, MLP]
     """
 
     dim: int | None

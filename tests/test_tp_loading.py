@@ -122,3 +122,18 @@ def test_plans_check_what_was_read_sharded(pools, tiny_root):
     assert "read sharded for tensor_parallel_size=2" in layout and "tensor_parallel_size=1" in layout
     assert "was loaded sharded as TPSlice(dim=0, blocks=(64,))" in packed and "blocks=(32, 32)" in packed
     assert "already a DTensor" in twice and "freshly loaded" in twice
+
+
+def test_hub_ids_are_downloaded_first_and_tp1_is_refused(monkeypatch, tiny_root):
+    from diffusers import DiffusionPipeline
+
+    from meshsp import ParallelConfig
+    from meshsp.loading import load_sharded_transformers
+
+    with pytest.raises(ValueError, match="is for tensor_parallel_size > 1"):
+        load_sharded_transformers(tiny_root, ParallelConfig())
+    asked = []
+    monkeypatch.setattr(DiffusionPipeline, "download", classmethod(lambda cls, name: asked.append(name) or tiny_root))
+    with pytest.raises(ValueError, match="the process world size is 1"):  # one process: no tp ranks to load for
+        load_sharded_transformers("org/model", ParallelConfig(tensor_parallel_size=2))
+    assert asked == ["org/model"]
