@@ -10,7 +10,7 @@ import failure_tasks
 from meshsp.launch import RankFailure, WorkerPool
 
 PG_TIMEOUT_S = 600  # what a caller would wait without the pool's grace
-GRACE_S = 1.0
+GRACE_S = 0.5
 HEARD_WITHIN_S = 15  # a generous hang check: grace + kill take about GRACE_S + 0.5 s
 
 
