@@ -25,6 +25,7 @@ from diffusers import DiffusionPipeline
 
 import meshsp
 from meshsp.engine import resolve_model
+from meshsp.mesh import default_device_type
 
 
 def generate(args: argparse.Namespace):
@@ -32,7 +33,7 @@ def generate(args: argparse.Namespace):
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if int(os.environ.get("RANK", "0")) != 0:  # loading bars on rank 0 only
         diffusers.utils.logging.disable_progress_bar()
-    cuda = torch.cuda.is_available()
+    cuda = default_device_type() == "cuda"  # the process group's device (spawned: the pool's backend)
     pipe = DiffusionPipeline.from_pretrained(resolve_model(args.model),
                                              torch_dtype=torch.bfloat16 if cuda else torch.float32)
     if cuda:
@@ -71,7 +72,7 @@ def main() -> None:
         from meshsp.launch import WorkerPool
 
         resolve_model(args.model)  # build an embedded pipeline once, before the ranks start
-        with WorkerPool(args.spawn) as pool:
+        with WorkerPool(args.spawn, backend="nccl" if torch.cuda.is_available() else "gloo") as pool:
             image = pool.run(generate, args, timeout=3600)[0]
     else:
         image = generate(args)
