@@ -99,6 +99,7 @@ class RingPass:
         self.device = send.device
         if send.device.type != "cpu" and dist.get_backend(group) == "gloo":
             send = send.cpu()
+        self._send = send  # alive until the send completes (a staged copy has no other owner)
         self.recv = send.new_empty(recv_numel)
         ops = []
         if send.numel():
