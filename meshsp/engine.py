@@ -269,20 +269,6 @@ _RUNNER: _Runner | None = None  # the runner of a spawned worker process
 CHECK_IN_S = 30.0
 
 
-def _init_process_group(device: str, config: ParallelConfig) -> None:
-    """Under torchrun: the process group of the engine's device (NCCL for CUDA, one GPU per rank;
-    gloo for CPU, on a GPU host too), so the mesh built later follows it."""
-    if dist.is_initialized():
-        return
-    from meshsp.mesh import check_gpus, local_rank, local_world_size
-
-    backend = "nccl" if device == "cuda" else "gloo"
-    check_gpus(local_world_size(), backend)
-    if backend == "nccl":
-        torch.cuda.set_device(local_rank())
-    dist.init_process_group(backend, timeout=datetime.timedelta(seconds=config.timeout_s))
-
-
 def _worker_load(model: str, config: ParallelConfig, dtype: torch.dtype, device: str, encode_text_once: bool,
                  cpu_offload: bool, vae_parallel: bool, vae_tiling: bool, cache: str | None,
                  cache_options: dict | None) -> dict:
@@ -368,8 +354,10 @@ class Engine:
         self._check_in_group = None  # under torchrun: every rank's barrier after each call
         self._leading = False
         if spmd or self.config.world_size == 1:
-            if spmd:
-                _init_process_group(self.device, self.config)
+            if spmd:  # the process group of the engine's device, so the mesh built later follows it
+                from meshsp.mesh import start_process_group
+
+                start_process_group(self.device, self.config.timeout_s)
             self._runner = _Runner(model, self.config, self.dtype, self.device, encode_text_once, cpu_offload,
                                    vae_parallel, vae_tiling, cache, cache_options)
             info = self._runner.info()

@@ -20,7 +20,7 @@ from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from meshsp.config import ParallelConfig
 
 __all__ = ["check_gpus", "check_world_size", "default_device_type", "init_sp_mesh", "local_rank",
-           "local_world_size"]
+           "local_world_size", "start_process_group"]
 
 
 def default_device_type() -> str:
@@ -114,16 +114,27 @@ def init_sp_mesh(config: ParallelConfig, device_type: str | None = None) -> Devi
     """
     check_world_size(config)
     device_type = _device_type(device_type)
+    start_process_group(device_type, config.timeout_s)
+    axes = [("cfg", config.cfg_degree), ("ring", config.ring_degree), ("ulysses", config.ulysses_degree),
+            ("tp", config.tensor_parallel_size)]
+    axes = [(name, size) for name, size in axes if size > 1 or name in ("ring", "ulysses")]
+    return init_device_mesh(device_type, tuple(s for _, s in axes), mesh_dim_names=tuple(n for n, _ in axes))
+
+
+def start_process_group(device_type: str, timeout_s: float) -> None:
+    """This rank's process group for ``device_type`` unless one exists: NCCL on the rank's own GPU
+    (one GPU per rank, ``check_gpus``, made current first), gloo on CPU (on a GPU host too).
+
+    Example::
+
+        start_process_group("cuda", 600)   # under torchrun: NCCL, cuda:LOCAL_RANK current
+    """
     if device_type == "cuda":
         check_gpus(local_world_size(), "nccl")
         torch.cuda.set_device(local_rank())
     if not dist.is_initialized():
         backend = "nccl" if device_type == "cuda" else "gloo"
-        dist.init_process_group(backend, timeout=datetime.timedelta(seconds=config.timeout_s))
-    axes = [("cfg", config.cfg_degree), ("ring", config.ring_degree), ("ulysses", config.ulysses_degree),
-            ("tp", config.tensor_parallel_size)]
-    axes = [(name, size) for name, size in axes if size > 1 or name in ("ring", "ulysses")]
-    return init_device_mesh(device_type, tuple(s for _, s in axes), mesh_dim_names=tuple(n for n, _ in axes))
+        dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
 
 
 def _device_type(requested: str | None) -> str:
