@@ -83,6 +83,10 @@ FAMILIES = {
 class LiveBytes(TorchDispatchMode):
     """The peak of bytes held by tensors created inside the block (views share their base's count).
 
+    ``materialised``: only storages that hold memory count (not ``meta`` ones), and an in-place op's
+    output not at all (it is an input, counted when it was made, or made before the block) — what a
+    load reads from a checkpoint (a slice counts the whole tensor it maps while it is alive).
+
     Example::
 
         with torch.device("meta"), LiveBytes() as live:
@@ -90,8 +94,9 @@ class LiveBytes(TorchDispatchMode):
         live.peak
     """
 
-    def __init__(self) -> None:
+    def __init__(self, *, materialised: bool = False) -> None:
         super().__init__()
+        self.materialised = materialised
         self.live = self.peak = 0
         self._refs: dict[int, int] = {}  # storage -> tensors alive that use it (a view shares its base's)
         self._seen: set[int] = set()  # ids of the tensors counted and still alive
@@ -108,6 +113,8 @@ class LiveBytes(TorchDispatchMode):
         for t in tree_leaves(out):
             t = getattr(t, "_local_tensor", t)  # a DTensor (tensor parallel): this rank's shard
             if not isinstance(t, torch.Tensor) or id(t) in self._seen:
+                continue
+            if self.materialised and (t.device.type == "meta" or any(a is t for a in tree_leaves((args, kwargs)))):
                 continue
             storage = t.untyped_storage()
             key, nbytes = storage._cdata, storage.nbytes()

@@ -3,49 +3,13 @@ unpickle them): a transformer read sharded against the same one loaded whole and
 
 from __future__ import annotations
 
-import weakref
-
 import numpy as np
 import torch
 from torch.distributed.tensor import DTensor
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_leaves
 
 from meshsp import ParallelConfig
+from meshsp.memory import LiveBytes
 from meshsp.plans.verify import local_bytes
-
-
-class MaterialisedBytes(TorchDispatchMode):
-    """The peak of bytes held by non-``meta`` tensor storages created inside the block (a view
-    counts once, at its whole storage: a checkpoint tensor's slice counts the whole tensor it maps
-    while the slice is alive)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.live = self.peak = 0
-        self._refs: dict[int, int] = {}
-
-    def _release(self, key: int, nbytes: int) -> None:
-        self._refs[key] -= 1
-        if not self._refs[key]:
-            del self._refs[key]
-            self.live -= nbytes
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in {id(t): t for t in tree_leaves(out) if isinstance(t, torch.Tensor)}.values():
-            t = getattr(t, "_local_tensor", t)
-            if t.device.type == "meta" or any(a is t for a in tree_leaves((args, kwargs))):
-                continue  # an in-place op's output is an input, counted when it was made
-            storage = t.untyped_storage()
-            key, nbytes = storage._cdata, storage.nbytes()
-            if key not in self._refs:
-                self._refs[key] = 0
-                self.live += nbytes
-            self._refs[key] += 1
-            weakref.finalize(t, self._release, key, nbytes)
-        self.peak = max(self.peak, self.live)
-        return out
 
 
 def _tp_mesh(tp: int, **degrees):
@@ -111,7 +75,7 @@ def load_peak(folder: str, tp: int, dtype: torch.dtype = torch.float32, old: boo
     """The peak of tensor bytes this rank materialises while loading the transformer at ``folder``
     read sharded (or, ``old``, loaded whole and then sliced by its plan), and the bytes it keeps."""
     mesh = _tp_mesh(tp)
-    with MaterialisedBytes() as counter:
+    with LiveBytes(materialised=True) as counter:
         model = (_old_path if old else _new_path)(folder, dtype, mesh)
     return {"peak": counter.peak, "kept": local_bytes(model)}
 
