@@ -38,6 +38,7 @@ from meshsp.config import ULYSSES_MODES
 from meshsp.ops.attention import sp_attention
 from meshsp.ops.consensus import agree, describe
 from meshsp.ops.replicated import replicated_query_attention
+from meshsp.ops.ulysses import pipeline_setting
 from meshsp.placements import SeqLayout
 
 __all__ = ["CheckInputs", "GatherSequence", "ParallelAttention", "PlanState", "SeqDim", "ShardSequence", "scope_mode"]
@@ -399,7 +400,8 @@ class CheckInputs(ParallelStyle):
         @torch.compiler.disable  # bookkeeping stays eager: no recompiles under torch.compile
 
         def pre_hook(mod, args, kwargs):
-            agree(f"{name}.forward", f"args {describe(args)}; kwargs {describe(kwargs)}", None, groups, device)
+            agree(f"{name}.forward", f"args {describe(args)}; kwargs {describe(kwargs)}; {pipeline_setting()}", None,
+                  groups, device)
 
         module.register_forward_pre_hook(pre_hook, with_kwargs=True, prepend=True)
         return module

@@ -1062,3 +1062,25 @@ def mask_syncs(layers: int, mask_cache: bool = True) -> int:
             for _ in range(layers):
                 style.attention(sp, q, k, v, attn_mask=bias)
     return Count.syncs
+
+
+def mismatched_pipeline_setting() -> str:
+    """Rank 1 alone sets Ulysses' pipelining threshold: every rank must refuse, not issue other collectives."""
+    from meshsp.ops import sp_attention
+    from meshsp.ops.ulysses import PIPELINE_MIN_BYTES_ENV
+
+    mesh = mesh_for(1, 2)
+    layout = SeqLayout.from_global(8, ring=1, ulysses=2)
+    q = torch.randn(1, 4, 4, 8)
+    saved = os.environ.pop(PIPELINE_MIN_BYTES_ENV, None)
+    if dist.get_rank() == 1:
+        os.environ[PIPELINE_MIN_BYTES_ENV] = "0"
+    try:
+        sp_attention(q, q, q, ring_group=None, ulysses_group=mesh["ulysses"].get_group(), q_layout=layout, uaa=True)
+    except ValueError as exc:
+        return str(exc)
+    finally:
+        os.environ.pop(PIPELINE_MIN_BYTES_ENV, None)
+        if saved is not None:
+            os.environ[PIPELINE_MIN_BYTES_ENV] = saved
+    return "no error"

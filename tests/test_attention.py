@@ -166,3 +166,10 @@ def test_no_host_syncs_per_layer(pools):
     for family in ("qwen-image", "hunyuan-video"):
         one, three = (pool.run(rank_tasks.host_syncs, family, n)[0] for n in (1, 3))
         assert one == three and one["_local_scalar_dense"] == 2 and one["nonzero"] == 0, (family, one, three)
+
+
+def test_ranks_with_different_pipelining_settings_refuse_alike(pools):
+    """MESHSP_ULYSSES_PIPELINE_MIN_BYTES set on one rank only would make the ranks issue different
+    collectives (a hang): the input check sees it and every rank raises the same ValueError."""
+    messages = pools(2).run(rank_tasks.mismatched_pipeline_setting)
+    assert all("MESHSP_ULYSSES_PIPELINE_MIN_BYTES=0" in m and "different inputs" in m for m in messages), messages

@@ -82,7 +82,7 @@ def _sp_attention_op(
         # Everything but the local lengths must match across ranks (local lengths are checked above).
         shared = (f"layouts q={q_layout.lens} kv={kv_layout.lens}; q {tuple(q.shape[:2])}+{tuple(q.shape[3:])}, "
                   f"k {tuple(k.shape[:2])}+{tuple(k.shape[3:])}, v {tuple(v.shape[:2])}+{tuple(v.shape[3:])}, "
-                  f"{q.dtype}, mask {mask is not None}, uaa {uaa}, scale {scale}")
+                  f"{q.dtype}, mask {mask is not None}, uaa {uaa}, scale {scale}; {_ulysses.pipeline_setting()}")
         agree("sp_attention", shared, error, (ulysses_pg, ring_pg), q.device.type)
     heads = HeadSplit(q.shape[1], k.shape[1], ulysses)
     expand = _cut_group(heads, u) if ulysses > 1 else None

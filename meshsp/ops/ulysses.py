@@ -33,7 +33,7 @@ from meshsp.ops.comm import all_to_all, wait
 from meshsp.placements import HeadSplit
 from meshsp.placements.sequence import balanced_sizes
 
-__all__ = ["scatter_heads", "gather_heads", "ulysses_attention", "head_chunks", "pipeline_min_bytes"]
+__all__ = ["scatter_heads", "gather_heads", "ulysses_attention", "head_chunks", "pipeline_min_bytes", "pipeline_setting"]
 
 
 CHUNKS = 2  # head chunks of the pipelined exchange (ulysses_attention)
@@ -47,6 +47,12 @@ CHUNKS = 2  # head chunks of the pipelined exchange (ulysses_attention)
 # it for every backend (the same value on every rank, or ranks would issue different collectives).
 PIPELINE_MIN_BYTES = {"gloo": 1 << 20, "nccl": 16 << 20}
 PIPELINE_MIN_BYTES_ENV = "MESHSP_ULYSSES_PIPELINE_MIN_BYTES"
+
+
+def pipeline_setting() -> str:
+    """The environment's pipelining setting as text, for the ranks' agreement on their inputs
+    (``meshsp.ops.consensus.agree``): ranks with different settings would issue different collectives."""
+    return f"{PIPELINE_MIN_BYTES_ENV}={os.environ.get(PIPELINE_MIN_BYTES_ENV)}"
 
 
 def pipeline_min_bytes(group: dist.ProcessGroup) -> int:
