@@ -14,9 +14,11 @@ import torch
 import torch.distributed as dist
 from torch.distributed.distributed_c10d import _resolve_process_group
 
+from meshsp.ops.blocks import PairMask, block_attention
 from meshsp.ops.checks import check_attention_inputs
 from meshsp.ops.consensus import agree
 from meshsp.ops.kernel import local_attention
+from meshsp.ops.masks import RunMask
 from meshsp.ops.ring import ring_attention
 from meshsp.ops import ulysses as _ulysses
 from meshsp.placements import HeadSplit, SeqLayout
@@ -65,7 +67,17 @@ def _sp_attention_op(
     uaa: bool,
     scale: float | None,
     validate: bool,
+    pair_rows: torch.Tensor | None = None,
+    pair_q_start: int = 0,
+    q_runs: list[int] | None = None,
+    kv_runs: list[int] | None = None,
+    rule: list[float] | None = None,
 ) -> torch.Tensor:
+    pair = None
+    if rule:
+        pair = PairMask(runs=RunMask.decode(q_runs or [], kv_runs or [], rule))
+    elif pair_rows is not None:
+        pair = PairMask(rows=pair_rows, q_start=pair_q_start)
     ring_pg, ulysses_pg = _group(ring_group), _group(ulysses_group)
     r = dist.get_rank(ring_pg) if ring_pg is not None else 0
     u = dist.get_rank(ulysses_pg) if ulysses_pg is not None else 0
@@ -82,17 +94,36 @@ def _sp_attention_op(
         # Everything but the local lengths must match across ranks (local lengths are checked above).
         shared = (f"layouts q={q_layout.lens} kv={kv_layout.lens}; q {tuple(q.shape[:2])}+{tuple(q.shape[3:])}, "
                   f"k {tuple(k.shape[:2])}+{tuple(k.shape[3:])}, v {tuple(v.shape[:2])}+{tuple(v.shape[3:])}, "
-                  f"{q.dtype}, mask {mask is not None}, uaa {uaa}, scale {scale}; {_ulysses.pipeline_setting()}")
+                  f"{q.dtype}, mask {mask is not None}, uaa {uaa}, scale {scale}; {_ulysses.pipeline_setting()}; "
+                  f"pairwise {_describe_pair(pair)}")
         agree("sp_attention", shared, error, (ulysses_pg, ring_pg), q.device.type)
     heads = HeadSplit(q.shape[1], k.shape[1], ulysses)
     expand = _cut_group(heads, u) if ulysses > 1 else None
 
-    def attend(q, k, v, mask):
+    q_starts, kv_starts = _starts(q_layout.ring_lens), _starts(kv_layout.ring_lens)
+
+    def q_range(row: int) -> tuple[int, int]:
+        return q_starts[row], q_starts[row] + q_layout.ring_lens[row]
+
+    def kv_range(row: int) -> tuple[int, int]:
+        return kv_starts[row], kv_starts[row] + kv_layout.ring_lens[row]
+
+    def attend(q, k, v, mask, heads=(0, q.shape[1])):
         if expand is not None:  # query heads cut through a GQA group: one K/V head per query head
             k, v = _expand_heads(k, *expand), _expand_heads(v, *expand)
+        if pair is None:
+            if ring > 1:
+                return ring_attention(q, k, v, mask, group=ring_pg, kv_lens=kv_layout.ring_lens, scale=scale)[0]
+            return local_attention(q, k, v, mask, scale)[0]
+
+        def block(src, q, k, v, mask):
+            return block_attention(q, k, v, pair, q0=q_starts[r], k0=kv_starts[src], heads=heads, scale=scale)
         if ring > 1:
-            return ring_attention(q, k, v, mask, group=ring_pg, kv_lens=kv_layout.ring_lens, scale=scale)[0]
-        return local_attention(q, k, v, mask, scale)[0]
+            needs = (lambda src, dst: pair.needs(q_range(dst), kv_range(src))) if pair.runs is not None else None
+            return ring_attention(q, k, v, None, group=ring_pg, kv_lens=kv_layout.ring_lens, scale=scale,
+                                  attend=block, needs=needs)[0]
+        part = block(0, q, k, v, None)
+        return part[0] if part is not None else q.new_zeros(*q.shape[:3], v.shape[-1])
 
     if ulysses > 1:
         # Pipelined head chunks on Ulysses alone, for exchanges big enough to gain from it; the
@@ -111,8 +142,25 @@ def _sp_attention_op(
     return out
 
 
+def _starts(lens) -> list[int]:
+    out, acc = [], 0
+    for n in lens:
+        out.append(acc)
+        acc += n
+    return out
+
+
+def _describe_pair(pair: PairMask | None) -> str:
+    if pair is None:
+        return "none"
+    if pair.runs is not None:
+        return f"runs {pair.runs.batch_groups} groups, rule {len(pair.runs.rule.bias)}x{len(pair.runs.rule.bias[0])}"
+    return f"dense rows {tuple(pair.rows.shape[:2])}+{tuple(pair.rows.shape[3:])} {pair.rows.dtype}"
+
+
 @_sp_attention_op.register_fake
-def _(q, k, v, mask, ring_group, ulysses_group, q_lens, kv_lens, ring, ulysses, uaa, scale, validate):
+def _(q, k, v, mask, ring_group, ulysses_group, q_lens, kv_lens, ring, ulysses, uaa, scale, validate,
+      pair_rows=None, pair_q_start=0, q_runs=None, kv_runs=None, rule=None):
     # Token-major [B, s, H, Dv] memory seen as [B, H, s, Dv], as the real op returns it.
     return q.new_empty(q.shape[0], q.shape[2], q.shape[1], v.shape[-1]).transpose(1, 2)
 
@@ -130,12 +178,16 @@ def sp_attention(
     uaa: bool = False,
     scale: float | None = None,
     validate: bool = True,
+    pair: PairMask | None = None,
 ) -> torch.Tensor:
     """Exact attention of this rank's query shard over every rank's keys.
 
     q [B, H, s_q, D] and k, v [B, Hk, s_kv, D] are this rank's shards of sequences laid out as
     ``q_layout`` / ``kv_layout`` describe (``kv_layout`` defaults to ``q_layout``); ``mask_BSk`` is
-    the local boolean key-padding mask (True = attend). Returns out [B, H, s_q, Dv], this rank's
+    the local boolean key-padding mask (True = attend); ``pair`` a mask beyond key padding
+    (``meshsp.ops.blocks.PairMask``: runs of a compact or causal mask, or the dense rows of the
+    queries this rank computes — the ring row's queries under Ulysses, its own otherwise — over
+    every key, all in rank-major order; see ``meshsp.ops.masks``). Returns out [B, H, s_q, Dv], this rank's
     shard of the single-device result, laid out token-major (a ``[B, s_q, H, Dv]`` tensor seen
     through ``transpose(1, 2)``, so that the usual ``transpose(1, 2).flatten(2)`` copies nothing).
     A group may be None when its degree is 1.
@@ -155,6 +207,9 @@ def sp_attention(
     for name, group, degree in (("ring_group", ring_group, q_layout.ring), ("ulysses_group", ulysses_group, q_layout.ulysses)):
         if degree > 1 and group is None:
             raise ValueError(f"{name} is None but the layout has degree {degree} on that axis; pass the axis group.")
+    if pair is not None and mask_BSk is not None:
+        raise ValueError("pass a key-padding mask or a pairwise mask, not both; fold the key padding into the pair.")
+    runs = pair.runs.encode() if pair is not None and pair.runs is not None else (None, None, None)
     return _sp_attention_op(
         q, k, v, mask_BSk,
         ring_group.group_name if ring_group is not None and q_layout.ring > 1 else "",
@@ -162,4 +217,6 @@ def sp_attention(
         [n for row in q_layout.lens for n in row],
         [n for row in kv_layout.lens for n in row],
         q_layout.ring, q_layout.ulysses, uaa, scale, validate,
+        pair.rows if pair is not None and pair.runs is None else None,
+        pair.q_start if pair is not None else 0, *runs,
     )

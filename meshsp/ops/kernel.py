@@ -120,6 +120,21 @@ def _fold_groups(q_BHSD: torch.Tensor, kv_heads: int) -> torch.Tensor:
     return q_BHSD if h == kv_heads else q_BHSD.reshape(b, kv_heads, (h // kv_heads) * s, d)
 
 
+def _repeat_heads(t: torch.Tensor, heads: int) -> torch.Tensor:
+    """[B, Hk, S, D] -> [B, heads, S, D]: each K/V head repeated for its query heads (a copy)."""
+    return t if t.shape[1] == heads else t.repeat_interleave(heads // t.shape[1], dim=1)
+
+
+def _dense_additive(bias: torch.Tensor, dtype: torch.dtype, width: int | None = None) -> torch.Tensor:
+    """A pairwise mask [B|1, H|1, Sq, Sk] (bool: True = attend, or additive) as an additive bias in
+    ``dtype``, in memory ``width`` wide."""
+    sk = bias.shape[-1]
+    out = torch.zeros(*bias.shape[:-1], width or sk, dtype=dtype, device=bias.device)[..., :sk]
+    if bias.dtype == torch.bool:
+        return out.masked_fill_(~bias, _NEG_INF)
+    return out.copy_(bias)
+
+
 def _additive(mask_BSk: torch.Tensor, dtype: torch.dtype, width: int | None = None) -> torch.Tensor:
     """Boolean key-padding mask (True = attend) -> additive bias [B, 1, 1, Sk], in memory ``width``
     wide (the memory-efficient kernel wants a bias whose rows are 16-aligned)."""
@@ -128,7 +143,7 @@ def _additive(mask_BSk: torch.Tensor, dtype: torch.dtype, width: int | None = No
     return bias.masked_fill_(~mask_BSk[:, None, None, :], _NEG_INF)
 
 
-def math_attention(q, k, v, mask_BSk=None, scale=None):
+def math_attention(q, k, v, mask_BSk=None, scale=None, causal=False, bias=None):
     """Reference attention by explicit scores in the inputs' dtype; any device. Returns (out, lse).
     (The selftest's float64 reference; calls in other dtypes route to ``_math_kernel``.)"""
     scale = q.shape[-1] ** -0.5 if scale is None else scale
@@ -138,12 +153,17 @@ def math_attention(q, k, v, mask_BSk=None, scale=None):
     scores = torch.matmul(q, k.transpose(-1, -2)) * scale
     if mask_BSk is not None:
         scores = scores.masked_fill(~mask_BSk[:, None, None, :], _NEG_INF)
+    if bias is not None:
+        scores = scores.masked_fill(~bias, _NEG_INF) if bias.dtype == torch.bool else scores + bias.to(scores.dtype)
+    if causal:
+        later = torch.ones(q.shape[2], k.shape[2], dtype=torch.bool, device=q.device).triu(1)
+        scores = scores.masked_fill(later, _NEG_INF)
     lse = torch.logsumexp(scores, dim=-1)
     probs = torch.exp(scores - torch.where(torch.isinf(lse), 0.0, lse)[..., None])
     return torch.matmul(probs.to(v.dtype), v), lse
 
 
-def _math_kernel(q, k, v, mask_BSk, scale):
+def _math_kernel(q, k, v, mask_BSk, scale, causal=False, bias=None):
     """Explicit scores in float32 (float64 for float64) over chunks of query rows, so that no more
     than ``MATH_CHUNK_BYTES`` of scores live at a time; out in q's dtype, lse float32 / float64."""
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32
@@ -152,39 +172,54 @@ def _math_kernel(q, k, v, mask_BSk, scale):
     k, v = k.to(acc), v.to(acc)
     outs, lses = [], []
     for start in range(0, sq, rows):
-        out, lse = math_attention(q[:, :, start:start + rows].to(acc), k, v, mask_BSk, scale)
+        rows_bias = None if bias is None else bias[:, :, start:start + rows]
+        if causal:  # rows from ``start`` of a square causal block: keys after each row's index are masked
+            later = torch.ones(min(rows, sq - start), k.shape[2], dtype=torch.bool, device=q.device).triu(1 + start)
+            rows_bias = ~later[None, None]
+        out, lse = math_attention(q[:, :, start:start + rows].to(acc), k, v, mask_BSk, scale, bias=rows_bias)
         outs.append(out.to(q.dtype))
         lses.append(lse)
     return torch.cat(outs, dim=2), torch.cat(lses, dim=2)
 
 
-def _cpu_kernel(q, k, v, mask_BSk, scale):
+def _cpu_kernel(q, k, v, mask_BSk, scale, causal=False, bias=None):
     # The CPU kernel runs ~3% faster on head-major memory than on token-major views (measured at
     # S=8192, D=64), which pays for the copy.
+    if bias is not None:  # a pairwise mask has rows per query head: no folding of query groups
+        k, v = _repeat_heads(k, q.shape[1]), _repeat_heads(v, q.shape[1])
+        return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            q.contiguous(), k.contiguous(), v.contiguous(), attn_mask=_dense_additive(bias, q.dtype), scale=scale)
+    if causal and q.shape[1] != k.shape[1]:  # folded rows would break the causal diagonal
+        k, v = _repeat_heads(k, q.shape[1]), _repeat_heads(v, q.shape[1])
     q_fold = _fold_groups(q, k.shape[1]).contiguous()
-    bias = None if mask_BSk is None else _additive(mask_BSk, q.dtype)
+    mask = None if mask_BSk is None else _additive(mask_BSk, q.dtype)
     out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-        q_fold, k.contiguous(), v.contiguous(), attn_mask=bias, scale=scale
+        q_fold, k.contiguous(), v.contiguous(), is_causal=causal, attn_mask=mask, scale=scale
     )
     return out, lse
 
 
-def _cuda_flash(q, k, v, mask_BSk, scale):
+def _cuda_flash(q, k, v, mask_BSk, scale, causal=False, bias=None):
+    if causal and q.shape[1] != k.shape[1]:
+        k, v = _repeat_heads(k, q.shape[1]), _repeat_heads(v, q.shape[1])
     q_fold = _last_dim_unit_stride(_fold_groups(q, k.shape[1]))
     out, lse = torch.ops.aten._scaled_dot_product_flash_attention(
-        q_fold, _last_dim_unit_stride(k), _last_dim_unit_stride(v), scale=scale
+        q_fold, _last_dim_unit_stride(k), _last_dim_unit_stride(v), is_causal=causal, scale=scale
     )[:2]
     return out, lse
 
 
-def _cuda_efficient(q, k, v, mask_BSk, scale):
+def _cuda_efficient(q, k, v, mask_BSk, scale, causal=False, bias=None):
+    if (causal or bias is not None) and q.shape[1] != k.shape[1]:
+        k, v = _repeat_heads(k, q.shape[1]), _repeat_heads(v, q.shape[1])
     q_fold = _last_dim_unit_stride(_fold_groups(q, k.shape[1]))
     b, hk, sk = k.shape[0], k.shape[1], k.shape[2]
-    bias = None
-    if mask_BSk is not None:
+    if bias is not None:
+        bias = _dense_additive(bias, q.dtype, _round_up(sk, 16)).expand(b, hk, q_fold.shape[2], sk)
+    elif mask_BSk is not None:
         bias = _additive(mask_BSk, q.dtype, _round_up(sk, 16)).expand(b, hk, q_fold.shape[2], sk)
     out, lse = torch.ops.aten._scaled_dot_product_efficient_attention(
-        q_fold, _last_dim_unit_stride(k), _last_dim_unit_stride(v), bias, True, scale=scale
+        q_fold, _last_dim_unit_stride(k), _last_dim_unit_stride(v), bias, True, is_causal=causal, scale=scale
     )[:2]
     return out, lse[..., : q_fold.shape[2]]  # the kernel pads lse rows to a multiple of 32
 
@@ -192,16 +227,16 @@ def _cuda_efficient(q, k, v, mask_BSk, scale):
 _KERNELS = {"cpu-flash": _cpu_kernel, "cuda-flash": _cuda_flash, "cuda-efficient": _cuda_efficient}
 
 
-def run_route(chosen: KernelRoute, q, k, v, mask_BSk=None, scale=None):
+def run_route(chosen: KernelRoute, q, k, v, mask_BSk=None, scale=None, causal=False, bias=None):
     """Run ``chosen`` (as ``route`` returns it) on non-empty inputs: pad, call, slice back.
     Returns (out [B, H, Sq, Dv], lse [B, H, Sq]) as the kernel gives them."""
     b, h, sq, d = q.shape
     dv = v.shape[-1]
     scale = d ** -0.5 if scale is None else scale
     if chosen.kernel == "math":
-        return _math_kernel(q, k, v, mask_BSk, scale)
+        return _math_kernel(q, k, v, mask_BSk, scale, causal, bias)
     q, k, v = _pad(q, chosen.head_dim), _pad(k, chosen.head_dim), _pad(v, chosen.value_dim)
-    out, lse = _KERNELS[chosen.kernel](q, k, v, mask_BSk, scale)
+    out, lse = _KERNELS[chosen.kernel](q, k, v, mask_BSk, scale, causal, bias)
     return out.reshape(b, h, sq, chosen.value_dim)[..., :dv], lse.reshape(b, h, sq)
 
 
@@ -211,12 +246,17 @@ def local_attention(
     v: torch.Tensor,
     mask_BSk: torch.Tensor | None = None,
     scale: float | None = None,
+    *,
+    causal: bool = False,
+    bias: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention of q [B, H, Sq, D] over k [B, Hk, Sk, D], v [B, Hk, Sk, Dv] -> (out [B, H, Sq, Dv],
     lse [B, H, Sq]).
 
-    ``mask_BSk`` is a boolean key-padding mask (True = attend). ``lse`` is float32, or float64 for
-    float64 inputs. The kernel is ``route``'s.
+    ``mask_BSk`` is a boolean key-padding mask (True = attend); ``bias`` a pairwise mask
+    [B|1, H|1, Sq, Sk] (bool, True = attend, or additive); ``causal``: query i sees keys j <= i
+    (top-left aligned, as SDPA's ``is_causal``). ``lse`` is float32, or float64 for float64 inputs.
+    The kernel is ``route``'s.
 
     Example::
 
@@ -228,8 +268,14 @@ def local_attention(
     if sq == 0 or sk == 0 or h == 0:
         out = q.new_zeros(b, h, sq, v.shape[-1])
         return out, torch.full((b, h, sq), _NEG_INF, dtype=lse_dtype, device=q.device)
-    out, lse = run_route(route_for(q, v, mask_BSk is not None), q, k, v, mask_BSk, scale)
+    masked = mask_BSk is not None or bias is not None
+    out, lse = run_route(route_for(q, v, masked), q, k, v, mask_BSk, scale, causal, bias)
     lse = lse.to(lse_dtype)
+    if bias is not None:  # rows with no key left: -inf and 0, as for key padding below
+        keep = bias if bias.dtype == torch.bool else ~torch.isneginf(bias)
+        empty = ~keep.any(dim=-1).expand(b, h, sq)
+        lse = lse.masked_fill_(empty, _NEG_INF)
+        out = out.masked_fill_(empty[..., None], 0.0)
     if mask_BSk is not None:
         # Fully masked rows: the fused kernels report lse = 0 (or NaN) with a zero (or NaN)
         # output; make them -inf and 0 so that merging with other key blocks gives them no weight.

@@ -12,7 +12,7 @@ the key mask). Partial results merge in float32 (float64 for float64 inputs):
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.distributed as dist
@@ -62,11 +62,16 @@ def ring_attention(
     group: dist.ProcessGroup,
     kv_lens: Sequence[int],
     scale: float | None = None,
+    attend: Callable | None = None,
+    needs: Callable[[int, int], bool] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """q [B, H, Sq, D] attends over the K/V of every ring rank. Returns (out [B, H, Sq, Dv], lse).
 
     ``kv_lens[i]`` is the local key length of ring rank ``i``; ``mask_BSk`` [B, Sk] is the local
-    key-padding mask (True = attend), rotated with its keys.
+    key-padding mask (True = attend), rotated with its keys. ``attend(src, q, k, v, mask)`` computes
+    one block (default: ``local_attention``) and may return None for a block the mask empties;
+    ``needs(src, dst)`` says whether ring rank ``dst`` attends any key of ``src``'s block (every
+    rank answers alike): a block is sent on only while a rank further along its way needs it.
 
     Example::
 
@@ -77,9 +82,14 @@ def ring_attention(
     dv = v.shape[-1]
     with_mask = mask_BSk is not None
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    attend = attend or (lambda src, q, k, v, m: local_attention(q, k, v, m, scale))
 
     def numel(src: int) -> int:
         return b * hk * kv_lens[src] * (d + dv) + (b * kv_lens[src] if with_mask else 0)
+
+    def wanted(src: int, at: int) -> bool:
+        """Does ring rank ``at`` or a rank after it on the block's way (up to ``src - 1``) need it?"""
+        return needs is None or any(needs(src, (src + j) % size) for j in range((at - src) % size, size))
 
     block = _kv_buffer(k, v, mask_BSk)
     if q.device.type == "cpu" or q.shape[1] != hk:
@@ -87,13 +97,29 @@ def ring_attention(
     out = lse = None
     for step in range(size):
         src = (me - step) % size
-        pending = RingPass(group, block, numel((src - 1) % size)) if step + 1 < size else None
-        k_i, v_i, m_i = _unpack(block, b, hk, kv_lens[src], d, dv, with_mask)
-        out_i, lse_i = local_attention(q, k_i, v_i, m_i, scale)
-        if out is None:
-            out, lse = out_i.to(acc), lse_i  # a fresh tensor the merges may write into
-        else:
-            out, lse = merge_partials(out, lse, out_i, lse_i, into_a=True)
+        pending = None
+        if step + 1 < size:
+            send = block if block is not None and wanted(src, (me + 1) % size) else block_empty(k)
+            prev = (src - 1) % size
+            pending = RingPass(group, send, numel(prev) if wanted(prev, me) else 0)
+        part = None
+        if block is not None and (needs is None or needs(src, me)):
+            k_i, v_i, m_i = _unpack(block, b, hk, kv_lens[src], d, dv, with_mask)
+            part = attend(src, q, k_i, v_i, m_i)
+        if part is not None:
+            out_i, lse_i = part
+            if out is None:
+                out, lse = out_i.to(acc), lse_i  # a fresh tensor the merges may write into
+            else:
+                out, lse = merge_partials(out, lse, out_i, lse_i, into_a=True)
         if pending is not None:
-            block = pending.wait()
+            received = pending.wait()
+            block = received if wanted((src - 1) % size, me) else None
+    if out is None:  # no key of any block is attended: zero rows with lse = -inf
+        out = q.new_zeros(*q.shape[:3], dv, dtype=acc)
+        lse = torch.full(q.shape[:3], float("-inf"), dtype=acc, device=q.device)
     return out.to(q.dtype), lse
+
+
+def block_empty(like: torch.Tensor) -> torch.Tensor:
+    return like.new_empty(0)

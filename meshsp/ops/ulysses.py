@@ -105,7 +105,8 @@ def ulysses_attention(
     attend: Callable,
     chunks: int = CHUNKS,
 ) -> torch.Tensor:
-    """Ulysses around ``attend(q, k, v, mask) -> out`` (own heads, whole chunk), pipelined over
+    """Ulysses around ``attend(q, k, v, mask, heads) -> out`` (own heads — global query heads
+    ``heads = (lo, hi)`` —, whole chunk), pipelined over
     head chunks: chunk c+1's exchange and chunk c-1's return travel while chunk c is computed.
     At most two chunks' exchanges are alive at a time, so the pipeline holds less than one
     unchunked exchange.
@@ -130,7 +131,7 @@ def ulysses_attention(
         # before the kernel allocates its own work space); the CUDA kernels read the strided views.
         if q_c.device.type == "cpu":
             q_c, k_c, v_c = q_c.contiguous(), k_c.contiguous(), v_c.contiguous()
-        returns.append(_gather(attend(q_c, k_c, v_c, mask_out), group, plan[c][0], q_lens, result))
+        returns.append(_gather(attend(q_c, k_c, v_c, mask_out, plan[c][0][me]), group, plan[c][0], q_lens, result))
         del q_c, k_c, v_c
     for finish in returns:
         finish()

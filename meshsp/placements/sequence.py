@@ -35,20 +35,57 @@ def _offsets(sizes: tuple[int, ...]) -> tuple[int, ...]:
     return tuple(out)
 
 
+BALANCES = ("contiguous", "zigzag")
+
+
 @dataclass(frozen=True)
 class SeqLayout:
     """Local sequence length of every SP rank, ``lens[ring_rank][ulysses_rank]``.
 
+    ``balance="contiguous"`` (the default): ring row r holds the r-th ``torch.chunk`` of the
+    sequence. ``"zigzag"`` (causal attention's balanced layout): ring row r holds as many tokens as
+    under ``"contiguous"`` (so DTensor's ``Shard`` sizes hold), taken from two places: the
+    sequence is cut into ``2R`` pieces, the halves (first one rounded up) of the rows' lengths, and
+    ring row r holds pieces r and ``2R-1-r``, in that order, so that under a causal mask every row
+    has the same work (within a token); either way a row's tokens are split over
+    its ulysses ranks by ``torch.chunk`` sizes. Local tensors concatenated rank by rank (ring
+    outer, ulysses inner) are the sequence in ``order()``.
+
     Example::
 
         SeqLayout.from_global(10, ring=2, ulysses=2).lens  # ((3, 2), (3, 2))
+        SeqLayout.from_global(10, ring=2, ulysses=1, balance="zigzag").pieces()  # ((0, 3), (8, 2), (3, 3), (6, 2))
     """
 
     lens: tuple[tuple[int, ...], ...]
+    balance: str = "contiguous"
 
     @classmethod
-    def from_global(cls, n: int, *, ring: int, ulysses: int) -> SeqLayout:
-        return cls(tuple(chunk_sizes(c, ulysses) for c in chunk_sizes(n, ring)))
+    def from_global(cls, n: int, *, ring: int, ulysses: int, balance: str = "contiguous") -> SeqLayout:
+        if balance not in BALANCES:
+            raise ValueError(f"balance must be one of {BALANCES}, got {balance!r}.")
+        return cls(tuple(chunk_sizes(c, ulysses) for c in chunk_sizes(n, ring)), balance if ring > 1 else "contiguous")
+
+    def pieces(self) -> tuple[tuple[int, int], ...]:
+        """(global start, length) of the ranges that make up the sequence in rank-major order."""
+        if self.balance == "contiguous":
+            return tuple((o, n) for o, n in zip(_offsets(self.ring_lens), self.ring_lens))
+        firsts = [-(-n // 2) for n in self.ring_lens]
+        seconds = [n - f for n, f in zip(self.ring_lens, firsts)]
+        starts = _offsets(tuple(firsts) + tuple(reversed(seconds)))
+        r_ = self.ring
+        return tuple(p for r in range(r_) for p in ((starts[r], firsts[r]), (starts[2 * r_ - 1 - r], seconds[r])))
+
+    def order(self) -> torch.Tensor:
+        """The global index of each token in rank-major order (a permutation of ``range(total)``)."""
+        if not self.total:
+            return torch.zeros(0, dtype=torch.long)
+        return torch.cat([torch.arange(a, a + n) for a, n in self.pieces()])
+
+    def local_index(self, ring_rank: int, ulysses_rank: int) -> torch.Tensor:
+        """The global indices of one rank's tokens, in its local order."""
+        start = sum(self.ring_lens[:ring_rank]) + sum(self.lens[ring_rank][:ulysses_rank])
+        return self.order()[start : start + self.local(ring_rank, ulysses_rank)]
 
     @property
     def ring(self) -> int:
@@ -71,7 +108,8 @@ class SeqLayout:
         return self.lens[ring_rank][ulysses_rank]
 
     def offset(self, ring_rank: int, ulysses_rank: int) -> int:
-        """Global offset of a rank's shard (ring chunks first, then ulysses pieces inside)."""
+        """Global offset of a rank's shard (ring chunks first, then ulysses pieces inside); for a
+        zigzag layout, its offset in rank-major order (``order()``)."""
         return _offsets(self.ring_lens)[ring_rank] + _offsets(self.lens[ring_rank])[ulysses_rank]
 
 
@@ -126,13 +164,23 @@ def sequence_placements(mesh: DeviceMesh, seq_dim: int) -> tuple[Placement, ...]
     return tuple(Shard(seq_dim) if name in SP_AXES else Replicate() for name in names)
 
 
-def shard_sequence(full: torch.Tensor, mesh: DeviceMesh, seq_dim: int) -> DTensor:
+def shard_sequence(full: torch.Tensor, mesh: DeviceMesh, seq_dim: int, balance: str = "contiguous") -> DTensor:
     """Wrap this rank's slice of a tensor every rank holds in full; no communication.
+
+    With ``balance="zigzag"`` (``SeqLayout``) the DTensor is of the sequence reordered to
+    ``SeqLayout.order()`` — its ``full_tensor()`` is ``full.index_select(seq_dim, order)``; SP
+    attention in a ``sequence_parallel_attention(balance="zigzag")`` scope treats it so.
 
     Example::
 
         q = shard_sequence(q_full_BHSD, mesh, seq_dim=2)   # placements (Shard(2), Shard(2))
     """
+    if balance != "contiguous":
+        names = mesh.mesh_dim_names or ()
+        ring = mesh["ring"].size() if "ring" in names else 1
+        ulysses = mesh["ulysses"].size() if "ulysses" in names else 1
+        order = SeqLayout.from_global(full.shape[seq_dim], ring=ring, ulysses=ulysses, balance=balance).order()
+        full = full.index_select(seq_dim, order.to(full.device))  # then sharded like "contiguous"
     names = mesh.mesh_dim_names or ()
     ring = mesh["ring"].size() if "ring" in names else 1
     ulysses = mesh["ulysses"].size() if "ulysses" in names else 1

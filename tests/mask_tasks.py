@@ -1,0 +1,81 @@
+"""Rank-side checks of SP attention under masks beyond key padding (tests/test_masks.py)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+import meshsp
+from meshsp import SeqLayout, shard_sequence
+from meshsp.ops import record_comm
+from meshsp.ops.masks import SegmentMask
+from rank_tasks import make_inputs, mesh_for, pipelined
+
+
+def _segments(case: dict, b: int, s: int, g: torch.Generator) -> torch.Tensor:
+    """Segment ids in runs of random lengths (documents), ``case["G"]`` segments."""
+    ids = torch.empty(b, s, dtype=torch.long)
+    for i in range(b):
+        cuts = sorted(torch.randint(0, s + 1, (case["G"] - 1,), generator=g).tolist())
+        edges = [0, *cuts, s]
+        for seg in range(case["G"]):
+            ids[i, edges[seg] : edges[seg + 1]] = seg
+    return ids
+
+
+def make_mask(case: dict, q: torch.Tensor, k: torch.Tensor):
+    """(what the parallel call gets as attn_mask, is_causal, the dense mask for the reference)."""
+    g = torch.Generator().manual_seed(case.get("seed", 0) + 99)
+    b, h, s_q, s_k = q.shape[0], q.shape[1], q.shape[2], k.shape[2]
+    kind = case["kind"]
+    if kind == "causal":
+        return None, True, None
+    if kind == "segment":  # block-diagonal documents, key padding as a segment nobody attends
+        gs = case["G"]
+        ids = _segments(case, b, s_q, g)
+        allow = torch.rand(gs, gs, generator=g) < 0.6 if case.get("rule") else torch.eye(gs, dtype=torch.bool)
+        causal = torch.rand(gs, gs, generator=g) < 0.5 if case.get("causal") else False
+        bias = torch.randn(gs, gs, generator=g, dtype=torch.float64) if case.get("bias") else None
+        mask = SegmentMask(ids, allow=allow, causal=causal, bias=bias)
+        return mask, False, mask.dense()
+    if kind == "outer":  # Chroma: a float 0/1 outer product of a token mask, added to the scores
+        m = (torch.rand(b, s_q, generator=g) < 0.7).double()
+        dense = (m[:, :, None] * m[:, None, :])[:, None]
+        return dense, False, dense
+    if kind == "bool":  # random pairwise boolean, per head if asked; some rows fully masked
+        heads = h if case.get("per_head") else 1
+        dense = torch.rand(b, heads, s_q, s_k, generator=g) < 0.5
+        dense[..., : min(2, s_q), :] = False
+        return dense, False, dense
+    if kind == "additive":
+        dense = torch.randn(1, 1, s_q, s_k, generator=g, dtype=q.dtype)
+        return dense, False, dense
+    raise ValueError(kind)
+
+
+def masked_parity(cases: list[dict]) -> list[dict]:
+    out = []
+    for case in cases:
+        with pipelined(case.get("pipeline", False)):
+            out.append(_masked_parity(case))
+    return out
+
+
+def _masked_parity(case: dict) -> dict:
+    mesh = mesh_for(case["ring"], case["ulysses"])
+    q, k, v, _ = make_inputs(case)
+    mask, causal, dense = make_mask(case, q, k)
+    expected = F.scaled_dot_product_attention(q, k, v, attn_mask=dense, is_causal=causal,
+                                              enable_gqa=q.shape[1] != k.shape[1])
+    balance = case.get("balance", "contiguous")
+    dq, dk, dv = (shard_sequence(t, mesh, 2, balance) for t in (q, k, v))
+    if case.get("sharded_mask"):  # rows sharded like the queries; columns in the DTensors' order
+        order = SeqLayout.from_global(k.shape[2], ring=case["ring"], ulysses=case["ulysses"], balance=balance).order()
+        mask = shard_sequence(mask.expand(q.shape[0], -1, -1, -1).index_select(3, order), mesh, 2, balance)
+    with record_comm() as stats, meshsp.sequence_parallel_attention(case.get("mode", "advanced_uaa"), balance):
+        got = F.scaled_dot_product_attention(dq, dk, dv, attn_mask=mask, is_causal=causal,
+                                             enable_gqa=q.shape[1] != k.shape[1])
+    want = shard_sequence(expected, mesh, 2, balance).to_local()
+    tol = 1e-12 if q.dtype == torch.float64 else 2e-6
+    torch.testing.assert_close(got.to_local(), want, atol=tol, rtol=tol, msg=lambda m: f"{case}: {m}")
+    return {"bytes": dict(stats.bytes_sent), "calls": dict(stats.calls)}
