@@ -19,6 +19,7 @@ from torch.overrides import TorchFunctionMode
 
 from meshsp.config import ULYSSES_MODES
 from meshsp.ops.attention import sp_attention
+from meshsp.ops.flex import RoutesFlex, dtensor_flex, is_flex_call
 from meshsp.placements import SeqLayout
 
 __all__ = ["sequence_parallel_attention"]
@@ -63,7 +64,7 @@ def _local_mask(attn_mask, key: DTensor, layout: SeqLayout, r: int, u: int) -> t
     return attn_mask.reshape(b, s_k).narrow(1, layout.offset(r, u), layout.local(r, u))
 
 
-class sequence_parallel_attention(TorchFunctionMode):
+class sequence_parallel_attention(RoutesFlex, TorchFunctionMode):
     """Scope in which SDPA on sequence-sharded DTensors runs as Ulysses, Ring or the hybrid.
 
     Example::
@@ -85,6 +86,8 @@ class sequence_parallel_attention(TorchFunctionMode):
         qkv = list(args[:3]) + [kwargs.get(k) for k in ("query", "key", "value")]
         if func is F.scaled_dot_product_attention and any(isinstance(a, DTensor) for a in qkv):
             return self._attention(*args, **kwargs)
+        if is_flex_call(func) and any(isinstance(a, DTensor) for a in args[:3]):  # meshsp.ops.flex
+            return dtensor_flex(args, kwargs, self.uaa, torch.compiler.is_compiling())
         return func(*args, **kwargs)
 
     def _attention(self, query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False,
