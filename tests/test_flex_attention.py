@@ -99,3 +99,22 @@ def test_routing_mode_restores_the_switch_after_an_exception():
             assert flex_module._FLEX_ATTENTION_DISABLE_COMPILE_DEBUG is True  # nested exit keeps the outer value
             raise RuntimeError("inside")
     assert flex_module._FLEX_ATTENTION_DISABLE_COMPILE_DEBUG is before
+
+
+def test_stand_in_mask_refuses_use_outside_its_routed_call():
+    from meshsp.ops.flex import stand_in
+
+    mask = flex_module.create_block_mask(lambda b, h, q, kv: q >= kv, None, None, 8, 8, device="cpu")
+    held = stand_in(mask)
+    assert held.mask_mod.block_mask is mask and held.BLOCK_SIZE == (flex_module._LARGE_SPARSE_BLOCK_SIZE,) * 2
+    with pytest.raises(ValueError, match="outside that module's flex_attention call"):
+        held.mask_mod(0, 0, 0, 0)
+
+
+def test_max_scores_are_refused():
+    from meshsp.ops.flex import HopCall, _refuse_max_scores
+
+    q = torch.zeros(1, 1, 1, 16)
+    call = HopCall(q, q, q, flex_module._identity, (), 1.0, {"OUTPUT_MAX": True})
+    with pytest.raises(ValueError, match="AuxRequest\\(lse=True\\)"):
+        _refuse_max_scores(call, "here")

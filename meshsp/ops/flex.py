@@ -337,11 +337,11 @@ def _sp_flex(q, k, v, g: GlobalMask, *, ring_group, ulysses_group, q_layout, kv_
     try:
         check_attention_inputs(q, k, v, None, **check)
         _check_global_mask(g, q_layout, kv_layout)
-    except ValueError as exc:
+    except Exception as exc:  # any local failure must reach every rank before the first collective
         if not validate:
             raise
-        error = str(exc)
-    if validate:  # a local failure must reach every rank before the first collective
+        error = str(exc) if isinstance(exc, ValueError) else f"{type(exc).__name__}: {exc}"
+    if validate:
         shared = (f"flex layouts q={q_layout.lens} kv={kv_layout.lens}; q {tuple(q.shape[:2])}+{tuple(q.shape[3:])}, "
                   f"k {tuple(k.shape[:2])}+{tuple(k.shape[3:])}, v {tuple(v.shape[:2])}+{tuple(v.shape[3:])}, "
                   f"{q.dtype}, mask {g.seq_lengths} {g.block}, uaa {uaa}, scale {scale}")
