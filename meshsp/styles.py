@@ -37,6 +37,7 @@ from torch.overrides import TorchFunctionMode
 from meshsp.config import ULYSSES_MODES
 from meshsp.ops.attention import sp_attention
 from meshsp.ops.consensus import agree, describe
+from meshsp.ops.flex import RoutesFlex, hand_masks_over, is_flex_call, plan_flex
 from meshsp.ops.replicated import replicated_query_attention
 from meshsp.ops.ulysses import pipeline_setting
 from meshsp.placements import SeqLayout
@@ -475,13 +476,15 @@ def scope_mode(module: nn.Module, make_mode) -> None:
     module.register_forward_hook(leave, always_call=True)
 
 
-class _RouteAttention(TorchFunctionMode):
+class _RouteAttention(RoutesFlex, TorchFunctionMode):
     def __init__(self, style: ParallelAttention, sp: SPMesh) -> None:
         super().__init__()
         self.style, self.sp = style, sp
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        if is_flex_call(func):  # flex_attention's operator (meshsp.ops.flex)
+            return plan_flex(self.style, self.sp, args, kwargs, torch.compiler.is_compiling())
         if func is not F.scaled_dot_product_attention:
             return func(*args, **kwargs)
         return self.style.attention(self.sp, *args, **kwargs)
@@ -549,5 +552,6 @@ class ParallelAttention(_Bound):
 
     def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
         sp = SPMesh(device_mesh)
+        hand_masks_over(module)  # flex_attention BlockMasks made for the whole sequence (meshsp.ops.flex)
         scope_mode(module, lambda args: _RouteAttention(self, sp))
         return module

@@ -23,6 +23,7 @@ from meshsp.config import ULYSSES_MODES
 from meshsp.ops.attention import sp_attention
 from meshsp.ops.blocks import PairMask
 from meshsp.ops.comm import _count
+from meshsp.ops.flex import RoutesFlex, dtensor_flex, is_flex_call
 from meshsp.ops.masks import SegmentMask, causal_runs, segment_runs
 from meshsp.placements import SeqLayout
 from meshsp.placements.sequence import BALANCES
@@ -102,7 +103,7 @@ def _pairwise(attn_mask, query, key, q_layout: SeqLayout, kv_layout: SeqLayout, 
     return PairMask(rows=rows_BHSS, q_start=start)
 
 
-class sequence_parallel_attention(TorchFunctionMode):
+class sequence_parallel_attention(RoutesFlex, TorchFunctionMode):
     """Scope in which SDPA on sequence-sharded DTensors runs as Ulysses, Ring or the hybrid.
 
     Example::
@@ -127,6 +128,8 @@ class sequence_parallel_attention(TorchFunctionMode):
         qkv = list(args[:3]) + [kwargs.get(k) for k in ("query", "key", "value")]
         if func is F.scaled_dot_product_attention and any(isinstance(a, DTensor) for a in qkv):
             return self._attention(*args, **kwargs)
+        if is_flex_call(func) and any(isinstance(a, DTensor) for a in args[:3]):  # meshsp.ops.flex
+            return dtensor_flex(args, kwargs, self.uaa, torch.compiler.is_compiling())
         return func(*args, **kwargs)
 
     def _attention(self, query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False,
