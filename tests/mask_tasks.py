@@ -32,7 +32,7 @@ def make_mask(case: dict, q: torch.Tensor, k: torch.Tensor):
         return None, True, None
     if kind == "segment":  # block-diagonal documents, key padding as a segment nobody attends
         gs = case["G"]
-        ids = _segments(case, b, s_q, g)
+        ids = torch.arange(s_q).expand(b, -1) * gs // s_q if case.get("aligned") else _segments(case, b, s_q, g)
         allow = torch.rand(gs, gs, generator=g) < 0.6 if case.get("rule") else torch.eye(gs, dtype=torch.bool)
         causal = torch.rand(gs, gs, generator=g) < 0.5 if case.get("causal") else False
         bias = torch.randn(gs, gs, generator=g, dtype=torch.float64) if case.get("bias") else None
@@ -78,4 +78,24 @@ def _masked_parity(case: dict) -> dict:
     want = shard_sequence(expected, mesh, 2, balance).to_local()
     tol = 1e-12 if q.dtype == torch.float64 else 2e-6
     torch.testing.assert_close(got.to_local(), want, atol=tol, rtol=tol, msg=lambda m: f"{case}: {m}")
-    return {"bytes": dict(stats.bytes_sent), "calls": dict(stats.calls)}
+    return {"bytes": dict(stats.bytes_sent), "calls": dict(stats.calls), "scores": stats.scores}
+
+
+def bad_mask(kind: str, ring: int, ulysses: int) -> str:
+    """The ValueError a bad mask raises (the same on every rank)."""
+    try:
+        _bad_mask(kind, ring, ulysses)
+    except ValueError as exc:
+        return str(exc)
+    raise AssertionError(f"{kind} did not raise ValueError")
+
+
+def _bad_mask(kind: str, ring: int, ulysses: int) -> None:
+    mesh = mesh_for(ring, ulysses)
+    q = torch.randn(1, 2, 8, 4, dtype=torch.float64)
+    dq = shard_sequence(q, mesh, 2)
+    mask = {"causal_and_mask": torch.ones(1, 1, 8, 8, dtype=torch.bool),
+            "shape": torch.ones(1, 1, 7, 8, dtype=torch.bool),
+            "segment_ids": SegmentMask(torch.zeros(1, 9, dtype=torch.long))}[kind]
+    with meshsp.sequence_parallel_attention("advanced_uaa"):
+        F.scaled_dot_product_attention(dq, dq, dq, attn_mask=mask, is_causal=kind == "causal_and_mask")

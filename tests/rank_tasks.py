@@ -202,8 +202,8 @@ def bad_attention(kind: str, ring: int, ulysses: int) -> None:
         mode = "advanced_uaa"
     elif kind == "gqa_flag":
         case.update(H=8, Hk=4)
-    elif kind == "causal":
-        kwargs["is_causal"] = True
+    elif kind == "causal_and_mask":
+        kwargs.update(is_causal=True, attn_mask=torch.ones(16, 16, dtype=torch.bool))
     elif kind == "dropout":
         kwargs["dropout_p"] = 0.1
     q, k, v, _ = make_inputs(case)
@@ -211,9 +211,9 @@ def bad_attention(kind: str, ring: int, ulysses: int) -> None:
     if kind == "replicated":
         dq = DTensor.from_local(q, mesh, [Replicate(), Replicate()], run_check=False)
     elif kind == "mask_dtype":
-        kwargs["attn_mask"] = torch.zeros(1, 1, 1, 16)
+        kwargs["attn_mask"] = torch.zeros(1, 1, 1, 15)
     elif kind == "mask_full":
-        kwargs["attn_mask"] = torch.ones(16, 16, dtype=torch.bool)
+        kwargs["attn_mask"] = torch.ones(3, 16, 16, dtype=torch.bool)
     elif kind == "mixed":
         dk = k
     elif kind == "seq_dim":

@@ -27,6 +27,7 @@ class CommStats:
 
     calls: Counter = field(default_factory=Counter)
     bytes_sent: Counter = field(default_factory=Counter)
+    scores: int = 0  # query-key scores the local kernels computed (batch x heads x pairs): the work
 
     @property
     def total_bytes(self) -> int:
@@ -59,6 +60,13 @@ def _count(kind: str, nbytes: int) -> None:
     if stats is not None:
         stats.calls[kind] += 1
         stats.bytes_sent[kind] += nbytes
+
+
+def count_scores(n: int) -> None:
+    """Add ``n`` computed attention scores to the active ``record_comm`` scope."""
+    stats = _ACTIVE.get()
+    if stats is not None:
+        stats.scores += n
 
 
 def all_to_all(

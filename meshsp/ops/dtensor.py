@@ -84,12 +84,19 @@ def _gather_rows(rows: torch.Tensor, mesh, lens: tuple[int, ...]) -> torch.Tenso
 def _pairwise(attn_mask, query, key, q_layout: SeqLayout, kv_layout: SeqLayout, mesh, r: int, ulysses: int) -> PairMask:
     """A pairwise mask [B|1, 1|H, S_q, S_k] as the rows this rank's ring row computes, rank-major."""
     b, h, s_q, s_k = query.shape[0], query.shape[1], query.shape[2], key.shape[2]
+    if attn_mask.dim() == 2 and not isinstance(attn_mask, DTensor):  # [S_q, S_k], as SDPA broadcasts it
+        attn_mask = attn_mask[None, None]
     shape = tuple(attn_mask.shape)
-    if attn_mask.dim() != 4 or shape[0] not in (1, b) or shape[1] not in (1, h) or shape[2:] != (s_q, s_k):
+    if attn_mask.dim() != 4 or shape[0] not in (1, b) or shape[1] not in (1, h) or shape[2] not in (1, s_q) \
+            or shape[3] != s_k or attn_mask.is_complex():
         raise ValueError(
-            f"attention masks must be key-padding [B, 1, 1, S_k] = [{b}, 1, 1, {s_k}] or pairwise "
-            f"[B or 1, 1 or H, S_q, S_k] = [{b}, {h}, {s_q}, {s_k}], got {attn_mask.dtype} {shape}.")
+            f"attention masks must be boolean key-padding [B, 1, 1, S_k] = [{b}, 1, 1, {s_k}] or pairwise "
+            f"[B or 1, 1 or H, S_q or 1, S_k] = [{b}, {h}, {s_q}, {s_k}] (boolean or additive), "
+            f"got {attn_mask.dtype} {shape}.")
     start, rows = sum(q_layout.ring_lens[:r]), q_layout.ring_lens[r]
+    if shape[2] == 1 and not isinstance(attn_mask, DTensor):  # the same row for every query
+        cols = attn_mask.index_select(3, kv_layout.order().to(attn_mask.device))
+        return PairMask(rows=cols.expand(-1, -1, rows, -1), q_start=start)
     if isinstance(attn_mask, DTensor):  # rows sharded like the queries; columns in the DTensors' order
         _check_placements("attn_mask", attn_mask, 2)
         local = attn_mask.to_local()

@@ -36,6 +36,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from meshsp.ops.comm import count_scores
+
 __all__ = ["KernelRoute", "local_attention", "math_attention", "route"]
 
 _NEG_INF = float("-inf")
@@ -268,6 +270,7 @@ def local_attention(
     if sq == 0 or sk == 0 or h == 0:
         out = q.new_zeros(b, h, sq, v.shape[-1])
         return out, torch.full((b, h, sq), _NEG_INF, dtype=lse_dtype, device=q.device)
+    count_scores(b * h * (sq * (sq + 1) // 2 if causal else sq * sk))
     masked = mask_BSk is not None or bias is not None
     out, lse = run_route(route_for(q, v, masked), q, k, v, mask_BSk, scale, causal, bias)
     lse = lse.to(lse_dtype)
