@@ -35,7 +35,9 @@ from torch.distributed.tensor.parallel.style import ParallelStyle
 from torch.overrides import TorchFunctionMode
 
 from meshsp.config import ULYSSES_MODES
+from meshsp.attention_masks import global_pairs, is_local_pairwise, local_pairs, outer_diagonal
 from meshsp.ops.attention import sp_attention
+from meshsp.ops.blocks import PairMask
 from meshsp.ops.consensus import agree, describe
 from meshsp.ops.flex import RoutesFlex, hand_masks_over, is_flex_call, plan_flex
 from meshsp.ops.replicated import replicated_query_attention
@@ -133,10 +135,11 @@ class SPMesh:
 class PlanState:
     """What the styles of one plan share (one per plan; nothing global)."""
 
-    def __init__(self, ulysses_mode: str = "strict", empty_shards: bool = False) -> None:
+    def __init__(self, ulysses_mode: str = "strict", empty_shards: bool = False, balance: str = "contiguous") -> None:
         if ulysses_mode not in ULYSSES_MODES:
             raise ValueError(f"ulysses_mode must be one of {ULYSSES_MODES}, got {ulysses_mode!r}.")
         self.ulysses_mode = ulysses_mode
+        self.balance = balance
         # Whether the model's own code runs on a rank that holds none of a sequence's tokens.
         self.empty_shards = empty_shards
         self.global_lens: dict[str, int] = {}
@@ -408,6 +411,14 @@ class CheckInputs(ParallelStyle):
         return module
 
 
+def _rank_major(sp: SPMesh, local_BS: torch.Tensor, layout: SeqLayout) -> torch.Tensor:
+    """Every SP rank's per-token values [B, s] (its local order) -> [B, S] rank-major."""
+    most = max(max(row) for row in layout.lens)
+    padded = F.pad(local_BS, (0, most - local_BS.shape[1]))
+    grid = sp.all_gather(padded)
+    return torch.cat([grid[r][u][:, :n] for r, row in enumerate(layout.lens) for u, n in enumerate(row)], dim=1)
+
+
 def _plain_key_padding(mask, key) -> bool:
     """A boolean [B, 1, 1, S_k] or [B, S_k] mask: valid on every rank by its shape alone."""
     if mask is None:
@@ -440,10 +451,14 @@ def _key_padding(mask: torch.Tensor | None, q: torch.Tensor, k: torch.Tensor, wh
     return mask[:, 0, 0, :].expand(b, s_k)
 
 
-def check_call(where: str, query, key, dropout_p: float, is_causal: bool, enable_gqa: bool) -> None:
+def check_call(where: str, query, key, dropout_p: float, is_causal: bool, enable_gqa: bool,
+               masks: str = "local") -> None:
     """The SDPA arguments SP attention takes (shared with plan simulation, ``meshsp.plans.infer``)."""
-    if dropout_p != 0.0 or is_causal:
-        raise ValueError(f"{where}: dropout_p={dropout_p}, is_causal={is_causal}; SP attention needs 0 and False.")
+    if dropout_p != 0.0:
+        raise ValueError(f"{where}: dropout_p={dropout_p}; SP attention runs without dropout (inference).")
+    if is_causal and masks != "global":
+        raise ValueError(f"{where}: is_causal=True needs the plan to declare the attention's tokens one sequence "
+                         "(ParallelAttention(masks='global')): causal positions are global token indices.")
     if query.shape[1] != key.shape[1] and not enable_gqa:
         raise ValueError(f"{where}: {query.shape[1]} query vs {key.shape[1]} key heads without enable_gqa=True.")
 
@@ -505,21 +520,26 @@ class ParallelAttention(_Bound):
     """
 
     QUERIES = ("sharded", "replicated")
+    MASKS = ("local", "global")
 
-    def __init__(self, queries: str = "sharded") -> None:
+    def __init__(self, queries: str = "sharded", masks: str = "local") -> None:
         super().__init__()
         if queries not in self.QUERIES:
             raise ValueError(f"ParallelAttention queries must be one of {self.QUERIES}; got {queries!r}.")
-        self.queries = queries
+        if masks not in self.MASKS:
+            raise ValueError(f"ParallelAttention masks must be one of {self.MASKS}; got {masks!r}.")
+        if masks == "global" and queries == "replicated":
+            raise ValueError("ParallelAttention(masks='global') shards its queries; it takes queries='sharded'.")
+        self.queries, self.masks = queries, masks
 
     @torch.compiler.disable
     def attention(self, sp: SPMesh, query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False,
                   scale=None, enable_gqa=False):
         where = f"plan '{self.key}'"
-        check_call(where, query, key, dropout_p, is_causal, enable_gqa)
-        mask = self.state.key_mask(attn_mask, query, key, lambda: self._key_mask(sp, attn_mask, query, key, where))
+        check_call(where, query, key, dropout_p, is_causal, enable_gqa, self.masks)
         lens = self.state.rank_lens(sp, self.key, (query.shape[2], key.shape[2]))
         if self.queries == "replicated":
+            mask = self.state.key_mask(attn_mask, query, key, lambda: self._key_mask(sp, attn_mask, query, key, where))
             q_lens = sorted({n[0] for row in lens for n in row})
             if len(q_lens) > 1:  # every rank sees the same exchanged lengths: all raise together
                 raise ValueError(f"{where}: queries='replicated' but the ranks hold {q_lens} query tokens: the queries "
@@ -528,13 +548,51 @@ class ParallelAttention(_Bound):
                                               scale=scale)
         q_layout = SeqLayout(tuple(tuple(n[0] for n in row) for row in lens))
         kv_layout = SeqLayout(tuple(tuple(n[1] for n in row) for row in lens))
+        if self.masks == "global":
+            q_layout, kv_layout = self._one_sequence(q_layout, where), self._one_sequence(kv_layout, where)
+        mask = None if is_causal else self.state.key_mask(
+            attn_mask, query, key, lambda: self._mask(sp, attn_mask, query, key, where, q_layout, kv_layout))
+        if is_causal:
+            mask = global_pairs(None, True, q_layout, kv_layout, sp.r, where)
+        pair = mask if isinstance(mask, PairMask) else None
         self.state.attention_tokens[0] += query.shape[2]
         self.state.attention_tokens[1] += q_layout.total
         return sp_attention(
-            query, key, value, mask, ring_group=sp.ring_group, ulysses_group=sp.ulysses_group,
-            q_layout=q_layout, kv_layout=kv_layout, uaa=self.state.uaa, scale=scale,
+            query, key, value, None if pair is not None else mask, ring_group=sp.ring_group,
+            ulysses_group=sp.ulysses_group, q_layout=q_layout, kv_layout=kv_layout, uaa=self.state.uaa,
+            scale=scale, pair=pair,
             validate=False,  # CheckInputs agreed on the model's inputs at the start of the forward
         )
+
+    def _one_sequence(self, layout: SeqLayout, where: str) -> SeqLayout:
+        """With masks='global' the attention's tokens must be one sequence sharded as meshsp shards it."""
+        whole = SeqLayout.from_global(layout.total, ring=layout.ring, ulysses=layout.ulysses,
+                                      balance=self.state.balance)
+        if whole.lens != layout.lens:  # the exchanged lengths: the same on every rank
+            raise ValueError(f"{where}: masks='global' needs this attention's tokens to be one sequence sharded "
+                             f"as meshsp shards it (local lengths {whole.lens}), but the ranks hold {layout.lens}; "
+                             "a concatenation of separately sharded streams takes masks built from local tokens.")
+        return whole
+
+    def _mask(self, sp: SPMesh, attn_mask, query, key, where, q_layout, kv_layout):
+        """A key-padding mask (bool [B, s_k]) or a ``PairMask``; agreed across ranks where a check
+        depends on this rank's values."""
+        if attn_mask is None:
+            return None
+        if self.masks == "global" and not _plain_key_padding(attn_mask, key):
+            return global_pairs(attn_mask, False, q_layout, kv_layout, sp.r, where)
+        if not is_local_pairwise(attn_mask, query, key):
+            return self._key_mask(sp, attn_mask, query, key, where)
+        diagonal, error = None, None
+        try:
+            diagonal = outer_diagonal(attn_mask, where)
+        except ValueError as exc:
+            error = str(exc)
+        agree(where, "attention mask", error, (sp.ulysses_group, sp.ring_group), sp.device)
+        if q_layout.lens != kv_layout.lens:
+            raise ValueError(f"{where}: a pairwise mask over local tokens needs queries and keys to be the same "
+                             f"tokens; the ranks hold {q_layout.lens} queries and {kv_layout.lens} keys.")
+        return local_pairs(_rank_major(sp, diagonal.expand(query.shape[0], -1), q_layout), attn_mask.dtype == torch.bool)
 
     @staticmethod
     def _key_mask(sp: SPMesh, attn_mask, query, key, where: str) -> torch.Tensor | None:

@@ -20,6 +20,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
+from meshsp.attention_masks import is_local_pairwise, outer_diagonal
 from meshsp.styles import GatherSequence, ParallelAttention, ShardSequence, SPMesh, _key_padding, check_call
 
 __all__ = ["InferenceError", "simulate"]
@@ -55,6 +56,20 @@ def _stand_in(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
     return out
 
 
+def _token_mask(mask, q, k) -> torch.Tensor | None:
+    """The per-key bits the stand-in reads: a key-padding mask's, or the diagonal of a pairwise
+    mask over this rank's tokens (``meshsp.attention_masks``); a mask over the whole sequence
+    (a plan's ``masks='global'``) is the ranks' parity tests' to check."""
+    if mask is None:
+        return None
+    if is_local_pairwise(mask, q, k):
+        bits = outer_diagonal(mask, "attention")
+        return (bits != 0).expand(q.shape[0], -1)
+    if mask.dim() == 4 and mask.shape[2] > 1:
+        return None
+    return _key_padding(mask, q, k, "attention")
+
+
 class _SDPA(TorchFunctionMode):
     """SDPA inside a module: the stand-in (routed attention), or the real kernel, recording lengths.
 
@@ -76,8 +91,8 @@ class _SDPA(TorchFunctionMode):
             return func(*args, **kwargs)
         try:
             check_call("attention", q, k, call.get("dropout_p", 0.0), call.get("is_causal", False),
-                       call.get("enable_gqa", False))
-            mask = _key_padding(call.get("attn_mask"), q, k, "attention")
+                       call.get("enable_gqa", False), "global")
+            mask = _token_mask(call.get("attn_mask"), q, k)
         except ValueError as exc:
             raise InferenceError(str(exc)) from exc
         return _stand_in(q, k, v, mask, self.whole_queries)
