@@ -13,6 +13,11 @@ def test_bench_attention_counts_theory_bytes(capsys):
     assert [r["mode"] for r in rows] == ["U2", "R2"]
     assert all(r["bytes"] == r["theory"] > 0 and r["sp_s"] > 0 for r in rows), rows
     assert "ceiling" in capsys.readouterr().out
+    masked = {(r["mode"], r["mask"]): r for r in rows[-1]["masked"]}
+    assert all(r["bytes"] == r["theory"] for r in masked.values()), masked  # skipped blocks counted
+    assert masked["R2", "causal"]["bytes"][1] == 0 and masked["R2", "causal"]["imbalance"] > 1.4
+    assert masked["R2", "causal zigzag"]["imbalance"] < 1.05 and abs(masked["R2", "causal"]["work"] - 0.5) < 0.01
+    assert masked["R2", "documents"]["bytes"] == [0, 0]  # no document crosses the ring halves
 
 
 def test_bench_models_and_perf_run(capsys):

@@ -14,6 +14,7 @@ import torch
 import torch.distributed as dist
 
 from meshsp.bench import sp_mesh
+from meshsp.bench.masks import print_masks, run_masks
 from meshsp.launch import WorkerPool
 from meshsp.ops import local_attention, record_comm, sp_attention
 from meshsp.placements import SeqLayout
@@ -67,8 +68,10 @@ def theory_bytes(shape, itemsize, ring, ulysses) -> int:
     return (a2a + p2p) * itemsize
 
 
-def run(seq: int = 8192, heads: int = 8, head_dim: int = 64, batch: int = 1, repeats: int = 5) -> list[dict]:
-    """Measure and print; returns the rows."""
+def run(seq: int = 8192, heads: int = 8, head_dim: int = 64, batch: int = 1, repeats: int = 5,
+        masks: bool = True) -> list[dict]:
+    """Measure and print; returns the rows (with ``masks``, the masked rows of ``meshsp.bench.masks``
+    follow under ``rows[-1]["masked"]``)."""
     shape, dtype = (batch, heads, seq, head_dim), torch.float32
     rows = []
     with WorkerPool(2, threads=1) as pool:
@@ -84,6 +87,7 @@ def run(seq: int = 8192, heads: int = 8, head_dim: int = 64, batch: int = 1, rep
             expected = theory_bytes(shape, 4, ring, ulysses)
             rows.append({"mode": name, "single_s": single, "sp_s": t, "speedup": single / t,
                          "ceiling": ceiling, "bytes": res[0]["bytes"], "theory": expected, "bytes_ratio": res[0]["bytes"] / expected})
+        masked = run_masks(pool, shape, dtype, repeats) if masks else []
     print(f"attention B={batch} H={heads} S={seq} D={head_dim} fp32, 1 thread per rank, median of {repeats}")
     print(f"{'mode':<6}{'1 proc (s)':>12}{'SP-2 (s)':>10}{'speedup':>9}{'ceiling':>9}"
           f"{'MB sent/rank':>14}{'theory MB':>11}{'ratio':>7}")
@@ -91,4 +95,8 @@ def run(seq: int = 8192, heads: int = 8, head_dim: int = 64, batch: int = 1, rep
         print(f"{row['mode']:<6}{row['single_s']:>12.3f}{row['sp_s']:>10.3f}{row['speedup']:>8.2f}x{row['ceiling']:>8.2f}x"
               f"{row['bytes'] / 2**20:>14.2f}{row['theory'] / 2**20:>11.2f}{row['bytes_ratio']:>7.2f}")
     print("ceiling: 1-process time / time of half the work on both ranks at once with no communication")
+    if masked:
+        print(f"\nmasked SP-2 attention, same shape and pool, median of {repeats}")
+        print_masks(masked)
+        rows[-1]["masked"] = masked
     return rows
