@@ -3,6 +3,7 @@
 from meshsp.config import DiffusionParallelConfig, ParallelConfig
 from meshsp.mesh import init_sp_mesh
 from meshsp.ops import record_comm, sequence_parallel_attention, sp_attention
+from meshsp.ops.masks import SegmentMask
 from meshsp.placements import SeqLayout, shard_sequence
 from meshsp.plans import Plan, get_plan, load_plan, parallelize
 
@@ -12,6 +13,7 @@ __all__ = [
     "ParallelConfig",
     "Plan",
     "SamplingParams",
+    "SegmentMask",
     "SeqLayout",
     "get_plan",
     "init_sp_mesh",
