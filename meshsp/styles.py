@@ -100,8 +100,9 @@ def _all_gather(t: torch.Tensor, group) -> torch.Tensor:
 class SPMesh:
     """The SP axes of a mesh: sizes, this rank's coordinates, the axis groups."""
 
-    def __init__(self, mesh: DeviceMesh) -> None:
+    def __init__(self, mesh: DeviceMesh, balance: str = "contiguous") -> None:
         names = mesh.mesh_dim_names or ()
+        self.balance = balance
         if "ring" not in names and "ulysses" not in names:
             raise ValueError(f"the mesh needs a 'ring' and/or 'ulysses' axis; got axes {names}.")
         self.mesh = mesh
@@ -114,10 +115,12 @@ class SPMesh:
         self.ulysses_group = mesh["ulysses"].get_group() if self.ulysses > 1 else None
 
     def layout(self, n: int) -> SeqLayout:
-        return SeqLayout.from_global(n, ring=self.ring, ulysses=self.ulysses)
+        return SeqLayout.from_global(n, ring=self.ring, ulysses=self.ulysses, balance=self.balance)
 
     def shard(self, t: torch.Tensor, dim: int) -> torch.Tensor:
         layout = self.layout(t.shape[dim])
+        if layout.balance != "contiguous":  # a zigzag shard is two pieces of the sequence
+            return t.index_select(dim, layout.local_index(self.r, self.u).to(t.device))
         return t.narrow(dim, layout.offset(self.r, self.u), layout.local(self.r, self.u))
 
     def all_gather(self, t: torch.Tensor) -> list[list[torch.Tensor]]:
@@ -296,7 +299,7 @@ class ShardSequence(_Bound):
             )
 
     def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
-        return self.install(module, SPMesh(device_mesh))
+        return self.install(module, SPMesh(device_mesh, self.state.balance))
 
     def install(self, module: nn.Module, sp) -> nn.Module:
         """Wire the hooks for ``sp`` (an ``SPMesh``, or anything with ``shard(t, dim)``)."""
@@ -358,10 +361,14 @@ class GatherSequence(_Bound):
             t = F.pad(t, [0, 0] * (t.dim() - 1 - dim % t.dim()) + [0, longest - t.shape[dim]])
         grid = sp.all_gather(t)
         pieces = [grid[r][u].narrow(dim, 0, lens[r][u][0]) for r in range(sp.ring) for u in range(sp.ulysses)]
-        return torch.cat(pieces, dim=dim)
+        whole = torch.cat(pieces, dim=dim)
+        if sp.balance != "contiguous":  # rank-major is the layout's order: put the tokens back
+            order = sp.layout(whole.shape[dim]).order()
+            whole = whole.index_select(dim, torch.argsort(order).to(whole.device))
+        return whole
 
     def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
-        sp = SPMesh(device_mesh)
+        sp = SPMesh(device_mesh, self.state.balance)
 
         @torch.compiler.disable  # bookkeeping stays eager: no recompiles under torch.compile
 
@@ -609,7 +616,7 @@ class ParallelAttention(_Bound):
         return mask
 
     def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
-        sp = SPMesh(device_mesh)
+        sp = SPMesh(device_mesh, self.state.balance)
         hand_masks_over(module)  # flex_attention BlockMasks made for the whole sequence (meshsp.ops.flex)
         scope_mode(module, lambda args: _RouteAttention(self, sp))
         return module

@@ -99,3 +99,63 @@ def _bad_mask(kind: str, ring: int, ulysses: int) -> None:
             "segment_ids": SegmentMask(torch.zeros(1, 9, dtype=torch.long))}[kind]
     with meshsp.sequence_parallel_attention("advanced_uaa"):
         F.scaled_dot_product_attention(dq, dq, dq, attn_mask=mask, is_causal=kind == "causal_and_mask")
+
+
+class _Attention(torch.nn.Module):
+    def __init__(self, width: int, heads: int) -> None:
+        super().__init__()
+        self.heads, self.qkv, self.out = heads, torch.nn.Linear(width, 3 * width), torch.nn.Linear(width, width)
+
+    def forward(self, x, mask=None):
+        b, s, _ = x.shape
+        q, k, v = (t.unflatten(-1, (self.heads, -1)).transpose(1, 2) for t in self.qkv(x).chunk(3, dim=-1))
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)
+        return self.out(o.transpose(1, 2).flatten(2))
+
+
+class _Block(torch.nn.Module):
+    def __init__(self, width: int, heads: int) -> None:
+        super().__init__()
+        self.attn, self.mlp = _Attention(width, heads), torch.nn.Linear(width, width)
+
+    def forward(self, x, mask=None):
+        x = x + self.attn(x, mask)
+        return x + torch.tanh(self.mlp(x))
+
+
+class CausalToy(torch.nn.Module):
+    """Two blocks of causal (or whole-sequence-masked) self-attention over one token stream."""
+
+    def __init__(self, width: int = 16, heads: int = 2) -> None:
+        super().__init__()
+        self.blocks = torch.nn.ModuleList(_Block(width, heads) for _ in range(2))
+
+    def forward(self, x, mask=None):
+        for block in self.blocks:
+            x = block(x, mask)
+        return x
+
+
+def plan_parity(ring: int, ulysses: int, balance: str, masked: bool, s: int = 23) -> dict:
+    """A causal (or dense-masked) toy model through torch's parallelize_module with a meshsp plan
+    whose ParallelAttention declares masks='global', in ``balance``: equal to one process."""
+    from torch.distributed.tensor.parallel import parallelize_module
+
+    from meshsp.plans import Plan
+    from meshsp.styles import GatherSequence, ParallelAttention, ShardSequence
+
+    torch.manual_seed(0)
+    model = CausalToy().double()
+    x = torch.randn(2, s, 16, dtype=torch.float64)
+    mask = None
+    if masked:
+        mask = torch.rand(2, 1, s, s, generator=torch.Generator().manual_seed(1)) < 0.6
+        mask[..., 0] = True
+    expected = model(x, mask)
+    plan = Plan({"blocks.0": ShardSequence({"x": 1}), "blocks.*.attn": ParallelAttention(masks="global"),
+                 "blocks.1": GatherSequence({0: 1})}, ulysses_mode="advanced_uaa", balance=balance)
+    parallelize_module(model, mesh_for(ring, ulysses), plan)
+    with record_comm() as stats:
+        got = model(x, mask)
+    torch.testing.assert_close(got, expected, atol=1e-12, rtol=1e-12)
+    return {"scores": stats.scores, "p2p": stats.bytes_sent.get("p2p", 0)}

@@ -114,3 +114,15 @@ def test_dense_masks_compress_exactly():
     assert len(runs.rule.bias) == 3
     causal = torch.ones(1, 1, 200, 200, dtype=torch.bool).tril()
     assert compress(causal, list(range(200)), list(range(200))) is None  # 200 distinct rows
+
+
+@pytest.mark.parametrize("balance", ["contiguous", "zigzag"])
+@pytest.mark.parametrize("masked", [False, True], ids=["is_causal", "global_mask"])
+def test_plans_take_causal_and_global_masks_in_either_balance(pools, balance, masked):
+    """Through torch's parallelize_module on R2xU2 and R4; zigzag evens out the causal ring's work."""
+    pairs = pools(4).run(mask_tasks.plan_parity, 2, 2, balance, masked)
+    ring4 = pools(4).run(mask_tasks.plan_parity, 4, 1, balance, masked)
+    if not masked:
+        work = [r["scores"] for r in ring4]
+        assert (max(work) / (sum(work) / 4) < 1.1) == (balance == "zigzag"), work
+    assert pairs and ring4

@@ -40,6 +40,7 @@ from torch.distributed.tensor import Replicate
 from torch.distributed.tensor.parallel import parallelize_module
 from torch.distributed.tensor.parallel.style import ParallelStyle
 
+from meshsp.placements.sequence import BALANCES
 from meshsp.styles import CheckInputs, GatherSequence, ParallelAttention, PlanState, ShardSequence
 from meshsp.tp import TP_STYLES, tp_requirements
 
@@ -127,7 +128,7 @@ class Plan(ParallelStyle, dict):
 
     def __init__(self, styles: Mapping[str, object], *, ulysses_mode: str = "strict",
                  model: str | None = None, optional: set[str] | None = None, empty_shards: bool = False,
-                 tp: Mapping[str, object] | None = None) -> None:
+                 tp: Mapping[str, object] | None = None, balance: str = "contiguous") -> None:
         dict.__init__(self, styles)
         self.model = model
         self.tp = dict(tp or {})  # the tensor-parallel entries, applied on the mesh's "tp" axis
@@ -136,7 +137,9 @@ class Plan(ParallelStyle, dict):
                 raise ValueError(f"plan tp entry '{path}': {type(style).__name__} is not a tp style; valid: {sorted(TP_STYLES)}.")
         self.source: str | None = None  # set by get_plan: "shipped", "converted" or "inferred"
         self.optional = set(optional or ())
-        self.state = PlanState(ulysses_mode, empty_shards)
+        if balance not in BALANCES:
+            raise ValueError(f"plan balance must be one of {BALANCES}, got {balance!r}.")
+        self.state = PlanState(ulysses_mode, empty_shards, balance)
         for path, style in self.items():
             if not hasattr(style, "bind"):
                 raise ValueError(f"plan entry '{path}': {type(style).__name__} is not a meshsp style; valid: {sorted(STYLES)}.")
@@ -148,9 +151,10 @@ class Plan(ParallelStyle, dict):
 
     @classmethod
     def from_dict(cls, data: Mapping, *, ulysses_mode: str = "strict") -> Plan:
-        unknown = set(data) - {"model", "plan", "empty_shards", "tp"}
+        unknown = set(data) - {"model", "plan", "empty_shards", "tp", "balance"}
         if unknown or "plan" not in data:
-            raise ValueError(f"a plan file has 'model', 'plan' and optionally 'empty_shards' and 'tp' keys; got {sorted(data)}.")
+            raise ValueError(f"a plan file has 'model', 'plan' and optionally 'empty_shards', 'balance' and 'tp' keys; "
+                             f"got {sorted(data)}.")
         styles, tp, optional = {}, {}, set()
         for path, entry in (data["plan"] or {}).items():
             styles[str(path)], opt = _style_from_entry(str(path), entry)
@@ -161,7 +165,8 @@ class Plan(ParallelStyle, dict):
             if opt:
                 optional.add(f"tp:{path}")
         return cls(styles, ulysses_mode=ulysses_mode, model=data.get("model"), optional=optional,
-                   empty_shards=bool(data.get("empty_shards", False)), tp=tp)
+                   empty_shards=bool(data.get("empty_shards", False)), tp=tp,
+                   balance=str(data.get("balance", "contiguous")))
 
     def to_dict(self) -> dict:
         entries = {}
@@ -173,12 +178,16 @@ class Plan(ParallelStyle, dict):
                 entry["outputs"] = {k: _spec_to_yaml(v) for k, v in style.outputs.items()}
             if isinstance(style, ParallelAttention) and style.queries != "sharded":
                 entry["queries"] = style.queries
+            if isinstance(style, ParallelAttention) and style.masks != "local":
+                entry["masks"] = style.masks
             if path in self.optional:
                 entry["optional"] = True
             entries[path] = entry
         out = {"model": self.model, "plan": entries}
         if self.state.empty_shards:
             out["empty_shards"] = True
+        if self.state.balance != "contiguous":
+            out["balance"] = self.state.balance
         if self.tp:
             out["tp"] = {}
             for path, style in self.tp.items():
