@@ -46,7 +46,7 @@ from meshsp.tp import TP_STYLES, tp_requirements
 __all__ = ["Plan", "STYLES", "available_plans", "get_plan", "infer_plan", "load_plan", "parallelize", "plan_from_cp_plan"]
 
 STYLES = {"ShardSequence": ShardSequence, "ParallelAttention": ParallelAttention, "GatherSequence": GatherSequence}
-_ENTRY_KEYS = {"style", "inputs", "outputs", "optional", "queries"}
+_ENTRY_KEYS = {"style", "inputs", "outputs", "optional", "queries", "masks"}
 _TP_ENTRY_KEYS = {"style", "blocks", "outputs", "output_layouts", "optional"}
 _PLAN_DIR = Path(__file__).parent
 
@@ -60,11 +60,11 @@ def _style_from_entry(path: str, entry) -> tuple[object, bool]:
     name = entry["style"]
     if name not in STYLES:
         raise ValueError(f"plan entry '{path}': unknown style {name!r}; valid styles: {sorted(STYLES)}.")
-    kwargs = {k: entry[k] for k in ("inputs", "outputs", "queries") if k in entry}
-    if name == "ParallelAttention" and set(kwargs) - {"queries"}:
+    kwargs = {k: entry[k] for k in ("inputs", "outputs", "queries", "masks") if k in entry}
+    if name == "ParallelAttention" and set(kwargs) - {"queries", "masks"}:
         raise ValueError(f"plan entry '{path}': ParallelAttention takes no inputs/outputs.")
-    if name != "ParallelAttention" and "queries" in kwargs:
-        raise ValueError(f"plan entry '{path}': only ParallelAttention takes 'queries'.")
+    if name != "ParallelAttention" and set(kwargs) & {"queries", "masks"}:
+        raise ValueError(f"plan entry '{path}': only ParallelAttention takes 'queries' and 'masks'.")
     return STYLES[name](**kwargs), bool(entry.get("optional", False))
 
 
@@ -173,6 +173,8 @@ class Plan(ParallelStyle, dict):
                 entry["outputs"] = {k: _spec_to_yaml(v) for k, v in style.outputs.items()}
             if isinstance(style, ParallelAttention) and style.queries != "sharded":
                 entry["queries"] = style.queries
+            if isinstance(style, ParallelAttention) and style.masks != "local":
+                entry["masks"] = style.masks
             if path in self.optional:
                 entry["optional"] = True
             entries[path] = entry
