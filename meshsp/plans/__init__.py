@@ -47,7 +47,7 @@ from meshsp.tp import TP_STYLES, tp_requirements
 __all__ = ["Plan", "STYLES", "available_plans", "get_plan", "infer_plan", "load_plan", "parallelize", "plan_from_cp_plan"]
 
 STYLES = {"ShardSequence": ShardSequence, "ParallelAttention": ParallelAttention, "GatherSequence": GatherSequence}
-_ENTRY_KEYS = {"style", "inputs", "outputs", "optional", "queries"}
+_ENTRY_KEYS = {"style", "inputs", "outputs", "optional", "queries", "masks"}
 _TP_ENTRY_KEYS = {"style", "blocks", "outputs", "output_layouts", "optional"}
 _PLAN_DIR = Path(__file__).parent
 
@@ -61,11 +61,11 @@ def _style_from_entry(path: str, entry) -> tuple[object, bool]:
     name = entry["style"]
     if name not in STYLES:
         raise ValueError(f"plan entry '{path}': unknown style {name!r}; valid styles: {sorted(STYLES)}.")
-    kwargs = {k: entry[k] for k in ("inputs", "outputs", "queries") if k in entry}
-    if name == "ParallelAttention" and set(kwargs) - {"queries"}:
+    kwargs = {k: entry[k] for k in ("inputs", "outputs", "queries", "masks") if k in entry}
+    if name == "ParallelAttention" and set(kwargs) - {"queries", "masks"}:
         raise ValueError(f"plan entry '{path}': ParallelAttention takes no inputs/outputs.")
-    if name != "ParallelAttention" and "queries" in kwargs:
-        raise ValueError(f"plan entry '{path}': only ParallelAttention takes 'queries'.")
+    if name != "ParallelAttention" and set(kwargs) & {"queries", "masks"}:
+        raise ValueError(f"plan entry '{path}': only ParallelAttention takes 'queries' and 'masks'.")
     return STYLES[name](**kwargs), bool(entry.get("optional", False))
 
 
