@@ -109,4 +109,5 @@ def test_a_host_sync_in_the_kernel_path_fails(monkeypatch):
     assert syncs.check_no_host_syncs("cpu")[0]
     monkeypatch.setattr(syncs, "local_attention", syncing)
     ok, detail = syncs.check_no_host_syncs("cpu")
-    assert not ok and "30 host syncs" in detail, detail
+    calls = int(detail.split(" calls")[0])
+    assert not ok and calls > 30 and f"{calls} host syncs" in detail, detail  # one per call

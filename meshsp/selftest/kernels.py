@@ -42,6 +42,8 @@ class Case:
     dv: int | None = None
     mask: bool = False
     dead_row: bool = False
+    causal: bool = False  # is_causal (square causal blocks of masked attention's runs)
+    pairwise: bool = False  # a dense boolean [B, 1, Sq, Sk] mask, two query rows fully masked
 
 
 CASES = (
@@ -62,6 +64,10 @@ CASES = (
     Case("empty query shard", sq=0),
     Case("empty key shard", sk=0),
     Case("one token", sq=1, sk=1),
+    Case("causal", causal=True),
+    Case("causal, GQA 8/2, head dim 100", h=8, hk=2, d=100, causal=True),
+    Case("pairwise mask, rows fully masked", pairwise=True),
+    Case("pairwise mask, GQA 6/3, cross lengths", h=6, hk=3, sq=33, sk=91, pairwise=True),
 )
 
 
@@ -105,7 +111,14 @@ def _reference(case: Case):
     """A case's float64 inputs and float64 attention, drawn once for every dtype (never modified)."""
     q64, k64, v64, m = draw(case.name, case.b, case.h, case.hk, case.sq, case.sk, case.d, case.dv or case.d,
                             case.mask, case.dead_row)
-    return (q64, k64, v64, m), math_attention(q64, k64, v64, m)
+    bias = _pairwise(case) if case.pairwise else None
+    return (q64, k64, v64, m), math_attention(q64, k64, v64, m, causal=case.causal, bias=bias)
+
+
+def _pairwise(case: Case) -> torch.Tensor:
+    bias = torch.rand(case.b, 1, case.sq, case.sk, generator=_seeded(case.name + " mask")) < 0.6
+    bias[:, :, :2] = False
+    return bias
 
 
 def check_kernel(case: Case, dtype: torch.dtype, device: str) -> tuple[bool, str]:
@@ -113,9 +126,14 @@ def check_kernel(case: Case, dtype: torch.dtype, device: str) -> tuple[bool, str
     dv = case.dv or case.d
     (q64, k64, v64, m), (ref, ref_lse) = _reference(case)
     q, k, v, mask = _on(device, dtype, q64, k64, v64, m)
-    out, lse = local_attention(q, k, v, mask)
-    path = "no kernel (empty)" if case.sq == 0 or case.sk == 0 else route_label(device, dtype, case.d, dv, m is not None)
-    ok, detail = compare(dtype, out, ref, ref_lse, lse=lse, base=sdpa_or_none(q, k, v, mask))
+    bias = _pairwise(case).to(device) if case.pairwise else None
+    out, lse = local_attention(q, k, v, mask, causal=case.causal, bias=bias)
+    masked = m is not None or bias is not None
+    path = "no kernel (empty)" if case.sq == 0 or case.sk == 0 else route_label(device, dtype, case.d, dv, masked)
+    if case.causal:
+        path += " causal"
+    base = sdpa_or_none(q, k, v, mask, causal=case.causal, bias=bias)
+    ok, detail = compare(dtype, out, ref, ref_lse, lse=lse, base=base)
     return ok, f"[{path}] {detail}"
 
 

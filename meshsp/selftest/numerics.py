@@ -35,13 +35,14 @@ def allowed_error(sdpa_err: float, dtype: torch.dtype, scale: float, factor: flo
     return factor * sdpa_err + floor
 
 
-def sdpa_or_none(q, k, v, mask_BSk=None) -> torch.Tensor | None:
+def sdpa_or_none(q, k, v, mask_BSk=None, *, causal: bool = False, bias=None) -> torch.Tensor | None:
     """``F.scaled_dot_product_attention`` in the inputs' dtype and device, or None where it cannot run."""
     if q.shape[2] == 0 or k.shape[2] == 0:
         return None
-    sdpa_mask = None if mask_BSk is None else mask_BSk[:, None, None, :]
+    sdpa_mask = bias if bias is not None else None if mask_BSk is None else mask_BSk[:, None, None, :]
     try:
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=sdpa_mask, enable_gqa=q.shape[1] != k.shape[1])
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=sdpa_mask, is_causal=causal,
+                                              enable_gqa=q.shape[1] != k.shape[1])
     except RuntimeError:
         return None
 
