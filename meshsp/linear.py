@@ -60,13 +60,16 @@ _SUMS = {torch.sum, torch.Tensor.sum}
 
 def all_reduce_sp(t: torch.Tensor, sp: SPMesh) -> torch.Tensor:
     """Sum ``t`` over every SP rank: one all-reduce on the ulysses axis, then one on the ring axis,
-    each counted (``linear_ulysses`` / ``linear_ring``) as the tensor's bytes."""
-    t = t.contiguous()
+    each counted (``linear_ulysses`` / ``linear_ring``) as the tensor's bytes. A 16-bit partial sum
+    (Sana-Video's key sum in a bf16 model) travels and adds up in float32, so the sum is rounded to
+    its dtype once, as on one device, not once per rank."""
+    dtype = t.dtype
+    t = (t.float() if dtype in (torch.bfloat16, torch.float16) else t).contiguous()
     for axis, group in (("ulysses", sp.ulysses_group), ("ring", sp.ring_group)):
         if group is not None:
             _count(f"linear_{axis}", t.numel() * t.element_size())
             t = funcol.wait_tensor(funcol.all_reduce(t, "sum", group))
-    return t
+    return t.to(dtype)
 
 
 def _reduced_dims(args, kwargs) -> tuple[torch.Tensor, tuple[int, ...]] | None:
@@ -82,9 +85,9 @@ def _reduced_dims(args, kwargs) -> tuple[torch.Tensor, tuple[int, ...]] | None:
 class _TokenSums(TorchFunctionMode):
     """Inside one linear-attention forward: all-reduce the token reductions over the SP ranks."""
 
-    def __init__(self, sp: SPMesh, tokens: int) -> None:
+    def __init__(self, sp: SPMesh, tokens: int, total: int) -> None:
         super().__init__()
-        self.sp, self.tokens = sp, tokens
+        self.sp, self.tokens, self.total = sp, tokens, total
         self.reductions = 0
         # id -> weak reference: a set of tensors would compare them with ``==`` (elementwise)
         self.derived: dict[int, weakref.ref] = {}
@@ -148,9 +151,10 @@ class ParallelLinearAttention(_Bound):
                                  f"{[tuple(a.shape) if isinstance(a, torch.Tensor) else type(a).__name__ for a in args]}.")
             tokens = args[0].shape[1]
             lens = self.state.rank_lens(sp, self.key, (tokens,))
+            total = sum(n for row in lens for (n,) in row)
             self.state.attention_tokens[0] += tokens
-            self.state.attention_tokens[1] += sum(n for row in lens for (n,) in row)
-            modes.append(_TokenSums(sp, tokens))
+            self.state.attention_tokens[1] += total
+            modes.append(_TokenSums(sp, tokens, total))
             return modes[-1]
 
         @torch.compiler.disable
@@ -158,7 +162,7 @@ class ParallelLinearAttention(_Bound):
             mode = modes.pop()
             if mode.reductions == 0:  # the same code on every rank: all raise together
                 raise ValueError(f"{where}: {type(module).__name__}'s forward made no token reduction (no matmul "
-                                 f"or sum over its {mode.tokens} local tokens): it is not linear attention. Route "
+                                 f"or sum over the local shard of its {mode.total} tokens): it is not linear attention. Route "
                                  "softmax attention with ParallelAttention, or leave the module out of the plan.")
 
         scope_mode(module, make)
