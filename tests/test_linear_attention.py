@@ -94,3 +94,31 @@ def test_a_grid_with_fewer_rows_than_ranks_is_refused_on_every_rank(pools, cls, 
     assert len(set(msgs)) == 1, msgs
     assert f"fewer than the 4 sequence-parallel ranks" in msgs[0] and f"whole {what}" in msgs[0], msgs[0]
     assert "Use at most" in msgs[0], msgs[0]
+
+
+@pytest.mark.parametrize("cls", SANA)
+def test_sana_plans_round_trip_through_yaml(cls):
+    import yaml
+
+    from meshsp.plans import Plan, get_plan
+    from meshsp.zoo import build
+
+    model = build(cls, heads=3)
+    plan = get_plan(model)
+    assert plan.source == "shipped"
+    again = Plan.from_dict(yaml.safe_load(plan.to_yaml()))
+    again.validate(model)
+    assert again.to_dict() == plan.to_dict()
+
+
+@pytest.mark.parametrize("entry, text", [
+    ({"style": "ParallelLinearAttention", "inputs": {"x": 1}}, "ParallelLinearAttention takes no inputs"),
+    ({"style": "GridHalo", "outputs": {0: 1}}, "GridHalo takes no inputs"),
+    ({"style": "ShardGridOutputs", "inputs": {"latent": 2}, "outputs": {0: 1}}, "a list of argument names"),
+    ({"style": "ShardGrid", "inputs": {"x": {"dim": 2, "flatten": True}}}, "take 'dim' and 'ndim' only"),
+])
+def test_linear_plan_entry_errors(entry, text):
+    from meshsp.plans import Plan
+
+    with pytest.raises(ValueError, match=text):
+        Plan.from_dict({"plan": {"x": entry}})
