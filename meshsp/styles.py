@@ -149,6 +149,7 @@ class PlanState:
         # Query tokens this rank attended over and the whole sequences', summed over SP attention
         # calls: the share of the work this rank did (about 1 / SP degree when the plan shards).
         self.attention_tokens = [0, 0]
+        self.grid = None  # the token-grid split of the current forward (meshsp.grid.ShardGrid)
         self._lens: dict[tuple, list[list[tuple[int, ...]]]] = {}
         self._masks: dict[int, tuple] = {}  # id(mask) -> (weak reference, signature, bool mask)
 

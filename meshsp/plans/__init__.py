@@ -40,6 +40,7 @@ from torch.distributed.tensor import Replicate
 from torch.distributed.tensor.parallel import parallelize_module
 from torch.distributed.tensor.parallel.style import ParallelStyle
 
+from meshsp.linear import LINEAR_STYLES
 from meshsp.placements.sequence import BALANCES
 from meshsp.styles import CheckInputs, GatherSequence, ParallelAttention, PlanState, ShardSequence
 from meshsp.tp import TP_STYLES, tp_requirements
@@ -47,6 +48,7 @@ from meshsp.tp import TP_STYLES, tp_requirements
 __all__ = ["Plan", "STYLES", "available_plans", "get_plan", "infer_plan", "load_plan", "parallelize", "plan_from_cp_plan"]
 
 STYLES = {"ShardSequence": ShardSequence, "ParallelAttention": ParallelAttention, "GatherSequence": GatherSequence}
+STYLES.update(LINEAR_STYLES)  # linear attention and token-grid shards (meshsp.linear, meshsp.grid)
 _ENTRY_KEYS = {"style", "inputs", "outputs", "optional", "queries", "masks"}
 _TP_ENTRY_KEYS = {"style", "blocks", "outputs", "output_layouts", "optional"}
 _PLAN_DIR = Path(__file__).parent
@@ -62,8 +64,8 @@ def _style_from_entry(path: str, entry) -> tuple[object, bool]:
     if name not in STYLES:
         raise ValueError(f"plan entry '{path}': unknown style {name!r}; valid styles: {sorted(STYLES)}.")
     kwargs = {k: entry[k] for k in ("inputs", "outputs", "queries", "masks") if k in entry}
-    if name == "ParallelAttention" and set(kwargs) - {"queries", "masks"}:
-        raise ValueError(f"plan entry '{path}': ParallelAttention takes no inputs/outputs.")
+    if name in ("ParallelAttention", "ParallelLinearAttention", "GridHalo") and set(kwargs) - {"queries", "masks"}:
+        raise ValueError(f"plan entry '{path}': {name} takes no inputs/outputs.")
     if name != "ParallelAttention" and set(kwargs) & {"queries", "masks"}:
         raise ValueError(f"plan entry '{path}': only ParallelAttention takes 'queries' and 'masks'.")
     return STYLES[name](**kwargs), bool(entry.get("optional", False))
@@ -180,6 +182,8 @@ class Plan(ParallelStyle, dict):
                 entry["queries"] = style.queries
             if isinstance(style, ParallelAttention) and style.masks != "local":
                 entry["masks"] = style.masks
+            if hasattr(style, "entry"):  # a style that writes its own keys (meshsp.grid)
+                entry.update(style.entry())
             if path in self.optional:
                 entry["optional"] = True
             entries[path] = entry

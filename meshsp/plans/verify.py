@@ -21,7 +21,9 @@ def grid_for(cls: str) -> dict:
     from meshsp.zoo import ZOO
 
     entry = ZOO[cls]
-    return dict(h=3, w=5, frames=2 if entry.video else 1, txt=7, batch=2, text_pad=2 if entry.text_mask else 0)
+    grid = dict(h=3, w=5, frames=2 if entry.video else 1, txt=7, batch=2, text_pad=2 if entry.text_mask else 0)
+    # a class whose ranks need whole rows (frames) of the token grid gets enough of them for 4 ranks
+    return {**grid, **entry.extra.get("grid", {})}
 
 
 def local_bytes(model: torch.nn.Module) -> int:
@@ -58,8 +60,11 @@ def compare(build, forward, apply, *, where: str, ring: int, ulysses: int, tp: i
     scale = expected.abs().max().item()
     torch.testing.assert_close(out, expected, atol=tol * max(scale, 1.0), rtol=tol, msg=lambda m: f"{where}: {m}")
     calls = stats.calls
-    communicated = ((calls["all_to_all"] > 0) == (ulysses > 1) and (calls["p2p"] > 0) == (ring > 1)
-                    and (calls["tp_all_reduce"] > 0) == (tp > 1))
+    # softmax attention moves tokens (all-to-all, ring P2P); linear attention all-reduces its token
+    # sums on each axis (meshsp.linear)
+    ulysses_ran = calls["all_to_all"] + calls["linear_ulysses"] > 0
+    ring_ran = calls["p2p"] + calls["linear_ring"] > 0
+    communicated = ulysses_ran == (ulysses > 1) and ring_ran == (ring > 1) and (calls["tp_all_reduce"] > 0) == (tp > 1)
     assert communicated, f"{where}: the forward did not run as the layout says: {dict(calls)}"
     assert (mine < full) == (tp > 1), f"{where}: {mine} of {full} parameter and buffer bytes on this rank"
     return {"diff": (out - expected).abs().max().item(), "scale": scale, "calls": dict(calls),

@@ -23,6 +23,8 @@ __all__ = ["Bands", "SplitBands"]
 class Bands:
     """The ranks that decode one image together, and this rank's band of the current forward."""
 
+    comm_kind = "vae_halo"  # what record_comm counts the halo rows as
+
     def __init__(self, mesh: DeviceMesh) -> None:
         ranks = mesh.mesh.flatten().tolist()
         self.device = mesh.device_type

@@ -170,7 +170,7 @@ class _Halo:
                 sent += send.numel() * send.element_size()
             if 0 <= peer < n and recv.shape[-2]:
                 ops.append(dist.P2POp(dist.irecv, recv, bands.ranks[peer], bands.group))
-        _count("vae_halo", sent)
+        _count(bands.comm_kind, sent)
         self.ops = ops  # the buffers in flight stay referenced until wait
         self.works = dist.batch_isend_irecv(ops) if ops else []
 

@@ -428,7 +428,8 @@ ENTRIES = [
          note="Self-attention is ReLU linear attention with RoPE (matmuls, no SDPA); only the masked "
               "cross-attention (additive -1e4 bias from the 0/1 text mask) is SDPA. The FFN (GLUMBTempConv) "
               "runs 3x3 depthwise convs over each frame's h x w grid and a kernel-3 temporal conv, and blocks "
-              "get frames/height/width ints. I2V passes per-token timesteps (B, 1, F, h, w) instead."),
+              "get frames/height/width ints. I2V passes per-token timesteps (B, 1, F, h, w) instead.",
+         extra={"grid": {"frames": 4}}),  # SP ranks hold whole frames: 4 for up to 4 ranks
     Tiny("SanaWMTransformer3DModel", SANA_WM, sana_wm_inputs,
          lambda n: {"num_attention_heads": n, "hidden_size": n * HD}, video=True, text_mask=True,
          note="patch 1 (token grid = latent grid). Block 0 is a bidirectional gated-delta-net linear "
