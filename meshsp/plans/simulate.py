@@ -37,7 +37,7 @@ class _SimSP(SPMesh):
     """One simulated rank of a (ring, ulysses) layout: shards like an SPMesh, communicates nothing."""
 
     def __init__(self, ring: int, ulysses: int, r: int, u: int) -> None:  # noqa: D107 - no mesh
-        self.mesh, self.device = None, "cpu"
+        self.mesh, self.device, self.balance = None, "cpu", "contiguous"
         self.ring, self.ulysses, self.r, self.u = ring, ulysses, r, u
         self.ring_group = self.ulysses_group = None
 
