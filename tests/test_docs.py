@@ -32,6 +32,13 @@ def test_generated_tables_equal_what_the_code_prints(page, command, body):
         "the markers")
 
 
+def test_the_readme_counts_the_classes_the_coverage_table_counts():
+    table = (ROOT / "docs" / "models.md").read_text()
+    counted = re.search(r"\*\*(\d+) of the 62 DiT classes have a plan\*\*", table)
+    readme = (ROOT / "README.md").read_text()
+    assert counted and re.findall(r"(\d+) of the 62", readme) == [counted[1]] * len(re.findall("of the 62", readme))
+
+
 def test_the_tables_the_code_can_print_are_generated():
     commands = {cmd for _, cmd, _ in (p.values for p in _blocks())}
     assert {"meshsp plan --coverage --markdown", "meshsp plan --published", "meshsp selftest --routes"} <= commands

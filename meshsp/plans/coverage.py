@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-__all__ = ["Row", "TP_VERIFIED", "coverage", "markdown"]
+__all__ = ["Row", "TP_VERIFIED", "coverage", "markdown", "summary"]
 
 # Equal to the single-device output at TP2 (2 ranks) and TP2 x U2 advanced_uaa (4 ranks, 6 heads: 3 per
 # tp rank over 2 Ulysses ranks), with TP's all-reduces run and each rank holding less than the whole
@@ -80,9 +80,20 @@ def coverage() -> dict[str, Row]:
     return {cls: _row(cls) for cls in diffusers_transformer_classes()}
 
 
+def summary(rows: dict[str, Row]) -> str:
+    """One line: how many DiT classes have a plan, from where, and how many are refused."""
+    from meshsp.zoo import NOT_DIT
+
+    dits = {c: r for c, r in rows.items() if c not in NOT_DIT}
+    count = {k: sum(r.status == k for r in dits.values()) for k in ("shipped", "converted", "inferred", "refused")}
+    return (f"**{len(dits) - count['refused']} of the {len(dits)} DiT classes have a plan**: {count['shipped']} "
+            f"shipped, {count['converted']} converted from their `_cp_plan`, {count['inferred']} inferred when "
+            f"`get_plan` is called; {count['refused']} refused.")
+
+
 def markdown(rows: dict[str, Row]) -> str:
-    """The rows as a Markdown table: plan, why not, and TP at TP2 / TP2xU2."""
-    lines = ["| class | plan | why not | TP2, TP2xU2 |", "|---|---|---|---|"]
+    """The summary line and the rows as a Markdown table: plan, why not, and TP at TP2 / TP2xU2."""
+    lines = [summary(rows), "", "| class | plan | why not | TP2, TP2xU2 |", "|---|---|---|---|"]
     for cls, row in rows.items():
         mark = "refused" if row.status == "refused" else f"✓ {row.status}"
         tp = f"✓ {row.tp}" if row.tp == "verified" else row.tp
