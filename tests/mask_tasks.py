@@ -33,14 +33,15 @@ def make_mask(case: dict, q: torch.Tensor, k: torch.Tensor):
     if kind == "segment":  # block-diagonal documents, key padding as a segment nobody attends
         gs = case["G"]
         ids = torch.arange(s_q).expand(b, -1) * gs // s_q if case.get("aligned") else _segments(case, b, s_q, g)
+        kv_ids = _segments(case, b, s_k, g) if s_k != s_q else None  # cross attention: keys' own ids
         allow = torch.rand(gs, gs, generator=g) < 0.6 if case.get("rule") else torch.eye(gs, dtype=torch.bool)
         causal = torch.rand(gs, gs, generator=g) < 0.5 if case.get("causal") else False
         bias = torch.randn(gs, gs, generator=g, dtype=torch.float64) if case.get("bias") else None
-        mask = SegmentMask(ids, allow=allow, causal=causal, bias=bias)
+        mask = SegmentMask(ids, kv_segments=kv_ids, allow=allow, causal=causal, bias=bias)
         return mask, False, mask.dense()
     if kind == "outer":  # Chroma: a float 0/1 outer product of a token mask, added to the scores
         m = (torch.rand(b, s_q, generator=g) < 0.7).double()
-        dense = (m[:, :, None] * m[:, None, :])[:, None]
+        dense = (m[:, :, None] * m[:, None, :])[:, None].to(q.dtype)
         return dense, False, dense
     if kind == "bool":  # random pairwise boolean, per head if asked; some rows fully masked
         heads = h if case.get("per_head") else 1
@@ -76,6 +77,14 @@ def _masked_parity(case: dict) -> dict:
         got = F.scaled_dot_product_attention(dq, dk, dv, attn_mask=mask, is_causal=causal,
                                              enable_gqa=q.shape[1] != k.shape[1])
     want = shard_sequence(expected, mesh, 2, balance).to_local()
+    if q.dtype in (torch.bfloat16, torch.float16):  # no worse than one process in the same dtype
+        exact = F.scaled_dot_product_attention(q.double(), k.double(), v.double(), is_causal=causal,
+                                               attn_mask=None if dense is None else dense if dense.dtype == torch.bool
+                                               else dense.double(), enable_gqa=q.shape[1] != k.shape[1])
+        exact = shard_sequence(exact, mesh, 2, balance).to_local()
+        parallel, single = ((t.double() - exact).abs().max().item() if t.numel() else 0.0 for t in (got.to_local(), want))
+        assert parallel <= 1.5 * single + 1e-3, (case, parallel, single)
+        return {"bytes": dict(stats.bytes_sent), "calls": dict(stats.calls), "scores": stats.scores}
     tol = 1e-12 if q.dtype == torch.float64 else 2e-6
     torch.testing.assert_close(got.to_local(), want, atol=tol, rtol=tol, msg=lambda m: f"{case}: {m}")
     return {"bytes": dict(stats.bytes_sent), "calls": dict(stats.calls), "scores": stats.scores}

@@ -27,6 +27,11 @@ CASES = [
     dict(kind="bool", B=2, H=4, D=8, Sq=13, balance="zigzag"),
     dict(kind="additive", B=1, H=5, D=9, Sq=11, Skv=6),
     dict(kind="segment", B=1, H=4, D=16, Sq=23, G=2, causal=True, dtype=torch.float32, pipeline=True),
+    dict(kind="segment", B=2, H=4, Hk=2, D=8, Sq=11, Skv=17, G=3, rule=True, bias=True),  # cross: keys' own ids
+    dict(kind="causal", B=1, H=4, D=8, Dv=4, Sq=19, balance="zigzag"),  # value dim != head dim
+    dict(kind="causal", B=2, H=4, D=64, Sq=40, dtype=torch.bfloat16, balance="zigzag"),
+    dict(kind="segment", B=2, H=4, D=64, Sq=40, G=3, causal=True, rule=True, dtype=torch.bfloat16),
+    dict(kind="outer", B=2, H=4, D=64, Sq=33, dtype=torch.float16),
 ]
 
 
