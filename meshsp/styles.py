@@ -35,9 +35,10 @@ from torch.distributed.tensor.parallel.style import ParallelStyle
 from torch.overrides import TorchFunctionMode
 
 from meshsp.config import ULYSSES_MODES
-from meshsp.attention_masks import global_pairs, is_local_pairwise, local_pairs, outer_diagonal
+from meshsp.attention_masks import SegmentRuns, global_pairs, is_local_pairwise, local_pairs, outer_diagonal
 from meshsp.ops.attention import sp_attention
 from meshsp.ops.blocks import PairMask
+from meshsp.ops.masks import SegmentMask, segment_runs
 from meshsp.ops.consensus import agree, describe
 from meshsp.ops.flex import RoutesFlex, hand_masks_over, is_flex_call, plan_flex
 from meshsp.ops.replicated import replicated_query_attention
@@ -162,7 +163,7 @@ class PlanState:
         freed mask's reused id never matches) and its version (so an in-place edit is seen)."""
         if attn_mask is None:
             return None
-        signature = (attn_mask._version, tuple(query.shape[:2]), tuple(key.shape))
+        signature = (getattr(attn_mask, "_version", 0), tuple(query.shape[:2]), tuple(key.shape))
         hit = self._masks.get(id(attn_mask))
         if hit is not None and hit[0]() is attn_mask and hit[1] == signature:
             return hit[2]
@@ -511,7 +512,11 @@ class ParallelAttention(_Bound):
     q/k/v are the module's local shards ``[B, H, s, D]``; the output is this rank's shard of the
     exact result. With ``queries="replicated"`` the queries are whole on every rank (a stream the
     plan does not shard) and only the keys and values are sharded: the output is whole too
-    (``meshsp.ops.replicated``). Parameters, buffers and the attention processor are untouched.
+    (``meshsp.ops.replicated``). ``masks="global"``: the attention's tokens are one sequence and its
+    masks cover all of it in global order (``meshsp.attention_masks``). ``runs``: the module's call
+    carries runs that its processor loops over at global indices (a ``SegmentRuns``, or its mapping);
+    a forward pre-hook hands the call one ``SegmentMask`` of them instead (needs ``masks="global"``).
+    Parameters, buffers and the attention processor are untouched.
 
     Example::
 
@@ -522,7 +527,7 @@ class ParallelAttention(_Bound):
     QUERIES = ("sharded", "replicated")
     MASKS = ("local", "global")
 
-    def __init__(self, queries: str = "sharded", masks: str = "local") -> None:
+    def __init__(self, queries: str = "sharded", masks: str = "local", runs: SegmentRuns | Mapping | None = None) -> None:
         super().__init__()
         if queries not in self.QUERIES:
             raise ValueError(f"ParallelAttention queries must be one of {self.QUERIES}; got {queries!r}.")
@@ -530,7 +535,12 @@ class ParallelAttention(_Bound):
             raise ValueError(f"ParallelAttention masks must be one of {self.MASKS}; got {masks!r}.")
         if masks == "global" and queries == "replicated":
             raise ValueError("ParallelAttention(masks='global') shards its queries; it takes queries='sharded'.")
+        self.runs = SegmentRuns.from_spec(runs) if runs is not None else None
+        if self.runs is not None and masks != "global":
+            raise ValueError("ParallelAttention 'runs' give a mask over the whole sequence in global order; "
+                             "declare masks='global' with them.")
         self.queries, self.masks = queries, masks
+        self._run_masks: tuple | None = None  # (runs, total, weak key_valid, its version) -> SegmentMask
 
     @torch.compiler.disable
     def attention(self, sp: SPMesh, query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False,
@@ -579,6 +589,12 @@ class ParallelAttention(_Bound):
         depends on this rank's values."""
         if attn_mask is None:
             return None
+        if isinstance(attn_mask, SegmentMask):
+            if self.masks != "global":
+                raise ValueError(f"{where}: a SegmentMask compares global token positions; declare this attention "
+                                 "masks='global' (its tokens one sequence).")
+            attn_mask.check(query.shape[0], q_layout.total, kv_layout.total)
+            return PairMask(runs=segment_runs(attn_mask, q_layout.order(), kv_layout.order()))
         if self.masks == "global" and not _plain_key_padding(attn_mask, key):
             return global_pairs(attn_mask, False, q_layout, kv_layout, sp.r, where)
         if not is_local_pairwise(attn_mask, query, key):
@@ -608,8 +624,39 @@ class ParallelAttention(_Bound):
         agree(where, "attention mask", error, (sp.ulysses_group, sp.ring_group), sp.device)
         return mask
 
+    def _runs_as_mask(self, kwargs: dict) -> dict:
+        """The call's runs turned into one ``SegmentMask`` (the same object for every block that is
+        given the same runs, so its runs are computed once per forward); the runs unset."""
+        spec, where = self.runs, f"plan '{self.key}'"
+        runs = kwargs.get(spec.runs)
+        if runs is None:
+            raise ValueError(f"{where}: the call's '{spec.runs}' is None, so its processor does not loop over runs, and "
+                             "the plan routes this attention only through them (a processor that takes the runs; "
+                             "no cached decode step).")
+        total = self.state.global_lens.get(spec.length)
+        if total is None:
+            raise ValueError(f"{where}: runs need the global length of '{spec.length}', which no ShardSequence of the "
+                             f"plan recorded before this call (recorded: {sorted(self.state.global_lens)}).")
+        key_valid = kwargs.get(spec.key_valid) if spec.key_valid else None
+        key = (tuple(tuple(r) for r in runs), total)
+        hit = self._run_masks
+        if not (hit and hit[0] == key and hit[1]() is key_valid
+                and hit[2] == getattr(key_valid, "_version", 0)):
+            mask = spec.segment_mask(runs, key_valid, total, where)
+            ref = weakref.ref(key_valid) if key_valid is not None else (lambda: None)
+            self._run_masks = hit = (key, ref, getattr(key_valid, "_version", 0), mask)
+        return {**kwargs, spec.runs: None, spec.mask: hit[3]}
+
     def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
         sp = SPMesh(device_mesh)
         hand_masks_over(module)  # flex_attention BlockMasks made for the whole sequence (meshsp.ops.flex)
+        if self.runs is not None:
+            positions = _positions(module)
+            if self.runs.runs not in positions and not any(
+                    p.kind is p.VAR_KEYWORD for p in inspect.signature(module.forward).parameters.values()):
+                raise ValueError(f"plan '{self.key}': {type(module).__name__}.forward takes no '{self.runs.runs}'; "
+                                 f"its arguments are {list(positions)}.")
+            module.register_forward_pre_hook(torch.compiler.disable(lambda mod, args, kwargs: (args, self._runs_as_mask(kwargs))),
+                                             with_kwargs=True)
         scope_mode(module, lambda args: _RouteAttention(self, sp))
         return module
