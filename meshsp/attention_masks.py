@@ -28,6 +28,7 @@ processor takes its one-call path, which SP attention routes.
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -136,6 +137,27 @@ class SegmentRuns:
 
     def to_spec(self) -> dict:
         return {k: getattr(self, k) for k in self.KEYS if getattr(self, k) is not None}
+
+    def rewrite(self, kwargs: dict, global_lens: dict[str, int], where: str, cache: dict) -> dict:
+        """A call's keyword arguments with the runs unset and the mask set to their ``SegmentMask``.
+        The model hands every block the same runs and key mask, so ``cache`` (the caller's) keeps the
+        last mask and its makings: every block gets the same object, whose runs the attention
+        computes once."""
+        runs = kwargs.get(self.runs)
+        if runs is None:
+            raise ValueError(f"{where}: the call's '{self.runs}' is None, so its processor does not loop over runs, and "
+                             "the plan routes this attention only through them (a processor that takes the runs; "
+                             "no cached decode step).")
+        total = global_lens.get(self.length)
+        if total is None:
+            raise ValueError(f"{where}: runs need the global length of '{self.length}', which no ShardSequence of the "
+                             f"plan recorded before this call (recorded: {sorted(global_lens)}).")
+        key_valid = kwargs.get(self.key_valid) if self.key_valid else None
+        made_of = (tuple(tuple(r) for r in runs), total, getattr(key_valid, "_version", 0))
+        if cache.get("made_of") != made_of or cache["key_valid"]() is not key_valid:
+            cache.update(made_of=made_of, mask=self.segment_mask(runs, key_valid, total, where),
+                         key_valid=weakref.ref(key_valid) if key_valid is not None else (lambda: None))
+        return {**kwargs, self.runs: None, self.mask: cache["mask"]}
 
     def segment_mask(self, runs, key_valid: torch.Tensor | None, total: int, where: str) -> SegmentMask:
         """The runs' rule over ``total`` tokens as a ``SegmentMask``: segment i for run i, n for the

@@ -540,7 +540,7 @@ class ParallelAttention(_Bound):
             raise ValueError("ParallelAttention 'runs' give a mask over the whole sequence in global order; "
                              "declare masks='global' with them.")
         self.queries, self.masks = queries, masks
-        self._run_masks: tuple | None = None  # (runs, total, weak key_valid, its version) -> SegmentMask
+        self._run_masks: dict = {}  # the last SegmentMask made of runs, and what it was made of
 
     @torch.compiler.disable
     def attention(self, sp: SPMesh, query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False,
@@ -624,29 +624,6 @@ class ParallelAttention(_Bound):
         agree(where, "attention mask", error, (sp.ulysses_group, sp.ring_group), sp.device)
         return mask
 
-    def _runs_as_mask(self, kwargs: dict) -> dict:
-        """The call's runs turned into one ``SegmentMask`` (the same object for every block that is
-        given the same runs, so its runs are computed once per forward); the runs unset."""
-        spec, where = self.runs, f"plan '{self.key}'"
-        runs = kwargs.get(spec.runs)
-        if runs is None:
-            raise ValueError(f"{where}: the call's '{spec.runs}' is None, so its processor does not loop over runs, and "
-                             "the plan routes this attention only through them (a processor that takes the runs; "
-                             "no cached decode step).")
-        total = self.state.global_lens.get(spec.length)
-        if total is None:
-            raise ValueError(f"{where}: runs need the global length of '{spec.length}', which no ShardSequence of the "
-                             f"plan recorded before this call (recorded: {sorted(self.state.global_lens)}).")
-        key_valid = kwargs.get(spec.key_valid) if spec.key_valid else None
-        key = (tuple(tuple(r) for r in runs), total)
-        hit = self._run_masks
-        if not (hit and hit[0] == key and hit[1]() is key_valid
-                and hit[2] == getattr(key_valid, "_version", 0)):
-            mask = spec.segment_mask(runs, key_valid, total, where)
-            ref = weakref.ref(key_valid) if key_valid is not None else (lambda: None)
-            self._run_masks = hit = (key, ref, getattr(key_valid, "_version", 0), mask)
-        return {**kwargs, spec.runs: None, spec.mask: hit[3]}
-
     def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
         sp = SPMesh(device_mesh)
         hand_masks_over(module)  # flex_attention BlockMasks made for the whole sequence (meshsp.ops.flex)
@@ -656,7 +633,11 @@ class ParallelAttention(_Bound):
                     p.kind is p.VAR_KEYWORD for p in inspect.signature(module.forward).parameters.values()):
                 raise ValueError(f"plan '{self.key}': {type(module).__name__}.forward takes no '{self.runs.runs}'; "
                                  f"its arguments are {list(positions)}.")
-            module.register_forward_pre_hook(torch.compiler.disable(lambda mod, args, kwargs: (args, self._runs_as_mask(kwargs))),
-                                             with_kwargs=True)
+
+            @torch.compiler.disable  # bookkeeping stays eager: no recompiles under torch.compile
+            def runs_to_mask(mod, args, kwargs):
+                return args, self.runs.rewrite(kwargs, self.state.global_lens, f"plan '{self.key}'", self._run_masks)
+
+            module.register_forward_pre_hook(runs_to_mask, with_kwargs=True)
         scope_mode(module, lambda args: _RouteAttention(self, sp))
         return module
