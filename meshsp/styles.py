@@ -35,9 +35,10 @@ from torch.distributed.tensor.parallel.style import ParallelStyle
 from torch.overrides import TorchFunctionMode
 
 from meshsp.config import ULYSSES_MODES
-from meshsp.attention_masks import global_pairs, is_local_pairwise, local_pairs, outer_diagonal
+from meshsp.attention_masks import SegmentRuns, global_pairs, is_local_pairwise, local_pairs, outer_diagonal
 from meshsp.ops.attention import sp_attention
 from meshsp.ops.blocks import PairMask
+from meshsp.ops.masks import SegmentMask, segment_runs
 from meshsp.ops.consensus import agree, describe
 from meshsp.ops.flex import RoutesFlex, hand_masks_over, is_flex_call, plan_flex
 from meshsp.ops.replicated import replicated_query_attention
@@ -166,7 +167,7 @@ class PlanState:
         freed mask's reused id never matches) and its version (so an in-place edit is seen)."""
         if attn_mask is None:
             return None
-        signature = (attn_mask._version, tuple(query.shape[:2]), tuple(key.shape))
+        signature = (getattr(attn_mask, "_version", 0), tuple(query.shape[:2]), tuple(key.shape))
         hit = self._masks.get(id(attn_mask))
         if hit is not None and hit[0]() is attn_mask and hit[1] == signature:
             return hit[2]
@@ -519,7 +520,11 @@ class ParallelAttention(_Bound):
     q/k/v are the module's local shards ``[B, H, s, D]``; the output is this rank's shard of the
     exact result. With ``queries="replicated"`` the queries are whole on every rank (a stream the
     plan does not shard) and only the keys and values are sharded: the output is whole too
-    (``meshsp.ops.replicated``). Parameters, buffers and the attention processor are untouched.
+    (``meshsp.ops.replicated``). ``masks="global"``: the attention's tokens are one sequence and its
+    masks cover all of it in global order (``meshsp.attention_masks``). ``runs``: the module's call
+    carries runs that its processor loops over at global indices (a ``SegmentRuns``, or its mapping);
+    a forward pre-hook hands the call one ``SegmentMask`` of them instead (needs ``masks="global"``).
+    Parameters, buffers and the attention processor are untouched.
 
     Example::
 
@@ -530,7 +535,7 @@ class ParallelAttention(_Bound):
     QUERIES = ("sharded", "replicated")
     MASKS = ("local", "global")
 
-    def __init__(self, queries: str = "sharded", masks: str = "local") -> None:
+    def __init__(self, queries: str = "sharded", masks: str = "local", runs: SegmentRuns | Mapping | None = None) -> None:
         super().__init__()
         if queries not in self.QUERIES:
             raise ValueError(f"ParallelAttention queries must be one of {self.QUERIES}; got {queries!r}.")
@@ -538,7 +543,12 @@ class ParallelAttention(_Bound):
             raise ValueError(f"ParallelAttention masks must be one of {self.MASKS}; got {masks!r}.")
         if masks == "global" and queries == "replicated":
             raise ValueError("ParallelAttention(masks='global') shards its queries; it takes queries='sharded'.")
+        self.runs = SegmentRuns.from_spec(runs) if runs is not None else None
+        if self.runs is not None and masks != "global":
+            raise ValueError("ParallelAttention 'runs' give a mask over the whole sequence in global order; "
+                             "declare masks='global' with them.")
         self.queries, self.masks = queries, masks
+        self._run_masks: dict = {}  # the last SegmentMask made of runs, and what it was made of
 
     @torch.compiler.disable
     def attention(self, sp: SPMesh, query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False,
@@ -587,6 +597,12 @@ class ParallelAttention(_Bound):
         depends on this rank's values."""
         if attn_mask is None:
             return None
+        if isinstance(attn_mask, SegmentMask):
+            if self.masks != "global":
+                raise ValueError(f"{where}: a SegmentMask compares global token positions; declare this attention "
+                                 "masks='global' (its tokens one sequence).")
+            attn_mask.check(query.shape[0], q_layout.total, kv_layout.total)
+            return PairMask(runs=segment_runs(attn_mask, q_layout.order(), kv_layout.order()))
         if self.masks == "global" and not _plain_key_padding(attn_mask, key):
             return global_pairs(attn_mask, False, q_layout, kv_layout, sp.r, where)
         if not is_local_pairwise(attn_mask, query, key):
@@ -619,5 +635,17 @@ class ParallelAttention(_Bound):
     def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
         sp = SPMesh(device_mesh, self.state.balance)
         hand_masks_over(module)  # flex_attention BlockMasks made for the whole sequence (meshsp.ops.flex)
+        if self.runs is not None:
+            positions = _positions(module)
+            if self.runs.runs not in positions and not any(
+                    p.kind is p.VAR_KEYWORD for p in inspect.signature(module.forward).parameters.values()):
+                raise ValueError(f"plan '{self.key}': {type(module).__name__}.forward takes no '{self.runs.runs}'; "
+                                 f"its arguments are {list(positions)}.")
+
+            @torch.compiler.disable  # bookkeeping stays eager: no recompiles under torch.compile
+            def runs_to_mask(mod, args, kwargs):
+                return args, self.runs.rewrite(kwargs, self.state.global_lens, f"plan '{self.key}'", self._run_masks)
+
+            module.register_forward_pre_hook(runs_to_mask, with_kwargs=True)
         scope_mode(module, lambda args: _RouteAttention(self, sp))
         return module

@@ -25,6 +25,7 @@ Other dense masks go to the kernel as slices.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
@@ -59,6 +60,9 @@ class SegmentMask:
     allow: torch.Tensor | None = None
     causal: bool | torch.Tensor = False
     bias: torch.Tensor | None = None
+    # It stands for a [B|1, 1, S_q, S_k] mask: code that branches on a mask's rank before calling SDPA
+    # (diffusers' native backend reshapes 2-D masks) passes it on unchanged.
+    ndim: ClassVar[int] = 4
 
     @classmethod
     def __torch_function__(cls, func, types, args=(), kwargs=None):

@@ -28,6 +28,7 @@ have); any other path that matches no module is an error, never a silent skip.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import difflib
 import fnmatch
 from collections.abc import Mapping
@@ -42,14 +43,20 @@ from torch.distributed.tensor.parallel.style import ParallelStyle
 
 from meshsp.linear import LINEAR_STYLES
 from meshsp.placements.sequence import BALANCES
+from meshsp.refuse import RefuseInputs
 from meshsp.styles import CheckInputs, GatherSequence, ParallelAttention, PlanState, ShardSequence
 from meshsp.tp import TP_STYLES, tp_requirements
 
 __all__ = ["Plan", "STYLES", "available_plans", "get_plan", "infer_plan", "load_plan", "parallelize", "plan_from_cp_plan"]
 
-STYLES = {"ShardSequence": ShardSequence, "ParallelAttention": ParallelAttention, "GatherSequence": GatherSequence}
+STYLES = {"ShardSequence": ShardSequence, "ParallelAttention": ParallelAttention, "GatherSequence": GatherSequence,
+          "RefuseInputs": RefuseInputs}
 STYLES.update(LINEAR_STYLES)  # linear attention and token-grid shards (meshsp.linear, meshsp.grid)
-_ENTRY_KEYS = {"style", "inputs", "outputs", "optional", "queries", "masks"}
+# The keys each style takes besides 'style' and 'optional' (its constructor's keywords).
+_STYLE_KEYS = {"ShardSequence": {"inputs", "outputs"}, "GatherSequence": {"outputs"},
+               "ParallelAttention": {"queries", "masks", "runs"}, "RefuseInputs": {"inputs"}}
+_STYLE_KEYS.update({name: set(inspect.signature(cls).parameters) for name, cls in LINEAR_STYLES.items()})
+_ENTRY_KEYS = {"style", "optional"}.union(*_STYLE_KEYS.values())
 _TP_ENTRY_KEYS = {"style", "blocks", "outputs", "output_layouts", "optional"}
 _PLAN_DIR = Path(__file__).parent
 
@@ -63,11 +70,11 @@ def _style_from_entry(path: str, entry) -> tuple[object, bool]:
     name = entry["style"]
     if name not in STYLES:
         raise ValueError(f"plan entry '{path}': unknown style {name!r}; valid styles: {sorted(STYLES)}.")
-    kwargs = {k: entry[k] for k in ("inputs", "outputs", "queries", "masks") if k in entry}
-    if name in ("ParallelAttention", "ParallelLinearAttention", "GridHalo") and set(kwargs) - {"queries", "masks"}:
-        raise ValueError(f"plan entry '{path}': {name} takes no inputs/outputs.")
-    if name != "ParallelAttention" and set(kwargs) & {"queries", "masks"}:
-        raise ValueError(f"plan entry '{path}': only ParallelAttention takes 'queries' and 'masks'.")
+    kwargs = {k: v for k, v in entry.items() if k not in ("style", "optional")}
+    if set(kwargs) - _STYLE_KEYS[name]:
+        what = "no inputs/outputs" if name in ("ParallelAttention", "ParallelLinearAttention", "GridHalo") \
+            else f"only {sorted(_STYLE_KEYS[name])}"
+        raise ValueError(f"plan entry '{path}': {name} takes {what}; got {sorted(kwargs)}.")
     return STYLES[name](**kwargs), bool(entry.get("optional", False))
 
 
@@ -182,6 +189,10 @@ class Plan(ParallelStyle, dict):
                 entry["queries"] = style.queries
             if isinstance(style, ParallelAttention) and style.masks != "local":
                 entry["masks"] = style.masks
+            if isinstance(style, ParallelAttention) and style.runs is not None:
+                entry["runs"] = style.runs.to_spec()
+            if isinstance(style, RefuseInputs):
+                entry["inputs"] = dict(style.inputs)
             if hasattr(style, "entry"):  # a style that writes its own keys (meshsp.grid)
                 entry.update(style.entry())
             if path in self.optional:
