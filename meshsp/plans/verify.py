@@ -21,7 +21,8 @@ def grid_for(cls: str) -> dict:
     from meshsp.zoo import ZOO
 
     entry = ZOO[cls]
-    return dict(h=3, w=5, frames=2 if entry.video else 1, txt=7, batch=2, text_pad=2 if entry.text_mask else 0)
+    grid = dict(h=3, w=5, frames=2 if entry.video else 1, txt=7, batch=2, text_pad=2 if entry.text_mask else 0)
+    return {**grid, **entry.grid}
 
 
 def local_bytes(model: torch.nn.Module) -> int:
