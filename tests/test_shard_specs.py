@@ -131,22 +131,3 @@ def test_units_and_local_segments_round_trip_through_yaml():
     assert plan["b"].inputs["m"] == SeqDim(1, segments=("rope:output 0", "local"))
     assert plan.to_dict() == data
 
-
-ANIMATE = "WanAnimateTransformer3DModel"
-
-
-@pytest.mark.parametrize("ring,ulysses", [(1, 2), (2, 1)])
-def test_wan_animate_on_uneven_frames(pools, ring, ulysses):
-    """3 latent frames on 2 ranks: 2 and 1 whole frames, the face adapter exact on each."""
-    from meshsp.plans.verify import grid_for, parity
-
-    grid = {**grid_for(ANIMATE), "frames": 2}
-    shares = sorted(r["share"] for r in pools(2).run(parity, ANIMATE, ring, ulysses, grid=grid))
-    assert shares == pytest.approx([1 / 3, 2 / 3])
-
-
-def test_wan_animate_refuses_fewer_frames_than_ranks_on_every_rank(pools):
-    import rank_tasks
-
-    msgs = pools(4).run(rank_tasks.raises, "fewer_frames_than_ranks", ANIMATE, timeout=120)
-    assert len(set(msgs)) == 1 and "has 3 units (whole frames, say), so some of the 4" in msgs[0], msgs
