@@ -58,15 +58,33 @@ class SeqDim:
     ``[B]`` for most models and ``[B, S]`` per token for some); others pass through, by declaration.
     ``segments``: the tensor is a concatenation along ``dim`` of sequences sharded elsewhere in the
     plan (keys of ``PlanState.global_lens``; ``None`` = the remainder); each is sharded on its own.
+    The remainder may instead be ``"local"``: model code built it from sharded inputs, so it is this
+    rank's already and passes through (HiDream's RoPE ids: ``[image ids | zeros of the local text]``).
     ``flatten``: the sequence is dims ``dim`` to the last, flattened in order (a patch-embedding
     conv's ``[B, C, F, H, W]``); the shard comes back as ``[B, C, 1, 1, s]``, which the model's own
     ``flatten(dim)`` turns into this rank's tokens.
+    ``units``: the sequence is a run of equal units (a video's frames), and each rank keeps whole
+    units. Either the key of a sequence sharded earlier (``"rope:output 0"``): this one has as many
+    units as that one, cut where that one was; or ``{"input": arg, "dim": d}`` for a module's output:
+    as many units as the size of dim ``d`` of its forward argument ``arg``, cut as meshsp cuts a
+    sequence of that many tokens (uneven counts allowed: 21 frames over 2 ranks are 11 and 10).
     """
 
     dim: int
     ndim: int | None = None
     segments: tuple[str | None, ...] | None = None
     flatten: bool = False
+    units: str | tuple[str, int] | None = None
+
+    def __post_init__(self) -> None:
+        if sum(x not in (None, False) for x in (self.segments, self.flatten, self.units)) > 1:
+            raise ValueError(f"a sequence spec takes one of 'segments', 'flatten' and 'units'; got {self}.")
+        if self.segments is not None and sum(s is None or s == LOCAL for s in self.segments) > 1:
+            raise ValueError(f"a sequence spec's segments may have one remainder (null or {LOCAL!r}); got {self}.")
+
+
+LOCAL = "local"  # a segment this rank holds already (SeqDim.segments)
+_SPEC_KEYS = ("dim", "ndim", "segments", "flatten", "units")
 
 
 def _as_spec(spec) -> SeqDim | tuple[SeqDim | None, ...]:
@@ -76,20 +94,29 @@ def _as_spec(spec) -> SeqDim | tuple[SeqDim | None, ...]:
     return _as_seqdim(spec)
 
 
+def _as_units(units, spec) -> str | tuple[str, int] | None:
+    if units is None or isinstance(units, str):
+        return units
+    if isinstance(units, (tuple, list)) and len(units) == 2:
+        units = {"input": units[0], "dim": units[1]}
+    if isinstance(units, Mapping) and set(units) == {"input", "dim"} and isinstance(units["dim"], int):
+        return (str(units["input"]), int(units["dim"]))
+    raise ValueError(f"a sequence spec's 'units' is the key of a sequence sharded earlier or {{input: arg, dim: d}}; "
+                     f"got {dict(spec)}.")
+
+
 def _as_seqdim(spec) -> SeqDim:
     if isinstance(spec, SeqDim):
         return spec
     if isinstance(spec, int) and not isinstance(spec, bool):
         return SeqDim(spec)
     if isinstance(spec, Mapping):
-        unknown = set(spec) - {"dim", "ndim", "segments", "flatten"}
+        unknown = set(spec) - set(_SPEC_KEYS)
         if unknown or "dim" not in spec:
-            raise ValueError(f"a sequence spec needs 'dim' and may have 'ndim', 'segments', 'flatten'; got {dict(spec)}.")
+            raise ValueError(f"a sequence spec needs 'dim' and may have {list(_SPEC_KEYS[1:])}; got {dict(spec)}.")
         seg = spec.get("segments")
-        if seg is not None and spec.get("flatten"):
-            raise ValueError(f"a sequence spec takes 'segments' or 'flatten', not both; got {dict(spec)}.")
         return SeqDim(int(spec["dim"]), spec.get("ndim"), tuple(seg) if seg is not None else None,
-                      bool(spec.get("flatten", False)))
+                      bool(spec.get("flatten", False)), _as_units(spec.get("units"), spec))
     raise ValueError(f"a sequence spec is an int dim or a mapping with 'dim'; got {spec!r}.")
 
 
@@ -147,6 +174,8 @@ class PlanState:
         # Whether the model's own code runs on a rank that holds none of a sequence's tokens.
         self.empty_shards = empty_shards
         self.global_lens: dict[str, int] = {}
+        # How many units a sequence was cut in (SeqDim.units): its length for a plain shard.
+        self.unit_counts: dict[str, int] = {}
         # Query tokens this rank attended over and the whole sequences', summed over SP attention
         # calls: the share of the work this rank did (about 1 / SP degree when the plan shards).
         self.attention_tokens = [0, 0]
@@ -230,23 +259,25 @@ class ShardSequence(_Bound):
         self.inputs = {k: _as_spec(v) for k, v in (inputs or {}).items()}
         self.outputs = {int(k): _as_spec(v) for k, v in (outputs or {}).items()}
 
-    def _shard_value(self, sp: SPMesh, value, spec, name: str, copy: bool = False):
+    def _shard_value(self, sp: SPMesh, value, spec, name: str, copy: bool = False, inputs: Mapping | None = None):
         """This rank's shard of ``value``: a view, or with ``copy`` a tensor of its own (so that a
-        module output nobody else holds, such as a RoPE table, is freed whole)."""
+        module output nobody else holds, such as a RoPE table, is freed whole). ``inputs``: the
+        module's forward arguments by name, for an output spec's ``units: {input, dim}``."""
         if value is None:
             return None
+        again = lambda v, s, n: self._shard_value(sp, v, s, n, copy, inputs)  # noqa: E731
         if isinstance(spec, tuple):  # one spec per element of a tuple value
             if isinstance(value, dict):
-                return dict(zip(value, self._shard_value(sp, tuple(value.values()), spec, name, copy)))
+                return dict(zip(value, again(tuple(value.values()), spec, name)))
             if not isinstance(value, (list, tuple)) or len(value) != len(spec):
                 raise ValueError(f"plan '{self.key}': '{name}' has element-wise specs {len(spec)} but is "
                                  f"{type(value).__name__}{'' if not isinstance(value, (list, tuple)) else f' of {len(value)}'}.")
-            return type(value)(v if sp_ is None else self._shard_value(sp, v, sp_, f"{name}[{i}]", copy)
+            return type(value)(v if sp_ is None else again(v, sp_, f"{name}[{i}]")
                                for i, (v, sp_) in enumerate(zip(value, spec)))
         if isinstance(value, (list, tuple)):
-            return type(value)(self._shard_value(sp, v, spec, name, copy) for v in value)
+            return type(value)(again(v, spec, name) for v in value)
         if isinstance(value, dict):
-            return {k: self._shard_value(sp, v, spec, f"{name}[{k!r}]", copy) for k, v in value.items()}
+            return {k: again(v, spec, f"{name}[{k!r}]") for k, v in value.items()}
         if not isinstance(value, torch.Tensor):
             raise ValueError(f"plan '{self.key}': '{name}' is a {type(value).__name__}, not a tensor to shard.")
         if spec.ndim is not None and value.dim() != spec.ndim:
@@ -260,33 +291,59 @@ class ShardSequence(_Bound):
             return self._shard_segments(sp, value, spec, name)  # a new tensor already
         dim = spec.dim % value.dim()
         seq = value.flatten(dim) if spec.flatten else value
-        self.state.global_lens[f"{self.key}:{name}"] = seq.shape[dim]
-        self._require_tokens(sp, seq.shape[dim], name)
-        shard = sp.shard(seq, dim)
+        n = seq.shape[dim]
+        units = n if spec.units is None else self._unit_count(spec.units, n, name, inputs)
+        self.state.global_lens[f"{self.key}:{name}"] = n
+        self.state.unit_counts[f"{self.key}:{name}"] = units
+        self._require_tokens(sp, units, name, "tokens" if spec.units is None else "units (whole frames, say)")
+        layout, size = sp.layout(units), n // units if units else 0
+        shard = seq.narrow(dim, layout.offset(sp.r, sp.u) * size, layout.local(sp.r, sp.u) * size)
         if spec.flatten:  # back to the tensor's rank: [B, C, 1, 1, s]
             shard = shard.reshape(*shard.shape[:dim], *[1] * (value.dim() - dim - 1), shard.shape[dim])
         return shard.clone() if copy else shard
 
+    def _unit_count(self, units, n: int, name: str, inputs: Mapping | None) -> int:
+        """How many equal units (``SeqDim.units``) the ``n`` tokens of ``name`` are."""
+        if isinstance(units, str):
+            count = self.state.unit_counts.get(units)
+            if count is None:
+                raise ValueError(f"plan '{self.key}': '{name}' is cut in the units of {units!r}, which no shard "
+                                 f"recorded earlier in the forward (recorded: {sorted(self.state.unit_counts)}).")
+        else:
+            arg, d = units
+            source = (inputs or {}).get(arg)
+            if not isinstance(source, torch.Tensor) or not -source.dim() <= d < source.dim():
+                raise ValueError(f"plan '{self.key}': '{name}' takes its units from dim {d} of input '{arg}', but "
+                                 f"that input is {None if source is None else tuple(getattr(source, 'shape', ()))}; "
+                                 "units from an input are for a module's outputs.")
+            count = source.shape[d]
+        if (count == 0 and n) or (count and n % count):
+            raise ValueError(f"plan '{self.key}': '{name}' has {n} tokens, not a whole number of its {count} units "
+                             f"({units!r}); fix the plan's units.")
+        return count
+
     def _shard_segments(self, sp: SPMesh, value, spec: SeqDim, name: str):
         total = value.shape[spec.dim]
-        known = [self.state.global_lens.get(s) if s is not None else None for s in spec.segments]
-        missing = [s for s, n in zip(spec.segments, known) if s is not None and n is None]
-        if missing or known.count(None) > 1:
+        known = [self.state.global_lens.get(s) if s not in (None, LOCAL) else None for s in spec.segments]
+        missing = [s for s, n in zip(spec.segments, known) if s not in (None, LOCAL) and n is None]
+        if missing:
             raise ValueError(
                 f"plan '{self.key}': segments {spec.segments} of '{name}' need lengths recorded earlier "
-                f"in the forward (missing: {missing}; recorded: {sorted(self.state.global_lens)}); "
-                "at most one segment may be the remainder (null)."
+                f"in the forward (missing: {missing}; recorded: {sorted(self.state.global_lens)})."
             )
-        self.state.global_lens[f"{self.key}:{name}"] = total
         rest = total - sum(n for n in known if n is not None)
         sizes = [rest if n is None else n for n in known]
-        if rest < 0:
-            raise ValueError(f"plan '{self.key}': segments {dict(zip(spec.segments, sizes))} exceed '{name}' length {total}.")
-        self._require_tokens(sp, total, name)
+        if rest < 0 or (rest and len(known) == sum(n is not None for n in known)):
+            raise ValueError(f"plan '{self.key}': segments {dict(zip(spec.segments, sizes))} do not add up to "
+                             f"'{name}' length {total}.")
+        if LOCAL not in spec.segments:  # with a local segment the global length is not known here
+            self.state.global_lens[f"{self.key}:{name}"] = total
+        self._require_tokens(sp, total - (rest if LOCAL in spec.segments else 0), name)
         parts = torch.split(value, sizes, dim=spec.dim)
-        return torch.cat([sp.shard(p, spec.dim) for p in parts], dim=spec.dim)
+        return torch.cat([p if s == LOCAL else sp.shard(p, spec.dim) for p, s in zip(parts, spec.segments)],
+                         dim=spec.dim)
 
-    def _require_tokens(self, sp: SPMesh, n: int, name: str) -> None:
+    def _require_tokens(self, sp: SPMesh, n: int, name: str, what: str = "tokens") -> None:
         """Refuse, on every rank alike (the layout follows from the global length), a sequence that
         would leave a rank without tokens, unless the plan says the model's code runs on empty shards:
         one rank failing inside the model would leave the others waiting in a collective."""
@@ -295,7 +352,7 @@ class ShardSequence(_Bound):
         layout = sp.layout(n)
         if min(layout.local(r, u) for r in range(sp.ring) for u in range(sp.ulysses)) == 0:
             raise ValueError(
-                f"plan '{self.key}': '{name}' has {n} tokens, so some of the {sp.ring * sp.ulysses} sequence-parallel "
+                f"plan '{self.key}': '{name}' has {n} {what}, so some of the {sp.ring * sp.ulysses} sequence-parallel "
                 "ranks would hold none, and this model's code is not known to run on an empty shard. Use fewer "
                 "ranks or a larger size (or longer prompt); a plan verified on empty shards says 'empty_shards: true'."
             )
@@ -303,27 +360,31 @@ class ShardSequence(_Bound):
     def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
         return self.install(module, SPMesh(device_mesh, self.state.balance))
 
-    def install(self, module: nn.Module, sp) -> nn.Module:
-        """Wire the hooks for ``sp`` (an ``SPMesh``, or anything with ``shard(t, dim)``)."""
+    def install(self, module: nn.Module, sp: SPMesh) -> nn.Module:
+        """Wire the hooks for ``sp`` (an ``SPMesh``: a real mesh's, or a simulated rank's)."""
+        positions = _positions(module)
+        for key in self.inputs:
+            if isinstance(key, str) and key not in positions:
+                raise ValueError(
+                    f"plan '{self.key}': {type(module).__name__}.forward has no argument '{key}'; "
+                    f"its arguments are {list(positions)}."
+                )
+
+        def named(args, kwargs) -> dict:  # the forward's arguments by name, as the caller passed them
+            return {**{name: args[i] for name, i in positions.items() if i < len(args)}, **kwargs}
+
         if self.inputs:
-            positions = _positions(module)
-            for key in self.inputs:
-                if isinstance(key, str) and key not in positions:
-                    raise ValueError(
-                        f"plan '{self.key}': {type(module).__name__}.forward has no argument '{key}'; "
-                        f"its arguments are {list(positions)}."
-                    )
 
             @torch.compiler.disable  # bookkeeping stays eager: no recompiles under torch.compile
 
             def pre_hook(mod, args, kwargs):
-                args = list(args)
+                given, args = named(args, kwargs), list(args)
                 for key, spec in self.inputs.items():
                     pos = key if isinstance(key, int) else positions[key]
                     if isinstance(key, str) and key in kwargs:
-                        kwargs[key] = self._shard_value(sp, kwargs[key], spec, key)
+                        kwargs[key] = self._shard_value(sp, kwargs[key], spec, key, inputs=given)
                     elif pos < len(args):
-                        args[pos] = self._shard_value(sp, args[pos], spec, str(key))
+                        args[pos] = self._shard_value(sp, args[pos], spec, str(key), inputs=given)
                 return tuple(args), kwargs
 
             module.register_forward_pre_hook(pre_hook, with_kwargs=True)
@@ -331,16 +392,17 @@ class ShardSequence(_Bound):
 
             @torch.compiler.disable  # bookkeeping stays eager: no recompiles under torch.compile
 
-            def post_hook(mod, args, output):
+            def post_hook(mod, args, kwargs, output):
+                given = named(args, kwargs)
                 if isinstance(output, torch.Tensor):
-                    return (self._shard_value(sp, output, self.outputs[0], "output 0", copy=True)
+                    return (self._shard_value(sp, output, self.outputs[0], "output 0", copy=True, inputs=given)
                             if 0 in self.outputs else output)
                 out = list(output)
                 for idx, spec in self.outputs.items():
-                    out[idx] = self._shard_value(sp, out[idx], spec, f"output {idx}", copy=True)
+                    out[idx] = self._shard_value(sp, out[idx], spec, f"output {idx}", copy=True, inputs=given)
                 return type(output)(out)
 
-            module.register_forward_hook(post_hook)
+            module.register_forward_hook(post_hook, with_kwargs=True)
         return module
 
 

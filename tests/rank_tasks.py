@@ -1084,3 +1084,10 @@ def mismatched_pipeline_setting() -> str:
         if saved is not None:
             os.environ[PIPELINE_MIN_BYTES_ENV] = saved
     return "no error"
+
+
+def fewer_frames_than_ranks(cls: str) -> None:
+    """3 latent frames on the ranks of the pool (4): a plan that shards whole frames leaves one without."""
+    from meshsp.plans.verify import grid_for, parity
+
+    parity(cls, 2, dist.get_world_size() // 2, None, grid={**grid_for(cls), "frames": 2})

@@ -129,7 +129,7 @@ PLAN_ERRORS = [
     ({"plans": {}}, "has 'model', 'plan'"),
     ({"plan": {"proj_out.-1": {"style": "GatherSequence"}}}, "nearest module names"),  # not a ModuleList
     ({"plan": {"proj_out": {"style": "ShardSequence", "outputs": {0: {"dim": 1, "flatten": True, "segments": [None]}}}}},
-     "'segments' or 'flatten', not both"),
+     "one of 'segments', 'flatten' and 'units'"),
 ]
 
 

@@ -106,7 +106,7 @@ def _tp_style_from_entry(path: str, entry) -> tuple[object, bool]:
 def _spec_to_yaml(spec):
     if isinstance(spec, tuple):
         return [None if s is None else _spec_to_yaml(s) for s in spec]
-    if spec.ndim is None and spec.segments is None and not spec.flatten:
+    if spec.ndim is None and spec.segments is None and not spec.flatten and spec.units is None:
         return spec.dim
     out = {"dim": spec.dim}
     if spec.flatten:
@@ -115,6 +115,8 @@ def _spec_to_yaml(spec):
         out["ndim"] = spec.ndim
     if spec.segments is not None:
         out["segments"] = list(spec.segments)
+    if spec.units is not None:
+        out["units"] = spec.units if isinstance(spec.units, str) else {"input": spec.units[0], "dim": spec.units[1]}
     return out
 
 

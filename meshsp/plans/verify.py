@@ -22,8 +22,7 @@ def grid_for(cls: str) -> dict:
 
     entry = ZOO[cls]
     grid = dict(h=3, w=5, frames=2 if entry.video else 1, txt=7, batch=2, text_pad=2 if entry.text_mask else 0)
-    # a class whose ranks need whole rows (frames) of the token grid gets enough of them for 4 ranks
-    return {**grid, **entry.extra.get("grid", {})}
+    return {**grid, **entry.grid}
 
 
 def local_bytes(model: torch.nn.Module) -> int:

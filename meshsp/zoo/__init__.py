@@ -38,7 +38,8 @@ class Tiny:
     ``output(result) -> Tensor`` picks the prediction from the forward's result (default: ``.sample``
     or the first element; a list of per-sample tensors is stacked). ``square``: the class takes
     square token grids only (``w`` is then ignored and ``h x h`` used). ``extra["init"](model)``
-    finishes weights the class leaves uninitialised.
+    finishes weights the class leaves uninitialised. ``grid``: what the coverage runs change in their
+    token grid for this class (``meshsp.plans.verify.grid_for``), and why in ``note``.
     """
 
     cls: str
@@ -51,6 +52,7 @@ class Tiny:
     note: str = ""
     square: bool = False
     extra: dict = field(default_factory=dict)
+    grid: dict = field(default_factory=dict)
 
 
 ZOO: dict[str, Tiny] = {}

@@ -155,7 +155,7 @@ SANA = Tiny(
     text_mask=True,
     note="self-attention is ReLU linear attention (matmuls, not SDPA); only cross-attention to text uses SDPA. "
          "The Mix-FFN (GLUMBConv) runs a 3x3 depthwise conv over the h x w token grid (block gets height/width ints).",
-    extra={"grid": {"h": 7}},  # SP ranks hold whole token rows: 7 rows for up to 4 ranks (4 + 3, 2 + 2 + 2 + 1)
+    grid={"h": 7},  # SP ranks hold whole token rows: 7 rows for up to 4 ranks (4 + 3, 2 + 2 + 2 + 1)
 )
 
 

@@ -408,7 +408,10 @@ ENTRIES = [
          note="The latent has frames + 1 frames (reference image frame first); output has the same. Text "
               "zero-padded to 512 (image K/V split). A face adapter after block 0 (every "
               "inject_face_latents_blocks) attends per latent frame: batch*frames SDPA batches of h*w "
-              "queries over 5 face tokens. Motion encoder (2D convs) runs on 8x8 face pixels."),
+              "queries over 5 face tokens. Motion encoder (2D convs) runs on 8x8 face pixels. The plan gives "
+              "every rank whole latent frames, so the coverage runs take 3 generated frames (4 latent): one "
+              "per rank of U2xR2.",
+         grid={"frames": 3}),
     Tiny("WanVACETransformer3DModel", VACE, vace_inputs, lambda n: {"num_attention_heads": n}, video=True,
          note="Control branch of 2 VACE blocks (vace_layers=[0, 1]) runs over the control tokens first, "
               "then its hints are added after the matching main blocks. vace_in_channels = 2*4 latent + "
@@ -429,7 +432,7 @@ ENTRIES = [
               "cross-attention (additive -1e4 bias from the 0/1 text mask) is SDPA. The FFN (GLUMBTempConv) "
               "runs 3x3 depthwise convs over each frame's h x w grid and a kernel-3 temporal conv, and blocks "
               "get frames/height/width ints. I2V passes per-token timesteps (B, 1, F, h, w) instead.",
-         extra={"grid": {"frames": 4}}),  # SP ranks hold whole frames: 4 for up to 4 ranks
+         grid={"frames": 4}),  # SP ranks hold whole frames: 4 for up to 4 ranks
     Tiny("SanaWMTransformer3DModel", SANA_WM, sana_wm_inputs,
          lambda n: {"num_attention_heads": n, "hidden_size": n * HD}, video=True, text_mask=True,
          note="patch 1 (token grid = latent grid). Block 0 is a bidirectional gated-delta-net linear "
