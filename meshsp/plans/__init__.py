@@ -40,13 +40,17 @@ from torch.distributed.tensor import Replicate
 from torch.distributed.tensor.parallel import parallelize_module
 from torch.distributed.tensor.parallel.style import ParallelStyle
 
+from meshsp.expert_choice import ExpertChoiceTopK
 from meshsp.styles import CheckInputs, GatherSequence, ParallelAttention, PlanState, ShardSequence
 from meshsp.tp import TP_STYLES, tp_requirements
 
 __all__ = ["Plan", "STYLES", "available_plans", "get_plan", "infer_plan", "load_plan", "parallelize", "plan_from_cp_plan"]
 
-STYLES = {"ShardSequence": ShardSequence, "ParallelAttention": ParallelAttention, "GatherSequence": GatherSequence}
-_ENTRY_KEYS = {"style", "inputs", "outputs", "optional", "queries"}
+STYLES = {"ShardSequence": ShardSequence, "ParallelAttention": ParallelAttention, "GatherSequence": GatherSequence,
+          "ExpertChoiceTopK": ExpertChoiceTopK}
+_STYLE_KEYS = {"ShardSequence": ("inputs", "outputs"), "ParallelAttention": ("queries",),
+               "GatherSequence": ("outputs",), "ExpertChoiceTopK": ("capacity", "experts")}
+_ENTRY_KEYS = {"style", "optional", *(k for keys in _STYLE_KEYS.values() for k in keys)}
 _TP_ENTRY_KEYS = {"style", "blocks", "outputs", "output_layouts", "optional"}
 _PLAN_DIR = Path(__file__).parent
 
@@ -60,11 +64,10 @@ def _style_from_entry(path: str, entry) -> tuple[object, bool]:
     name = entry["style"]
     if name not in STYLES:
         raise ValueError(f"plan entry '{path}': unknown style {name!r}; valid styles: {sorted(STYLES)}.")
-    kwargs = {k: entry[k] for k in ("inputs", "outputs", "queries") if k in entry}
-    if name == "ParallelAttention" and set(kwargs) - {"queries"}:
-        raise ValueError(f"plan entry '{path}': ParallelAttention takes no inputs/outputs.")
-    if name != "ParallelAttention" and "queries" in kwargs:
-        raise ValueError(f"plan entry '{path}': only ParallelAttention takes 'queries'.")
+    foreign = set(entry) - {"style", "optional", *_STYLE_KEYS[name]}
+    if foreign:
+        raise ValueError(f"plan entry '{path}': {name} takes {list(_STYLE_KEYS[name])}, not {sorted(foreign)}.")
+    kwargs = {k: entry[k] for k in _STYLE_KEYS[name] if k in entry}
     return STYLES[name](**kwargs), bool(entry.get("optional", False))
 
 
@@ -173,6 +176,8 @@ class Plan(ParallelStyle, dict):
                 entry["outputs"] = {k: _spec_to_yaml(v) for k, v in style.outputs.items()}
             if isinstance(style, ParallelAttention) and style.queries != "sharded":
                 entry["queries"] = style.queries
+            if isinstance(style, ExpertChoiceTopK):
+                entry["capacity"], entry["experts"] = dict(style.capacity), style.experts
             if path in self.optional:
                 entry["optional"] = True
             entries[path] = entry
