@@ -30,14 +30,13 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from torch.distributed.device_mesh import DeviceMesh
 from torch.overrides import TorchFunctionMode
 
-from meshsp.ops.comm import _count
 from meshsp.ops.consensus import agree
 from meshsp.placements import SeqLayout
 from meshsp.styles import SPMesh, _Bound, scope_mode
+from meshsp.whole_tokens import gather_tokens
 
 __all__ = ["ExpertChoiceTopK", "Selection", "own_selection"]
 
@@ -157,7 +156,7 @@ class ExpertChoiceTopK(_Bound):
         layout = SeqLayout(tuple(tuple(n[0] for n in row) for row in lens))
         factor, experts, minimum = self._rule(mode.module)
         self._check(sp, where, layout, k, (factor, experts, minimum), input.shape[dim])
-        whole = _whole(sp, input.movedim(dim, -1), layout)
+        whole = gather_tokens(sp, input.movedim(dim, -1), -1, layout)
         top = torch.topk(whole, _capacity(factor, layout.total, experts, minimum), dim=-1, largest=largest,
                          sorted=sorted)
         values, indices, pad = own_selection(top.values, top.indices, layout.offset(sp.r, sp.u), input.shape[dim])
@@ -225,11 +224,3 @@ class ExpertChoiceTopK(_Bound):
         module.register_forward_hook(lambda mod, args, output: current.pop() and None, always_call=True)
         return module
 
-
-def _whole(sp: SPMesh, local: torch.Tensor, layout: SeqLayout) -> torch.Tensor:
-    """Every SP rank's ``[..., s]`` along the last dim, in global (rank-major) order: ``[..., S]``."""
-    most = max(max(row) for row in layout.lens)
-    padded = F.pad(local, (0, most - local.shape[-1])).contiguous()
-    _count("all_gather", padded.numel() * padded.element_size() * (sp.ring * sp.ulysses - 1))
-    grid = sp.all_gather(padded)
-    return torch.cat([grid[r][u][..., :n] for r, row in enumerate(layout.lens) for u, n in enumerate(row)], dim=-1)

@@ -41,15 +41,17 @@ from torch.distributed.tensor.parallel import parallelize_module
 from torch.distributed.tensor.parallel.style import ParallelStyle
 
 from meshsp.expert_choice import ExpertChoiceTopK
+from meshsp.whole_tokens import WholeTokens
 from meshsp.styles import CheckInputs, GatherSequence, ParallelAttention, PlanState, ShardSequence
 from meshsp.tp import TP_STYLES, tp_requirements
 
 __all__ = ["Plan", "STYLES", "available_plans", "get_plan", "infer_plan", "load_plan", "parallelize", "plan_from_cp_plan"]
 
 STYLES = {"ShardSequence": ShardSequence, "ParallelAttention": ParallelAttention, "GatherSequence": GatherSequence,
-          "ExpertChoiceTopK": ExpertChoiceTopK}
+          "ExpertChoiceTopK": ExpertChoiceTopK, "WholeTokens": WholeTokens}
 _STYLE_KEYS = {"ShardSequence": ("inputs", "outputs"), "ParallelAttention": ("queries",),
-               "GatherSequence": ("outputs",), "ExpertChoiceTopK": ("capacity", "experts")}
+               "GatherSequence": ("outputs",), "ExpertChoiceTopK": ("capacity", "experts"),
+               "WholeTokens": ("inputs", "outputs")}
 _ENTRY_KEYS = {"style", "optional", *(k for keys in _STYLE_KEYS.values() for k in keys)}
 _TP_ENTRY_KEYS = {"style", "blocks", "outputs", "output_layouts", "optional"}
 _PLAN_DIR = Path(__file__).parent
@@ -170,9 +172,9 @@ class Plan(ParallelStyle, dict):
         entries = {}
         for path, style in self.items():
             entry: dict = {"style": type(style).__name__}
-            if isinstance(style, ShardSequence) and style.inputs:
+            if isinstance(style, (ShardSequence, WholeTokens)) and style.inputs:
                 entry["inputs"] = {k: _spec_to_yaml(v) for k, v in style.inputs.items()}
-            if isinstance(style, (ShardSequence, GatherSequence)) and style.outputs:
+            if isinstance(style, (ShardSequence, GatherSequence, WholeTokens)) and style.outputs:
                 entry["outputs"] = {k: _spec_to_yaml(v) for k, v in style.outputs.items()}
             if isinstance(style, ParallelAttention) and style.queries != "sharded":
                 entry["queries"] = style.queries
