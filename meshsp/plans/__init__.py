@@ -41,20 +41,23 @@ from torch.distributed.tensor import Replicate
 from torch.distributed.tensor.parallel import parallelize_module
 from torch.distributed.tensor.parallel.style import ParallelStyle
 
+from meshsp.expert_choice import ExpertChoiceTopK
 from meshsp.linear import LINEAR_STYLES
 from meshsp.placements.sequence import BALANCES
 from meshsp.refuse import RefuseInputs
+from meshsp.whole_tokens import WholeTokens
 from meshsp.styles import CheckInputs, GatherSequence, ParallelAttention, PlanState, ShardSequence
 from meshsp.tp import TP_STYLES, tp_requirements
 
 __all__ = ["Plan", "STYLES", "available_plans", "get_plan", "infer_plan", "load_plan", "parallelize", "plan_from_cp_plan"]
 
 STYLES = {"ShardSequence": ShardSequence, "ParallelAttention": ParallelAttention, "GatherSequence": GatherSequence,
-          "RefuseInputs": RefuseInputs}
+          "RefuseInputs": RefuseInputs, "ExpertChoiceTopK": ExpertChoiceTopK, "WholeTokens": WholeTokens}
 STYLES.update(LINEAR_STYLES)  # linear attention and token-grid shards (meshsp.linear, meshsp.grid)
 # The keys each style takes besides 'style' and 'optional' (its constructor's keywords).
 _STYLE_KEYS = {"ShardSequence": {"inputs", "outputs"}, "GatherSequence": {"outputs"},
-               "ParallelAttention": {"queries", "masks", "runs"}, "RefuseInputs": {"inputs"}}
+               "ParallelAttention": {"queries", "masks", "runs"}, "RefuseInputs": {"inputs"},
+               "ExpertChoiceTopK": {"capacity", "experts"}, "WholeTokens": {"inputs", "outputs"}}
 _STYLE_KEYS.update({name: set(inspect.signature(cls).parameters) for name, cls in LINEAR_STYLES.items()})
 _ENTRY_KEYS = {"style", "optional"}.union(*_STYLE_KEYS.values())
 _TP_ENTRY_KEYS = {"style", "blocks", "outputs", "output_layouts", "optional"}
@@ -183,9 +186,9 @@ class Plan(ParallelStyle, dict):
         entries = {}
         for path, style in self.items():
             entry: dict = {"style": type(style).__name__}
-            if isinstance(style, ShardSequence) and style.inputs:
+            if isinstance(style, (ShardSequence, WholeTokens)) and style.inputs:
                 entry["inputs"] = {k: _spec_to_yaml(v) for k, v in style.inputs.items()}
-            if isinstance(style, (ShardSequence, GatherSequence)) and style.outputs:
+            if isinstance(style, (ShardSequence, GatherSequence, WholeTokens)) and style.outputs:
                 entry["outputs"] = {k: _spec_to_yaml(v) for k, v in style.outputs.items()}
             if isinstance(style, ParallelAttention) and style.queries != "sharded":
                 entry["queries"] = style.queries
@@ -195,6 +198,8 @@ class Plan(ParallelStyle, dict):
                 entry["runs"] = style.runs.to_spec()
             if isinstance(style, RefuseInputs):
                 entry["inputs"] = dict(style.inputs)
+            if isinstance(style, ExpertChoiceTopK):
+                entry["capacity"], entry["experts"] = dict(style.capacity), style.experts
             if hasattr(style, "entry"):  # a style that writes its own keys (meshsp.grid)
                 entry.update(style.entry())
             if path in self.optional:

@@ -32,12 +32,16 @@ def local_bytes(model: torch.nn.Module) -> int:
     return sum((t.to_local() if isinstance(t, DTensor) else t).nbytes for t in [*model.parameters(), *model.buffers()])
 
 
-def compare(build, forward, apply, *, where: str, ring: int, ulysses: int, tp: int = 1, tol: float = 1e-5) -> dict:
+def compare(build, forward, apply, *, where: str, ring: int, ulysses: int, tp: int = 1, tol: float = 1e-5,
+            whole_tokens=False) -> dict:
     """The check every parity run makes on one rank: ``forward(model)`` of a model from ``build()``
     (seeded: the same weights each time) before and after ``apply(model)`` parallelizes a fresh one.
     Raises unless the outputs agree within ``tol`` of the output scale and the parallel forward
     communicated as the ``ring x ulysses x tp`` layout says (an untouched model would match too),
-    and unless tensor parallelism (only) left this rank less than the whole model. Returns the max
+    and unless tensor parallelism (only) left this rank less than the whole model. With
+    ``whole_tokens`` (a plan whose attention runs on gathered inputs: ``WholeTokens``; a bool, or a
+    callable asked after ``apply``) the SP
+    communication expected is all-gathers instead of all-to-alls and ring passes. Returns the max
     difference, the scale, the calls and bytes sent, the parallel model and its bytes.
 
     Example::
@@ -60,10 +64,13 @@ def compare(build, forward, apply, *, where: str, ring: int, ulysses: int, tp: i
     torch.testing.assert_close(out, expected, atol=tol * max(scale, 1.0), rtol=tol, msg=lambda m: f"{where}: {m}")
     calls = stats.calls
     # softmax attention moves tokens (all-to-all, ring P2P); linear attention all-reduces its token
-    # sums on each axis (meshsp.linear)
+    # sums on each axis (meshsp.linear); whole-token attention all-gathers (meshsp.whole_tokens)
+    whole_tokens = whole_tokens() if callable(whole_tokens) else whole_tokens
     ulysses_ran = calls["all_to_all"] + calls["linear_ulysses"] > 0
     ring_ran = calls["p2p"] + calls["linear_ring"] > 0
-    communicated = ulysses_ran == (ulysses > 1) and ring_ran == (ring > 1) and (calls["tp_all_reduce"] > 0) == (tp > 1)
+    sp_ran = ((calls["all_gather"] > 0) == (ring * ulysses > 1) if whole_tokens
+              else ulysses_ran == (ulysses > 1) and ring_ran == (ring > 1))
+    communicated = sp_ran and (calls["tp_all_reduce"] > 0) == (tp > 1)
     assert communicated, f"{where}: the forward did not run as the layout says: {dict(calls)}"
     assert (mine < full) == (tp > 1), f"{where}: {mine} of {full} parameter and buffer bytes on this rank"
     return {"diff": (out - expected).abs().max().item(), "scale": scale, "calls": dict(calls),
@@ -94,8 +101,12 @@ def parity(cls: str, ring: int, ulysses: int, plan_dict: dict | None = None, *, 
         plans.append(Plan.from_dict(plan_dict, ulysses_mode=mode) if plan_dict else get_plan(model, ulysses_mode=mode))
         parallelize_module(model, sp_mesh(ring, ulysses, tp), plans[0])
 
+    from meshsp.whole_tokens import WholeTokens
+
+    whole = lambda: any(isinstance(style, WholeTokens) for style in plans[0].values())  # noqa: E731 - after apply
     result = compare(lambda: build(cls, heads=heads), lambda m: output_of(m, m(**inputs_for(m, **grid))), apply,
-                     where=f"{cls} R{ring}xU{ulysses}xTP{tp} {mode} {grid}", ring=ring, ulysses=ulysses, tp=tp, tol=tol)
+                     where=f"{cls} R{ring}xU{ulysses}xTP{tp} {mode} {grid}", ring=ring, ulysses=ulysses, tp=tp, tol=tol,
+                     whole_tokens=whole)
     local, total = plans[0].state.attention_tokens
     return {"diff": result["diff"], "scale": result["scale"], "share": local / total if total else 1.0,
             "param_share": result["param_bytes"] / result["full_param_bytes"]}
