@@ -37,10 +37,10 @@ def test_refused_class_says_why(cls):
 
 
 def test_coverage_goal():
-    """At least 45 of the 62 diffusion transformers (the 65 exports less 3 that are not DiTs)."""
+    """At least 58 of the 62 diffusion transformers (the 65 exports less 3 that are not DiTs)."""
     dits = [c for c in TABLE if c not in NOT_DIT]
     assert len(dits) == 62, len(dits)
-    assert len(COVERED) >= 45, (len(COVERED), REFUSED)
+    assert len(COVERED) >= 58, (len(COVERED), REFUSED)
 
 
 @pytest.mark.parametrize("cls", ["FluxTransformer2DModel", "CogView4Transformer2DModel"])
