@@ -297,7 +297,12 @@ class ShardSequence(_Bound):
         self.state.unit_counts[f"{self.key}:{name}"] = units
         self._require_tokens(sp, units, name, "tokens" if spec.units is None else "units (whole frames, say)")
         layout, size = sp.layout(units), n // units if units else 0
-        shard = seq.narrow(dim, layout.offset(sp.r, sp.u) * size, layout.local(sp.r, sp.u) * size)
+        if layout.balance != "contiguous":  # a zigzag shard is two pieces of the units
+            index = layout.local_index(sp.r, sp.u).to(seq.device)
+            index = (index[:, None] * size + torch.arange(size, device=seq.device)).flatten()
+            shard = seq.index_select(dim, index)
+        else:
+            shard = seq.narrow(dim, layout.offset(sp.r, sp.u) * size, layout.local(sp.r, sp.u) * size)
         if spec.flatten:  # back to the tensor's rank: [B, C, 1, 1, s]
             shard = shard.reshape(*shard.shape[:dim], *[1] * (value.dim() - dim - 1), shard.shape[dim])
         return shard.clone() if copy else shard

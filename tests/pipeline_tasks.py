@@ -58,7 +58,7 @@ def refusal(name: str, case: str) -> dict:
     elif case == "no-plan":
         from meshsp.zoo import build
 
-        pipe.transformer = build("ChromaTransformer2DModel", heads=3)
+        pipe.transformer = build("SanaWMTransformer3DModel", heads=3)
     elif case == "tiling":
         kwargs = {"vae_tiling": True}
     elif case == "cache":

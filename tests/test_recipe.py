@@ -71,7 +71,7 @@ def test_pipeline_call_equals_one_process(pools, references, case):
 
 @pytest.mark.parametrize("case,match", [
     ("world", "process world size is 4 but the config needs"),
-    ("no-plan", "no meshsp plan for ChromaTransformer2DModel"),
+    ("no-plan", "no meshsp plan for SanaWMTransformer3DModel"),
     ("tiling", "tiling enabled"),
     ("cache", "one state for the 'cond' and 'uncond' calls"),
     ("tp", "tensor_parallel_size=4 must divide"),
