@@ -7,6 +7,8 @@ import copy
 import torch
 import torch.nn as nn
 
+import rank_tasks
+
 from meshsp.bench import sp_mesh
 from meshsp.grid import GridHalo
 from meshsp.linear import ParallelLinearAttention
@@ -149,8 +151,4 @@ def too_few_rows(cls: str, ring: int, ulysses: int, grid: dict) -> None:
 
 def raises(fn_name: str, *args) -> str:
     """Call ``fn_name`` from this module; return the ValueError text, or fail."""
-    try:
-        globals()[fn_name](*args)
-    except ValueError as exc:
-        return str(exc)
-    raise AssertionError(f"{fn_name}{args} did not raise ValueError")
+    return rank_tasks.value_error(globals()[fn_name], *args)

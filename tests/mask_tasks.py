@@ -9,7 +9,7 @@ import meshsp
 from meshsp import SeqLayout, shard_sequence
 from meshsp.ops import record_comm
 from meshsp.ops.masks import SegmentMask
-from rank_tasks import make_inputs, mesh_for, pipelined
+from rank_tasks import make_inputs, mesh_for, pipelined, value_error
 
 
 def _segments(case: dict, b: int, s: int, g: torch.Generator) -> torch.Tensor:
@@ -92,11 +92,7 @@ def _masked_parity(case: dict) -> dict:
 
 def bad_mask(kind: str, ring: int, ulysses: int) -> str:
     """The ValueError a bad mask raises (the same on every rank)."""
-    try:
-        _bad_mask(kind, ring, ulysses)
-    except ValueError as exc:
-        return str(exc)
-    raise AssertionError(f"{kind} did not raise ValueError")
+    return value_error(_bad_mask, kind, ring, ulysses)
 
 
 def _bad_mask(kind: str, ring: int, ulysses: int) -> None:

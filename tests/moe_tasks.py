@@ -6,6 +6,8 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+import rank_tasks
+
 from meshsp.expert_choice import ExpertChoiceTopK
 from meshsp.ops import record_comm
 from meshsp.plans import Plan
@@ -84,11 +86,7 @@ def _naive_diff(model: Routed, args, expected, mesh) -> float:
 
 def raises(fn_name: str, *args) -> str:
     """Call ``fn_name`` from this module; return the ValueError text, or fail."""
-    try:
-        globals()[fn_name](*args)
-    except ValueError as exc:
-        return str(exc)
-    raise AssertionError(f"{fn_name}{args} did not raise ValueError")
+    return rank_tasks.value_error(globals()[fn_name], *args)
 
 
 def bad_capacity(ring: int, ulysses: int) -> None:

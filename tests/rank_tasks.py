@@ -167,13 +167,18 @@ def ulysses_copies(b: int, h: int, s: int, d: int) -> dict:
             "flatten_is_free": result.transpose(1, 2).is_contiguous()}
 
 
-def raises(fn_name: str, *args) -> str:
-    """Call ``fn_name`` from this module; return the ValueError text, or fail."""
+def value_error(fn, *args) -> str:
+    """Call ``fn(*args)``; return the ValueError text, or fail."""
     try:
-        globals()[fn_name](*args)
+        fn(*args)
     except ValueError as exc:
         return str(exc)
-    raise AssertionError(f"{fn_name}{args} did not raise ValueError")
+    raise AssertionError(f"{getattr(fn, '__name__', fn)}{args} did not raise ValueError")
+
+
+def raises(fn_name: str, *args) -> str:
+    """Call ``fn_name`` from this module; return the ValueError text, or fail."""
+    return value_error(globals()[fn_name], *args)
 
 
 def world_size() -> int:

@@ -14,7 +14,6 @@ import torch
 import torch.distributed as dist
 
 from meshsp.bench import sp_mesh
-from meshsp.bench.masks import print_masks, run_masks
 from meshsp.launch import WorkerPool
 from meshsp.ops import local_attention, record_comm, sp_attention
 from meshsp.placements import SeqLayout
@@ -47,16 +46,21 @@ def _time_sp(shape, dtype, ring, ulysses, repeats):
         return sp_attention(q, k, v, ring_group=mesh["ring"].get_group(),
                             ulysses_group=mesh["ulysses"].get_group(), q_layout=layout)
 
+    return measure(call, repeats)
+
+
+def measure(call, repeats: int) -> dict:
+    """One warm-up call's communication, then ``repeats`` timed calls, each after a barrier: times,
+    the bytes the algorithm moves (the 16-byte input agreement aside) and the scores computed."""
     with record_comm() as stats:
-        call()  # warm-up, and one call's bytes
+        call()
     times = []
     for _ in range(repeats):
         dist.barrier()
         t0 = time.perf_counter()
         call()
         times.append(time.perf_counter() - t0)
-    # The data the algorithm moves; the 16-byte input agreement (stats.bytes_sent["consensus"]) aside.
-    return {"times": times, "bytes": stats.bytes_sent["all_to_all"] + stats.bytes_sent["p2p"]}
+    return {"times": times, "bytes": stats.bytes_sent["all_to_all"] + stats.bytes_sent["p2p"], "scores": stats.scores}
 
 
 def theory_bytes(shape, itemsize, ring, ulysses) -> int:
@@ -87,6 +91,8 @@ def run(seq: int = 8192, heads: int = 8, head_dim: int = 64, batch: int = 1, rep
             expected = theory_bytes(shape, 4, ring, ulysses)
             rows.append({"mode": name, "single_s": single, "sp_s": t, "speedup": single / t,
                          "ceiling": ceiling, "bytes": res[0]["bytes"], "theory": expected, "bytes_ratio": res[0]["bytes"] / expected})
+        from meshsp.bench.masks import run_masks  # it measures with this module's ``measure``
+
         masked = run_masks(pool, shape, dtype, repeats) if masks else []
     print(f"attention B={batch} H={heads} S={seq} D={head_dim} fp32, 1 thread per rank, median of {repeats}")
     print(f"{'mode':<6}{'1 proc (s)':>12}{'SP-2 (s)':>10}{'speedup':>9}{'ceiling':>9}"
@@ -96,6 +102,8 @@ def run(seq: int = 8192, heads: int = 8, head_dim: int = 64, batch: int = 1, rep
               f"{row['bytes'] / 2**20:>14.2f}{row['theory'] / 2**20:>11.2f}{row['bytes_ratio']:>7.2f}")
     print("ceiling: 1-process time / time of half the work on both ranks at once with no communication")
     if masked:
+        from meshsp.bench.masks import print_masks
+
         print(f"\nmasked SP-2 attention, same shape and pool, median of {repeats}")
         print_masks(masked)
         rows[-1]["masked"] = masked

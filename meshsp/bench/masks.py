@@ -11,14 +11,13 @@ keys). Rows that skip no work (a dense pairwise mask) show what the kernel's own
 from __future__ import annotations
 
 import statistics
-import time
 
 import torch
-import torch.distributed as dist
 
 from meshsp.bench import sp_mesh
+from meshsp.bench.attention import measure
 from meshsp.launch import WorkerPool
-from meshsp.ops import record_comm, sp_attention
+from meshsp.ops import sp_attention
 from meshsp.ops.blocks import PairMask
 from meshsp.ops.masks import SegmentMask, causal_runs, segment_runs
 from meshsp.placements import SeqLayout
@@ -105,15 +104,7 @@ def _time(shape, dtype, ring, ulysses, kind, balance, repeats):
         return sp_attention(q, k, v, ring_group=mesh["ring"].get_group(), ulysses_group=mesh["ulysses"].get_group(),
                             q_layout=layout, pair=pair)
 
-    with record_comm() as stats:
-        call()
-    times = []
-    for _ in range(repeats):
-        dist.barrier()
-        t0 = time.perf_counter()
-        call()
-        times.append(time.perf_counter() - t0)
-    return {"times": times, "bytes": stats.bytes_sent["all_to_all"] + stats.bytes_sent["p2p"], "scores": stats.scores}
+    return measure(call, repeats)
 
 
 def run_masks(pool: WorkerPool, shape, dtype, repeats: int) -> list[dict]:
