@@ -16,10 +16,11 @@ from dataclasses import dataclass
 import torch
 
 from meshsp.ops.kernel import local_attention
+from meshsp.ops.kernel_backward import local_attention_backward
 from meshsp.ops.masks import RunMask
 from meshsp.ops.ring import merge_partials
 
-__all__ = ["PairMask", "block_attention"]
+__all__ = ["PairMask", "block_attention", "block_attention_backward"]
 
 
 @dataclass(frozen=True)
@@ -36,18 +37,51 @@ class PairMask:
         return self.runs is None or self.runs.needs(q_range, k_range)
 
 
+def _calls(q, k, pair: PairMask, q0: int, k0: int):
+    """[(batch slice, the block's kernel calls)] of a block under runs."""
+    runs = pair.runs
+    groups = [(slice(None), 0)] if runs.batch_groups == 1 else [(slice(i, i + 1), i) for i in range(q.shape[0])]
+    return [(bs, runs.calls(g, (q0, q0 + q.shape[2]), (k0, k0 + k.shape[2]))) for bs, g in groups]
+
+
+def _rows(pair: PairMask, q0: int, k0: int, sq: int, sk: int, heads: tuple[int, int]) -> torch.Tensor:
+    rows = pair.rows[:, :, q0 - pair.q_start : q0 - pair.q_start + sq, k0 : k0 + sk]
+    return rows[:, heads[0] : heads[1]] if rows.shape[1] > 1 else rows
+
+
+def block_attention_backward(q, k, v, out, dout, lse, pair: PairMask, *, q0: int, k0: int,
+                             heads: tuple[int, int], scale=None):
+    """The block's gradient shares (dq, dk, dv; float32, float64 for float64) given the whole
+    attention's ``out`` and ``lse`` — the calls ``block_attention`` made, each differentiated
+    (``meshsp.ops.kernel_backward``); None where ``block_attention`` returned None."""
+    sq, sk = q.shape[2], k.shape[2]
+    if pair.runs is None:
+        return local_attention_backward(q, k, v, out, dout, lse, None, scale, bias=_rows(pair, q0, k0, sq, sk, heads))
+    plan = _calls(q, k, pair, q0, k0)
+    if not any(calls for _, calls in plan):
+        return None
+    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    dq = torch.zeros(q.shape, dtype=acc, device=q.device)
+    dk = torch.zeros(k.shape, dtype=acc, device=q.device)
+    dv = torch.zeros(v.shape, dtype=acc, device=q.device)
+    for bs, calls in plan:
+        for c in calls:
+            rows, cols = slice(c.q0, c.q1), slice(c.k0, c.k1)
+            g = local_attention_backward(q[bs, :, rows], k[bs, :, cols], v[bs, :, cols], out[bs, :, rows],
+                                         dout[bs, :, rows], lse[bs, :, rows] - c.bias, None, scale, causal=c.causal)
+            dq[bs, :, rows] += g[0]
+            dk[bs, :, cols] += g[1]
+            dv[bs, :, cols] += g[2]
+    return dq, dk, dv
+
+
 def block_attention(q, k, v, pair: PairMask, *, q0: int, k0: int, heads: tuple[int, int], scale=None):
     """q [B, H, Sq, D] (rank-major queries from ``q0``; global heads ``heads``) over k, v [B, Hk, Sk, D]
     (keys from ``k0``) -> (out [B, H, Sq, Dv], lse [B, H, Sq]), or None when no query attends a key."""
     sq, sk = q.shape[2], k.shape[2]
     if pair.runs is None:
-        rows = pair.rows[:, :, q0 - pair.q_start : q0 - pair.q_start + sq, k0 : k0 + sk]
-        if rows.shape[1] > 1:
-            rows = rows[:, heads[0] : heads[1]]
-        return local_attention(q, k, v, None, scale, bias=rows)
-    runs = pair.runs
-    groups = [(slice(None), 0)] if runs.batch_groups == 1 else [(slice(i, i + 1), i) for i in range(q.shape[0])]
-    plan = [(bs, runs.calls(g, (q0, q0 + sq), (k0, k0 + sk))) for bs, g in groups]
+        return local_attention(q, k, v, None, scale, bias=_rows(pair, q0, k0, sq, sk, heads))
+    plan = _calls(q, k, pair, q0, k0)
     if not any(calls for _, calls in plan):
         return None
     if len(plan) == 1 and len(plan[0][1]) == 1:

@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed._functional_collectives as funcol
 
-__all__ = ["CommStats", "record_comm", "all_to_all", "wait", "RingPass"]
+__all__ = ["CommStats", "record_comm", "all_to_all", "wait", "RingPass", "PointToPoint"]
 
 
 @dataclass
@@ -121,3 +121,28 @@ class RingPass:
         for work in self._works:
             work.wait()
         return self.recv.to(self.device, non_blocking=True)
+
+
+class PointToPoint:
+    """Sends to and receives from any ranks of a group in one batch (the ring backward's gradient
+    hops and homecomings). ``sends``: (buffer, group rank); ``recvs``: (numel, group rank) — every
+    pair posts its messages in the same order on both sides, which is what matches them."""
+
+    def __init__(self, group: dist.ProcessGroup, sends, recvs, like: torch.Tensor) -> None:
+        staged = dist.get_backend(group) == "gloo" and like.device.type != "cpu"
+        self.device = like.device
+        self._sends = [(t.cpu() if staged else t, dst) for t, dst in sends if t.numel()]
+        self.recvs = [like.new_empty(n, device="cpu" if staged else like.device) for n, _ in recvs]
+        ops = []
+        for t, dst in self._sends:
+            ops.append(dist.P2POp(dist.isend, t, dist.get_global_rank(group, dst), group))
+            _count("p2p", t.numel() * t.element_size())
+        for t, (n, src) in zip(self.recvs, recvs):
+            if n:
+                ops.append(dist.P2POp(dist.irecv, t, dist.get_global_rank(group, src), group))
+        self._works = dist.batch_isend_irecv(ops) if ops else []
+
+    def wait(self) -> list[torch.Tensor]:
+        for work in self._works:
+            work.wait()
+        return [t.to(self.device, non_blocking=True) for t in self.recvs]

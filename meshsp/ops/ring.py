@@ -17,10 +17,11 @@ from collections.abc import Callable, Sequence
 import torch
 import torch.distributed as dist
 
-from meshsp.ops.comm import RingPass
+from meshsp.ops.comm import PointToPoint, RingPass
 from meshsp.ops.kernel import local_attention
+from meshsp.ops.kernel_backward import local_attention_backward
 
-__all__ = ["ring_attention", "merge_partials"]
+__all__ = ["ring_attention", "ring_attention_backward", "merge_partials"]
 
 
 def merge_partials(out_a, lse_a, out_b, lse_b, *, into_a: bool = False):
@@ -119,6 +120,96 @@ def ring_attention(
         out = q.new_zeros(*q.shape[:3], dv, dtype=acc)
         lse = torch.full(q.shape[:3], float("-inf"), dtype=acc, device=q.device)
     return out.to(q.dtype), lse
+
+
+def _path_end(src: int, size: int, needs) -> int:
+    """How many hops block ``src`` travels: the offset of the last ring rank that attends it."""
+    if needs is None:
+        return size - 1
+    return max((j for j in range(size) if needs(src, (src + j) % size)), default=0)
+
+
+def ring_attention_backward(q, k, v, out, dout, lse, mask_BSk=None, *, group, kv_lens, scale=None,
+                            attend_backward=None, needs=None):
+    """The gradients of ``ring_attention``: given its inputs, its ``out`` and ``lse`` and ``dout``,
+    returns (dq [B, H, Sq, D], dk, dv of the local block) in float32 (float64 for float64).
+
+    ``attend_backward(src, q, k, v, mask, out, dout, lse)`` computes one block's shares (default:
+    ``local_attention_backward``), or returns None where ``attend`` returned None; ``needs`` as for
+    ``ring_attention`` (the same blocks travel).
+
+    Example::
+
+        dq, dk, dv = ring_attention_backward(q, k, v, out, dout, lse, group=g, kv_lens=(5, 5, 4, 4))
+    """
+    size, me = dist.get_world_size(group), dist.get_rank(group)
+    b, hk, _, d = k.shape
+    dv_ = v.shape[-1]
+    with_mask = mask_BSk is not None
+    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    attend_backward = attend_backward or (
+        lambda src, q, k, v, m, o, do, l: local_attention_backward(q, k, v, o, do, l, m, scale))
+    ends = [_path_end(src, size, needs) for src in range(size)]
+
+    def numel(src: int) -> int:
+        return b * hk * kv_lens[src] * (d + dv_) + (b * kv_lens[src] if with_mask else 0)
+
+    def grads(src: int) -> int:
+        return b * hk * kv_lens[src] * (d + dv_)
+
+    if q.device.type == "cpu" or q.shape[1] != hk:
+        q = q.contiguous()
+    dq = torch.zeros(q.shape, dtype=acc, device=q.device)
+    block, home = _kv_buffer(k, v, mask_BSk), None
+    hop, carries, homecoming = None, False, False  # the gradient messages posted at the last step
+
+    def arrive():
+        """Wait for the last step's gradient messages: (the sum carried to this step, home)."""
+        received = hop.wait() if hop is not None else []
+        carried = received.pop(0) if carries else None
+        return carried, (received.pop(0) if homecoming else None)
+
+    for step in range(size):
+        src = (me - step) % size
+        prev = (src - 1) % size
+        pending = None
+        if step + 1 < size:  # the K/V hop for the next step, as the forward's
+            send = block if block is not None and step + 1 <= ends[src] else block_empty(k)
+            pending = RingPass(group, send, numel(prev) if step + 1 <= ends[prev] else 0)
+        share = None
+        if block is not None and (needs is None or needs(src, me)):
+            k_i, v_i, m_i = _unpack(block, b, hk, kv_lens[src], d, dv_, with_mask)
+            share = attend_backward(src, q, k_i, v_i, m_i, out, dout, lse)
+        total, arrived_home = arrive()  # posted a step ago: its transfer overlapped this step's share
+        home = arrived_home if arrived_home is not None else home
+        if share is not None:
+            dq += share[0]
+            flat = torch.cat([share[1].reshape(-1), share[2].reshape(-1)])
+            total = flat if total is None else total.add_(flat)
+        if block is not None and total is None:
+            total = torch.zeros(grads(src), dtype=acc, device=q.device)
+        sends = []
+        if block is not None:
+            if step + 1 <= ends[src]:
+                sends.append((total, (me + 1) % size))
+            elif src != me:
+                sends.append((total, src))  # the block's path ends here: its gradients go home
+            else:
+                home = total
+        carries = step + 1 < size and step + 1 <= ends[prev]
+        homecoming = step == ends[me] and step > 0
+        recvs = ([(grads(prev), (me - 1) % size)] if carries else []) + \
+            ([(grads(me), (me + step) % size)] if homecoming else [])
+        hop = PointToPoint(group, sends, recvs, dq) if sends or recvs else None
+        if pending is not None:
+            arrived = pending.wait()
+            block = arrived if step + 1 <= ends[prev] else None
+    _, arrived_home = arrive()
+    home = arrived_home if arrived_home is not None else home
+    if home is None:
+        home = torch.zeros(grads(me), dtype=acc, device=q.device)
+    n_k = b * hk * kv_lens[me] * d
+    return dq, home[:n_k].view(b, hk, kv_lens[me], d), home[n_k:].view(b, hk, kv_lens[me], dv_)
 
 
 def block_empty(like: torch.Tensor) -> torch.Tensor:

@@ -33,7 +33,7 @@ from meshsp.ops.comm import all_to_all, wait
 from meshsp.placements import HeadSplit
 from meshsp.placements.sequence import balanced_sizes
 
-__all__ = ["scatter_heads", "gather_heads", "ulysses_attention", "head_chunks", "pipeline_min_bytes", "pipeline_setting"]
+__all__ = ["scatter_heads", "gather_heads", "ulysses_attention", "ulysses_attention_backward", "head_chunks", "pipeline_min_bytes", "pipeline_setting"]
 
 
 CHUNKS = 2  # head chunks of the pipelined exchange (ulysses_attention)
@@ -104,6 +104,7 @@ def ulysses_attention(
     kv_lens: Sequence[int],
     attend: Callable,
     chunks: int = CHUNKS,
+    keep: list | None = None,
 ) -> torch.Tensor:
     """Ulysses around ``attend(q, k, v, mask, heads) -> out`` (own heads — global query heads
     ``heads = (lo, hi)`` —, whole chunk), pipelined over
@@ -112,6 +113,8 @@ def ulysses_attention(
     unchunked exchange.
 
     Shapes as ``scatter_heads`` in and ``gather_heads`` out; the mask travels once, with chunk 0.
+    ``attend`` returns (out, lse); with ``keep`` (a list) what the backward needs is appended to it:
+    per chunk its own-head q, k, v, out and lse, then the chunk's key mask (if any).
     """
     plan = head_chunks(heads, chunks)
     me = dist.get_rank(group)
@@ -129,13 +132,66 @@ def ulysses_attention(
         pending = post(c + 1, None) if c + 1 < len(plan) else None  # ... before chunk c+1's is made
         # On CPU, head-major copies, which its kernel runs fastest on (the receive buffer dies here,
         # before the kernel allocates its own work space); the CUDA kernels read the strided views.
-        if q_c.device.type == "cpu":
+        if keep is not None:  # kept for the backward: tensors of their own (not views of one buffer)
+            q_c, k_c, v_c = (t.clone(memory_format=torch.contiguous_format) for t in (q_c, k_c, v_c))
+        elif q_c.device.type == "cpu":
             q_c, k_c, v_c = q_c.contiguous(), k_c.contiguous(), v_c.contiguous()
-        returns.append(_gather(attend(q_c, k_c, v_c, mask_out, plan[c][0][me]), group, plan[c][0], q_lens, result))
-        del q_c, k_c, v_c
+        out_c, lse_c = attend(q_c, k_c, v_c, mask_out, plan[c][0][me])
+        if keep is not None:
+            keep.extend([q_c, k_c, v_c, out_c, lse_c])
+        returns.append(_gather(out_c, group, plan[c][0], q_lens, result))
+        del q_c, k_c, v_c, out_c
     for finish in returns:
         finish()
+    if keep is not None and mask_out is not None:
+        keep.append(mask_out.clone())
     return result.transpose(1, 2)
+
+
+def ulysses_attention_backward(
+    dout: torch.Tensor,
+    saved: Sequence[torch.Tensor],
+    *,
+    group: dist.ProcessGroup,
+    heads: HeadSplit,
+    q_lens: Sequence[int],
+    kv_lens: Sequence[int],
+    attend_backward: Callable,
+    chunks: int,
+    shapes: tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The gradients of ``ulysses_attention`` (called with ``chunks`` and ``keep=saved``): ``dout``
+    [B, H, s_q, Dv] goes to the heads' ranks as the queries went, ``attend_backward(q, k, v, mask,
+    out, dout, lse, heads) -> (dq, dk, dv)`` runs per chunk, and the gradients come back as q, k and v
+    came (K/V heads that several ranks read — a cut GQA group — are summed). ``shapes`` are q's, k's
+    and v's local shapes. Returns (dq, dk, dv) in ``dout``'s dtype, laid out as the forward's output.
+    Bytes: the forward's exchange of q, k, v and out, in the other direction."""
+    plan = head_chunks(heads, chunks)
+    me = dist.get_rank(group)
+    (b, h, sq, d), (_, hk, skv, _), dv_ = shapes[0], shapes[1], shapes[2][-1]
+    mask = saved[5 * len(plan)] if len(saved) > 5 * len(plan) else None
+    dq = dout.new_empty(b, sq, h, d)
+    dk = dout.new_zeros(b, skv, hk, d)
+    dv = dout.new_zeros(b, skv, hk, dv_)
+
+    def post(c: int):
+        return _exchange([dout], [plan[c][0]], q_lens, group)
+
+    pending, returns = post(0), []
+    for c in range(len(plan)):
+        (dout_c,) = pending()
+        pending = post(c + 1) if c + 1 < len(plan) else None
+        q_c, k_c, v_c, out_c, lse_c = saved[5 * c : 5 * c + 5]
+        if dout_c.device.type == "cpu":
+            dout_c = dout_c.contiguous()
+        dq_c, dk_c, dv_c = attend_backward(q_c, k_c, v_c, mask, out_c, dout_c, lse_c, plan[c][0][me])
+        q_ranges, kv_ranges = plan[c]
+        returns += [_gather(dq_c.to(dout.dtype), group, q_ranges, q_lens, dq),
+                    _gather(dk_c.to(dout.dtype), group, kv_ranges, kv_lens, dk, add=True),
+                    _gather(dv_c.to(dout.dtype), group, kv_ranges, kv_lens, dv, add=True)]
+    for finish in returns:
+        finish()
+    return dq.transpose(1, 2), dk.transpose(1, 2), dv.transpose(1, 2)
 
 
 def scatter_heads(
@@ -225,9 +281,9 @@ def gather_heads(
     return result.transpose(1, 2)
 
 
-def _gather(out, group, q_ranges, q_lens, result) -> Callable[[], None]:
+def _gather(out, group, q_ranges, q_lens, result, add: bool = False) -> Callable[[], None]:
     """Post the return of ``out`` [B, h, S_q, Dv]; ``finish()`` writes every source's heads
-    (``q_ranges[src]``) into ``result`` [B, s_q, H, Dv]."""
+    (``q_ranges[src]``) into ``result`` [B, s_q, H, Dv] (adds them, with ``add``)."""
     me = dist.get_rank(group)
     b, h, _, dv = out.shape
     s = q_lens[me]
@@ -237,6 +293,7 @@ def _gather(out, group, q_ranges, q_lens, result) -> Callable[[], None]:
 
     def finish():
         for (lo, hi), piece in zip(q_ranges, wait(flat).split(recv_counts)):
-            result[:, :, lo:hi].copy_(piece.view(s, b, hi - lo, dv).transpose(0, 1))
+            view = piece.view(s, b, hi - lo, dv).transpose(0, 1)
+            result[:, :, lo:hi].add_(view) if add else result[:, :, lo:hi].copy_(view)
 
     return finish
