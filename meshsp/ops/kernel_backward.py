@@ -114,7 +114,10 @@ def local_attention_backward(q, k, v, out, dout, lse, mask_BSk=None, scale=None,
         dq, dk, dv = _math_backward(q, k, v, out, dout, lse, mask_BSk, scale, causal, bias)
         return dq, dk, dv
     width = chosen.head_dim
-    dtype = q.dtype
+    # Halves run the backward in float32: a block's shares are summed with other blocks' (ring steps,
+    # ranks, mask calls), and rounding each share to bf16 first would be worse than one process.
+    dtype = acc
+    q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
     dq, dk, dv = _cpu_backward(_pad(q, width), _pad(k, width), _pad(v, width), _pad(out.to(dtype), width),
                                _pad(dout.to(dtype), width), lse, mask_BSk, scale, causal, bias)
     return dq[..., :d].to(acc), dk[..., :d].to(acc), dv[..., :dv_].to(acc)
