@@ -10,7 +10,7 @@ import meshsp
 from meshsp import SeqLayout, shard_sequence
 from meshsp.ops import record_comm
 from mask_tasks import make_mask
-from rank_tasks import make_inputs, mesh_for, pipelined
+from rank_tasks import make_inputs, mesh_for, per_case
 
 
 def _case_mask(case: dict, q, k, pad):
@@ -24,11 +24,7 @@ def _case_mask(case: dict, q, k, pad):
 
 
 def grad_parity(cases: list[dict]) -> list[dict]:
-    out = []
-    for case in cases:
-        with pipelined(case.get("pipeline", False)):
-            out.append(_grad_parity(case))
-    return out
+    return per_case(_grad_parity, cases)
 
 
 def _reference(q, k, v, dense, causal, dout):

@@ -9,7 +9,7 @@ import meshsp
 from meshsp import SeqLayout, shard_sequence
 from meshsp.ops import record_comm
 from meshsp.ops.masks import SegmentMask
-from rank_tasks import make_inputs, mesh_for, pipelined, value_error
+from rank_tasks import make_inputs, mesh_for, per_case, value_error
 
 
 def _segments(case: dict, b: int, s: int, g: torch.Generator) -> torch.Tensor:
@@ -55,11 +55,7 @@ def make_mask(case: dict, q: torch.Tensor, k: torch.Tensor):
 
 
 def masked_parity(cases: list[dict]) -> list[dict]:
-    out = []
-    for case in cases:
-        with pipelined(case.get("pipeline", False)):
-            out.append(_masked_parity(case))
-    return out
+    return per_case(_masked_parity, cases)
 
 
 def _masked_parity(case: dict) -> dict:

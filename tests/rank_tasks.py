@@ -39,6 +39,15 @@ def make_inputs(case: dict):
     return q, k, v, mask
 
 
+def per_case(check, cases: list[dict]) -> list:
+    """``check(case)`` for each case, with Ulysses' pipelining forced on where a case asks."""
+    out = []
+    for case in cases:
+        with pipelined(case.get("pipeline", False)):
+            out.append(check(case))
+    return out
+
+
 def reference(q, k, v, mask):
     m = None if mask is None else mask[:, None, None, :]
     return F.scaled_dot_product_attention(q, k, v, attn_mask=m, enable_gqa=q.shape[1] != k.shape[1])

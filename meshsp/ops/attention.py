@@ -179,7 +179,7 @@ def _forward(q, k, v, mask, ring_group, ulysses_group, q_lens, kv_lens, ring, ul
         return _ulysses.ulysses_attention(q, k, v, mask, group=call.ulysses_pg, heads=call.heads,
                                           q_lens=call.q_layout.lens[call.r], kv_lens=call.kv_layout.lens[call.r],
                                           attend=call.attend, chunks=call.chunks(q, k, v), keep=keep)
-    out, lse = call.attend(q.contiguous() if ring > 1 else q, k, v, mask)
+    out, lse = call.attend(q, k, v, mask)
     if keep is not None:
         keep.append(lse)
     if not out.transpose(1, 2).is_contiguous():
@@ -272,7 +272,7 @@ def _sp_attention_backward_op(
             kv_lens=call.kv_layout.lens[call.r], attend_backward=call.attend_backward, chunks=chunks,
             shapes=(tuple(q_shape), tuple(k_shape), tuple(v_shape)))
     q, k, v, out, lse = saved
-    dq, dk, dv = call.attend_backward(q.contiguous() if ring > 1 else q, k, v, mask, out, dout, lse)
+    dq, dk, dv = call.attend_backward(q, k, v, mask, out, dout, lse)
     dq, dk, dv = dq.to(dout.dtype), dk.to(dout.dtype), dv.to(dout.dtype)
     if dv.untyped_storage().data_ptr() == dk.untyped_storage().data_ptr():  # the ring's one buffer
         dv = dv.clone()

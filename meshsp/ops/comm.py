@@ -98,29 +98,15 @@ class RingPass:
     Sizes are known on both sides (they follow from the global shape), so a zero-length block is
     neither sent nor received and no sizes travel. gloo's point-to-point takes no CUDA memory: GPU
     buffers on a gloo group (several ranks sharing one GPU, as the selftest runs them) travel
-    through host copies.
+    through host copies (``PointToPoint``).
     """
 
     def __init__(self, group: dist.ProcessGroup, send: torch.Tensor, recv_numel: int) -> None:
-        size = dist.get_world_size(group)
-        me = dist.get_rank(group)
-        self.device = send.device
-        if send.device.type != "cpu" and dist.get_backend(group) == "gloo":
-            send = send.cpu()
-        self._send = send  # alive until the send completes (a staged copy has no other owner)
-        self.recv = send.new_empty(recv_numel)
-        ops = []
-        if send.numel():
-            ops.append(dist.P2POp(dist.isend, send, dist.get_global_rank(group, (me + 1) % size), group))
-            _count("p2p", send.numel() * send.element_size())
-        if recv_numel:
-            ops.append(dist.P2POp(dist.irecv, self.recv, dist.get_global_rank(group, (me - 1) % size), group))
-        self._works = dist.batch_isend_irecv(ops) if ops else []
+        size, me = dist.get_world_size(group), dist.get_rank(group)
+        self._pass = PointToPoint(group, [(send, (me + 1) % size)], [(recv_numel, (me - 1) % size)], send)
 
     def wait(self) -> torch.Tensor:
-        for work in self._works:
-            work.wait()
-        return self.recv.to(self.device, non_blocking=True)
+        return self._pass.wait()[0]
 
 
 class PointToPoint:

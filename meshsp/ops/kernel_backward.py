@@ -103,7 +103,7 @@ def local_attention_backward(q, k, v, out, dout, lse, mask_BSk=None, scale=None,
     """
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32
     b, h, sq, d = q.shape
-    hk, sk, dv_ = k.shape[1], k.shape[2], v.shape[-1]
+    sk, dv_ = k.shape[2], v.shape[-1]
     if sq == 0 or sk == 0 or h == 0:
         return (q.new_zeros(q.shape, dtype=acc), k.new_zeros(k.shape, dtype=acc), v.new_zeros(v.shape, dtype=acc))
     scale = d ** -0.5 if scale is None else scale
