@@ -31,7 +31,10 @@ def _check_seconds(name: str, value: object, *, none_ok: bool) -> None:
 
 @dataclass(frozen=True, kw_only=True)
 class ParallelConfig:
-    """Degrees of the ``("cfg", "ring", "ulysses", "tp")`` mesh and the Ulysses mode.
+    """Degrees of the ``("dp", "cfg", "ring", "ulysses", "tp")`` mesh and the Ulysses mode.
+
+    ``data_parallel_size`` (training only, ``meshsp train``) replicates the whole sequence-parallel
+    layout over the outermost ``dp`` axis; each data rank takes its slice of the global batch.
 
     ``tensor_parallel_size`` shards the transformer's weights over the innermost ``tp`` axis (each
     rank holds ``1 / tp`` of the attention and MLP weights and runs on ``heads / tp`` heads);
@@ -54,6 +57,7 @@ class ParallelConfig:
     ulysses_mode: str = "strict"
     cfg_degree: int = 1
     tensor_parallel_size: int = 1
+    data_parallel_size: int = 1
     # Seconds one collective may wait before the process group gives up (see docs/failures.md).
     timeout_s: float = field(default=600.0)
     # Seconds a whole call on the engine's spawned workers may run (a generation: many collectives),
@@ -66,6 +70,7 @@ class ParallelConfig:
         _check_degree("ring_degree", self.ring_degree)
         _check_degree("cfg_degree", self.cfg_degree)
         _check_degree("tensor_parallel_size", self.tensor_parallel_size)
+        _check_degree("data_parallel_size", self.data_parallel_size)
         if self.cfg_degree > 2:
             raise ValueError(
                 f"cfg_degree must be 1 or 2 (conditional and unconditional branch), got {self.cfg_degree}."
@@ -89,7 +94,7 @@ class ParallelConfig:
 
     @property
     def world_size(self) -> int:
-        return self.cfg_degree * self.sequence_parallel_size * self.tensor_parallel_size
+        return self.data_parallel_size * self.cfg_degree * self.sequence_parallel_size * self.tensor_parallel_size
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -1,8 +1,9 @@
-"""Build the ``("cfg", "ring", "ulysses", "tp")`` device mesh from a ``ParallelConfig``.
+"""Build the ``("dp", "cfg", "ring", "ulysses", "tp")`` device mesh from a ``ParallelConfig``.
 
 ``tp`` is the innermost axis (its all-reduces run on every layer: the fastest link), then
 ``ulysses`` (a run of contiguous ranks: one node); ``ring`` is strided and may cross nodes, where its
-P2P traffic overlaps compute. Axes of size 1 other than ``ring`` and ``ulysses`` are left out.
+P2P traffic overlaps compute; ``dp`` (training's data ranks) is outermost, its gradient reduction
+the least frequent. Axes of size 1 other than ``ring`` and ``ulysses`` are left out.
 
 The mesh's device follows the process group's backend: gloo runs on CPU tensors, NCCL on the rank's
 own GPU, one GPU per rank (``check_gpus``: two NCCL ranks on one GPU fail or hang).
@@ -91,9 +92,10 @@ def check_world_size(config: ParallelConfig) -> None:
     world = _world_size()
     if world != config.world_size:
         raise ValueError(
-            f"the process world size is {world} but the config needs cfg_degree x ring_degree x "
-            f"ulysses_degree x tensor_parallel_size = {config.cfg_degree} x {config.ring_degree} x "
-            f"{config.ulysses_degree} x {config.tensor_parallel_size} = {config.world_size}; launch "
+            f"the process world size is {world} but the config needs data_parallel_size x cfg_degree x "
+            f"ring_degree x ulysses_degree x tensor_parallel_size = {config.data_parallel_size} x "
+            f"{config.cfg_degree} x {config.ring_degree} x {config.ulysses_degree} x "
+            f"{config.tensor_parallel_size} = {config.world_size}; launch "
             f"{config.world_size} processes or change the degrees."
         )
 
@@ -101,8 +103,9 @@ def check_world_size(config: ParallelConfig) -> None:
 def init_sp_mesh(config: ParallelConfig, device_type: str | None = None) -> DeviceMesh:
     """Return the named mesh for ``config``, initialising the process group when needed.
 
-    The mesh is ``("ring", "ulysses")``, with ``"cfg"`` in front when ``cfg_degree > 1`` and ``"tp"``
-    behind when ``tensor_parallel_size > 1``. ``device_type`` defaults to the existing process
+    The mesh is ``("ring", "ulysses")``, with ``"cfg"`` in front when ``cfg_degree > 1`` (and
+    ``"dp"`` before it when ``data_parallel_size > 1``) and ``"tp"`` behind when
+    ``tensor_parallel_size > 1``. ``device_type`` defaults to the existing process
     group's device (gloo: CPU, NCCL: the rank's GPU), else CUDA where present (with NCCL, one GPU per
     rank on the node: ``check_gpus``).
 
@@ -115,7 +118,7 @@ def init_sp_mesh(config: ParallelConfig, device_type: str | None = None) -> Devi
     check_world_size(config)
     device_type = _device_type(device_type)
     start_process_group(device_type, config.timeout_s)
-    axes = [("cfg", config.cfg_degree), ("ring", config.ring_degree), ("ulysses", config.ulysses_degree),
+    axes = [("dp", config.data_parallel_size), ("cfg", config.cfg_degree), ("ring", config.ring_degree), ("ulysses", config.ulysses_degree),
             ("tp", config.tensor_parallel_size)]
     axes = [(name, size) for name, size in axes if size > 1 or name in ("ring", "ulysses")]
     return init_device_mesh(device_type, tuple(s for _, s in axes), mesh_dim_names=tuple(n for n, _ in axes))
