@@ -25,9 +25,10 @@ import torch.nn.functional as F
 __all__ = ["draw_noise", "flow_loss", "noisy_and_target", "sample_generator"]
 
 
-def sample_generator(seed: int, step: int, position: int) -> torch.Generator:
-    """A CPU generator of its own for one sample of one step (a 63-bit seed from the triple)."""
-    return torch.Generator().manual_seed(random.Random(f"{seed}:{step}:{position}").getrandbits(63))
+def sample_generator(seed: int, step: int, position: int, stream: str = "noise") -> torch.Generator:
+    """A CPU generator of its own for one sample of one step (a 63-bit seed from the tuple); ``stream``
+    keeps independent draws apart (``"noise"``: sigma and noise, ``"vae"``: the latent sample)."""
+    return torch.Generator().manual_seed(random.Random(f"{stream}:{seed}:{step}:{position}").getrandbits(63))
 
 
 def draw_noise(x0: torch.Tensor, *, seed: int, step: int, positions: list[int]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,0 +1,37 @@
+"""Rank-side work of tests/test_train.py: losses and gradients of a few training steps per layout."""
+
+from __future__ import annotations
+
+import torch
+from torch.distributed.tensor import DTensor
+
+from meshsp.config import ParallelConfig
+from meshsp.train.config import TrainConfig
+from meshsp.train.loop import Trainer
+
+
+def _full(t: torch.Tensor) -> torch.Tensor:
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+def gradients(trainer: Trainer, step: int) -> dict[str, torch.Tensor]:
+    """Every trainable parameter's gradient of ``step``'s loss, whole (FSDP shards gathered)."""
+    trainer.optimizer.zero_grad(set_to_none=True)
+    trainer.loss(step).backward()
+    grads = {}
+    for name, p in trainer.model.named_parameters():
+        if p.requires_grad:
+            # a parameter the loss does not reach has no gradient: zeros, as FSDP may report it
+            grad = torch.zeros(p.shape) if p.grad is None else _full(p.grad).clone()
+            grads[name.replace("._checkpoint_wrapped_module", "")] = grad
+    trainer.optimizer.zero_grad(set_to_none=True)
+    return grads
+
+
+def losses(train: dict, parallel: dict, steps: int, with_grads: bool = False) -> dict:
+    """Losses of ``steps`` optimizer steps (the global-batch mean, on every rank), and with
+    ``with_grads`` the gradients of step 0 before any update."""
+    trainer = Trainer(TrainConfig(**train), ParallelConfig(**parallel), progress=False)
+    out = {"grads": gradients(trainer, 0) if with_grads else None}
+    out["losses"] = [trainer.train_step() for _ in range(steps)]
+    return out
