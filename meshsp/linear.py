@@ -43,12 +43,12 @@ from __future__ import annotations
 import weakref
 
 import torch
-import torch.distributed._functional_collectives as funcol
 import torch.nn as nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_leaves
 
+from meshsp.ops.adjoint import all_reduce_sum
 from meshsp.ops.comm import _count
 from meshsp.styles import SPMesh, _Bound, scope_mode
 
@@ -68,7 +68,7 @@ def all_reduce_sp(t: torch.Tensor, sp: SPMesh) -> torch.Tensor:
     for axis, group in (("ulysses", sp.ulysses_group), ("ring", sp.ring_group)):
         if group is not None:
             _count(f"linear_{axis}", t.numel() * t.element_size())
-            t = funcol.wait_tensor(funcol.all_reduce(t, "sum", group))
+            t = all_reduce_sum(t, group)  # the backward all-reduces the gradient (its adjoint)
     return t.to(dtype)
 
 

@@ -27,7 +27,6 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
-import torch.distributed._functional_collectives as funcol
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.distributed.device_mesh import DeviceMesh
@@ -39,6 +38,7 @@ from meshsp.attention_masks import SegmentRuns, global_pairs, is_local_pairwise,
 from meshsp.ops.attention import sp_attention
 from meshsp.ops.blocks import PairMask
 from meshsp.ops.masks import SegmentMask, segment_runs
+from meshsp.ops.adjoint import gather
 from meshsp.ops.consensus import agree, describe
 from meshsp.ops.flex import RoutesFlex, hand_masks_over, is_flex_call, plan_flex
 from meshsp.ops.replicated import replicated_query_attention
@@ -121,8 +121,8 @@ def _as_seqdim(spec) -> SeqDim:
 
 
 def _all_gather(t: torch.Tensor, group) -> torch.Tensor:
-    """Concatenate every group rank's ``t`` along dim 0."""
-    return funcol.wait_tensor(funcol.all_gather_single(t.contiguous(), 0, group))
+    """Concatenate every group rank's ``t`` along dim 0 (the backward reduce-scatters: its adjoint)."""
+    return gather(t, group)
 
 
 class SPMesh:

@@ -46,14 +46,16 @@ from torch.distributed.tensor.parallel import ColwiseParallel as _TorchColwise
 from torch.distributed.tensor.parallel import RowwiseParallel as _TorchRowwise
 from torch.distributed.tensor.parallel.style import ParallelStyle
 
+from meshsp.ops.adjoint import all_reduce_sum
 from meshsp.ops.comm import _count
 
 __all__ = ["ColwiseParallel", "HeadShardedNorm", "LocalHeads", "PackedColwiseParallel", "PackedRowwiseParallel",
            "RowwiseParallel", "ShardFeatures", "TPSlice", "TP_STYLES", "loaded_tp_size", "param_slices", "set_shard",
-           "tp_requirements"]
+           "tp_requirements", "tp_slice"]
 
 HEAD_ATTRIBUTES = ("heads", "inner_dim", "inner_kv_dim", "kv_heads", "mlp_hidden_dim")
 _LOADED = "_meshsp_loaded_shards"  # module attribute: {parameter name: (TPSlice, tp mesh)} read sharded
+_SLICES = "_meshsp_tp_slices"  # module attribute: {parameter name: (TPSlice, tp mesh)} of every sharded one
 
 
 @dataclass(frozen=True)
@@ -94,6 +96,7 @@ def set_shard(module: nn.Module, name: str, local: torch.Tensor, part: TPSlice, 
     requires_grad = module._parameters[name].requires_grad
     module.register_parameter(name, nn.Parameter(DTensor.from_local(local, mesh, [part.placement], run_check=False),
                                                  requires_grad=requires_grad))
+    module.__dict__.setdefault(_SLICES, {})[name] = (part, mesh)
     if loaded:
         module.__dict__.setdefault(_LOADED, {})[name] = (part, mesh)
 
@@ -128,6 +131,11 @@ def param_slices(style: ParallelStyle, module: nn.Module) -> dict[str, TPSlice]:
         raise ValueError(f"{type(style).__name__} is not one of meshsp's tp styles ({sorted(TP_STYLES)}), so what it "
                          "keeps of each parameter is not known; use the styles of meshsp.tp in the plan.")
     return slices(module)
+
+
+def tp_slice(module: nn.Module, name: str) -> tuple[TPSlice, DeviceMesh] | None:
+    """What this rank holds of ``module``'s parameter ``name`` and on which tp mesh; None if not sharded."""
+    return module.__dict__.get(_SLICES, {}).get(name)
 
 
 def loaded_tp_size(model: nn.Module) -> int | None:
@@ -269,7 +277,38 @@ class LocalHeads(ParallelStyle):
 
         module.register_forward_pre_hook(enter)
         module.register_forward_hook(leave, always_call=True)
+        _sum_head_norm_gradients(module, device_mesh)
         return module
+
+
+def _head_norm_parameters(module: nn.Module) -> list[nn.Parameter]:
+    """The plain parameters of ``module``'s per-head norms (q/k RMSNorms over one head's features)."""
+    heads, inner = getattr(module, "heads", None), getattr(module, "inner_dim", None)
+    if not isinstance(heads, int) or not isinstance(inner, int) or not heads or inner % heads:
+        return []
+    head_dim = inner // heads
+    out = []
+    for child in module.children():
+        params = list(child.parameters())
+        if params and _norm_features(child) == head_dim and all(
+                not isinstance(p, DTensor) and p.dim() == 1 and p.numel() == head_dim for p in params):
+            out.extend(params)
+    return out
+
+
+def _sum_head_norm_gradients(module: nn.Module, device_mesh: DeviceMesh) -> None:
+    """A per-head norm's weight is whole on every tp rank but each rank applies it to its own heads
+    only, so each rank's gradient is a part: the whole gradient is their sum over ``tp`` (one
+    all-reduce of ``head_dim`` numbers per use, as each use's gradient arrives)."""
+    group = device_mesh.get_group()
+
+    def summed(grad: torch.Tensor) -> torch.Tensor:
+        n = group.size()
+        _count("tp_all_reduce", 2 * (n - 1) * grad.numel() * grad.element_size() // n)
+        return funcol.wait_tensor(funcol.all_reduce(grad.contiguous(), "sum", group))
+
+    for param in _head_norm_parameters(module):
+        param.register_hook(summed)
 
 
 class ShardFeatures(ParallelStyle):
@@ -304,13 +343,15 @@ class ShardFeatures(ParallelStyle):
 
 
 def _sharded_rms_norm(module: nn.Module, group, features: int, hidden_states: torch.Tensor) -> torch.Tensor:
-    x = hidden_states.float()  # [..., features / tp]
-    squares = funcol.all_reduce(x.pow(2).sum(-1, keepdim=True), "sum", group)
+    # [..., features / tp], accumulated as torch.nn.RMSNorm does: float32 for 16-bit inputs
+    x = hidden_states.to(torch.float64 if hidden_states.dtype == torch.float64 else torch.float32)
+    squares = x.pow(2).sum(-1, keepdim=True)
     _count("tp_all_reduce", 2 * (group.size() - 1) * squares.numel() * squares.element_size() // group.size())
-    x = x * torch.rsqrt(funcol.wait_tensor(squares) / features + module.eps)
+    # every rank's features are its own: the sum's gradient is the sum of the ranks' parts (the adjoint)
+    x = x * torch.rsqrt(all_reduce_sum(squares, group) / features + module.eps)
     weight = getattr(module, "weight", None)
     if weight is not None:
-        x = x * weight.to_local().float()
+        x = x * weight.to_local().to(x.dtype)
     return x.to(hidden_states.dtype)
 
 

@@ -328,6 +328,14 @@ def _check_global_mask(g: GlobalMask, q_layout: SeqLayout, kv_layout: SeqLayout)
         )
 
 
+def _refuse_backward(q, k, v) -> None:
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
+        raise ValueError(
+            "flex_attention on sequence-sharded q/k/v has no backward yet (its Ulysses and Ring exchanges "
+            "are forward only): run it under torch.no_grad() (inference), or train with "
+            "F.scaled_dot_product_attention, whose sequence-parallel backward is exact.")
+
+
 def _sp_flex(q, k, v, g: GlobalMask, *, ring_group, ulysses_group, q_layout, kv_layout, uaa, scale, validate,
              with_lse=True):
     r = dist.get_rank(ring_group) if ring_group is not None else 0
@@ -337,6 +345,7 @@ def _sp_flex(q, k, v, g: GlobalMask, *, ring_group, ulysses_group, q_layout, kv_
     try:
         check_attention_inputs(q, k, v, None, **check)
         _check_global_mask(g, q_layout, kv_layout)
+        _refuse_backward(q, k, v)
     except Exception as exc:  # any local failure must reach every rank before the first collective
         if not validate:
             raise

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["compare", "local_bytes", "parity", "verify"]
+__all__ = ["compare", "compare_gradients", "gradient_parity", "local_bytes", "parity", "verify"]
 
 LAYOUTS = ((1, 2), (2, 1), (2, 2))  # (ring, ulysses): U2, R2, U2xR2
 
@@ -75,6 +75,106 @@ def compare(build, forward, apply, *, where: str, ring: int, ulysses: int, tp: i
     assert (mine < full) == (tp > 1), f"{where}: {mine} of {full} parameter and buffer bytes on this rank"
     return {"diff": (out - expected).abs().max().item(), "scale": scale, "calls": dict(calls),
             "bytes": dict(stats.bytes_sent), "model": model, "param_bytes": mine, "full_param_bytes": full}
+
+
+def _gradients(model: torch.nn.Module, like: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """Every parameter's gradient as this rank holds it (a tp-sharded one: its local part; none:
+    zeros); with ``like`` (whole gradients by name), the parts of those this rank holds instead."""
+    from torch.distributed.tensor import DTensor
+
+    from meshsp.tp import tp_slice
+
+    out = {}
+    for module_name, module in model.named_modules():
+        for name, p in module.named_parameters(recurse=False):
+            key = f"{module_name}.{name}" if module_name else name
+            if like is not None:
+                part = tp_slice(module, name)
+                out[key] = like[key] if part is None else part[0].take(like[key], part[1])
+                continue
+            g = p.grad if p.grad is not None else torch.zeros_like(p)
+            out[key] = g.to_local() if isinstance(g, DTensor) else g
+    return out
+
+
+def compare_gradients(build, forward, apply, *, mesh, where: str, tol: float = 1e-9) -> dict:
+    """The backward check every gradient-parity run makes on one rank: the loss ``sum(out * w)`` of
+    ``forward(model)`` (``w`` seeded, the same on every rank) backpropagated through a model from
+    ``build()`` and through a fresh one parallelized by ``apply(model)`` on ``mesh``. Every rank
+    computes the whole loss; under meshsp's convention (``meshsp.ops.adjoint``) each parameter's
+    gradient summed over the SP ranks is ``sp`` times the single-device one, which is what FSDP's
+    mean over the data x sequence ranks relies on. Raises unless that holds for every parameter
+    within ``tol`` of the gradients' scale. Returns the largest difference, the scale, the number of
+    parameters and the forward and backward communication.
+
+    Example::
+
+        compare_gradients(lambda: build(cls).double(), lambda m: output_of(m, m(**inputs)),
+                          lambda m: parallelize(m, mesh, get_plan(m)), mesh=mesh, where=cls)
+    """
+    import torch.distributed as dist
+
+    from meshsp.ops import record_comm
+    from meshsp.styles import SPMesh
+
+    reference = build()
+    out = forward(reference)
+    weight = torch.randn(out.shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64).to(out.dtype)
+    (out * weight).sum().backward()
+    whole = _gradients(reference)
+    model = build()
+    apply(model)
+    with record_comm() as stats:
+        parallel_out = forward(model)
+        (parallel_out * weight).sum().backward()
+    torch.testing.assert_close(parallel_out.detach(), out.detach(), msg=lambda m: f"{where} forward: {m}")
+    sp = SPMesh(mesh)
+    mine = _gradients(model)
+    names = list(mine)
+    expected = torch.cat([g.reshape(-1) for g in _gradients(model, like=whole).values()])
+    got = torch.cat([mine[n].reshape(-1) for n in names])
+    for group in (sp.ulysses_group, sp.ring_group):
+        if group is not None:
+            dist.all_reduce(got, group=group)
+    got = got / (sp.ring * sp.ulysses)
+    scale = expected.abs().max().item()
+    diff = (got - expected).abs()
+    if not bool((diff <= tol * max(scale, 1.0)).all()):
+        sizes = [mine[n].numel() for n in names]
+        worst = max(range(len(names)), key=lambda i: diff.split(sizes)[i].max().item())
+        raise AssertionError(f"{where}: parameter gradients differ from one device's: largest "
+                             f"{diff.max().item():.3e} (scale {scale:.3e}), worst parameter {names[worst]!r}")
+    return {"diff": diff.max().item(), "scale": scale, "params": len(names), "calls": dict(stats.calls),
+            "bytes": dict(stats.bytes_sent)}
+
+
+def gradient_parity(cls: str, ring: int, ulysses: int, *, tp: int = 1, mode: str = "advanced_uaa",
+                    heads: int | None = 3, grid: dict | None = None, tol: float = 1e-9) -> dict:
+    """On one rank: every parameter's gradient of tiny ``cls`` in float64 with its plan on a
+    ring x ulysses x tp mesh against one device's (``compare_gradients``).
+
+    Example::
+
+        pool.run(gradient_parity, "FluxTransformer2DModel", 1, 2)   # on 2 gloo ranks
+    """
+    from meshsp.bench import sp_mesh
+    from meshsp.plans import get_plan, parallelize
+    from meshsp.zoo import build, inputs_for, output_of
+
+    grid = grid or grid_for(cls)
+    mesh = sp_mesh(ring, ulysses, tp)
+
+    def double(v):
+        if isinstance(v, (list, tuple)):
+            return type(v)(double(x) for x in v)
+        return v.double() if isinstance(v, torch.Tensor) and v.is_floating_point() else v
+
+    def forward(model):
+        return output_of(model, model(**{k: double(v) for k, v in inputs_for(model, **grid).items()}))
+
+    return compare_gradients(lambda: build(cls, heads=heads).double(), forward,
+                             lambda m: parallelize(m, mesh, get_plan(m, ulysses_mode=mode)), mesh=mesh,
+                             where=f"{cls} gradients R{ring}xU{ulysses}xTP{tp} {mode} {grid}", tol=tol)
 
 
 def parity(cls: str, ring: int, ulysses: int, plan_dict: dict | None = None, *, tp: int = 1,

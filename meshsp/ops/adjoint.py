@@ -1,0 +1,87 @@
+"""Collectives on activations whose backward is their adjoint, for training through a plan.
+
+The convention (docs/training.md): every rank computes the whole loss, and a backward is the exact
+adjoint of the SPMD program, as if each rank's loss were added up. Then every parameter's gradient,
+summed over the sequence-parallel ranks, is ``sp`` times the single-device gradient, whichever part
+of the model (sharded or run whole on every rank) the parameter serves — so FSDP's mean over the data
+x sequence ranks is exact, with no correction for the degree.
+
+* ``gather``: all-gather along dim 0; its adjoint is the reduce-scatter sum of the gradient (each
+  rank's slice, summed over every rank's gradient of the whole tensor). Counted as
+  ``reduce_scatter`` when the backward runs.
+* ``all_reduce_sum``: all-reduce sum; its adjoint all-reduces the gradient (``backward="sum"``).
+  On the ``tp`` axis, where the reduced value feeds per-rank (sharded) work, the same holds: the
+  whole gradient is the sum of the ranks' parts.
+
+Integer tensors and tensors that do not require grad pass through the plain collective.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.distributed._functional_collectives as funcol
+
+from meshsp.ops.comm import _count
+
+__all__ = ["all_reduce_sum", "gather"]
+
+
+def _gather(t: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
+    return funcol.wait_tensor(funcol.all_gather_single(t.contiguous(), 0, group))
+
+
+def _reduce_scatter(t: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
+    size = dist.get_world_size(group)
+    _count("reduce_scatter", t.numel() * t.element_size() * (size - 1) // size)
+    return funcol.wait_tensor(funcol.reduce_scatter_single(t.contiguous(), "sum", 0, group))
+
+
+def _all_reduce(t: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
+    return funcol.wait_tensor(funcol.all_reduce(t.contiguous(), "sum", group))
+
+
+class _Gather(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, t, group):
+        ctx.group = group
+        return _gather(t, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _reduce_scatter(grad, ctx.group), None
+
+
+class _AllReduceSum(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, t, group):
+        ctx.group = group
+        return _all_reduce(t, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _all_reduce(grad, ctx.group), None
+
+
+def _tracked(t: torch.Tensor) -> bool:
+    return torch.is_grad_enabled() and t.requires_grad
+
+
+def gather(t: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
+    """Every group rank's ``t`` concatenated along dim 0; the backward reduce-scatters (sums).
+
+    Example::
+
+        whole = gather(local_BSC.movedim(1, 0), group).movedim(0, 1)
+    """
+    return _Gather.apply(t, group) if _tracked(t) else _gather(t, group)
+
+
+def all_reduce_sum(t: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
+    """The sum of every group rank's ``t``; the backward all-reduces the gradient (its adjoint).
+
+    Example::
+
+        state = all_reduce_sum(keys.transpose(-1, -2) @ values, group)
+    """
+    return _AllReduceSum.apply(t, group) if _tracked(t) else _all_reduce(t, group)
