@@ -1,4 +1,4 @@
-"""``meshsp`` command line: ``demo``, ``selftest``, ``generate``, ``serve``, ``plan``, ``bench``."""
+"""``meshsp`` command line: ``demo``, ``selftest``, ``generate``, ``serve``, ``plan``, ``bench``, ``train``."""
 
 from __future__ import annotations
 
@@ -540,6 +540,13 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--cache-steps", type=int, default=20)
     bench.add_argument("--cache-threshold", type=float, default=None, help="serve: first-block's threshold")
     bench.set_defaults(func=_bench)
+
+    from meshsp.train.cli import add_train_args, run_train
+
+    trn = sub.add_parser("train", help="fine-tune a pipeline's transformer (flow matching) on data x sequence-"
+                         "parallel ranks: FSDP2, LoRA, checkpoints, the trained pipeline exported")
+    add_train_args(trn)
+    trn.set_defaults(func=run_train)
     return parser
 
 

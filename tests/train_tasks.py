@@ -6,6 +6,7 @@ import torch
 from torch.distributed.tensor import DTensor
 
 from meshsp.config import ParallelConfig
+from meshsp.ops import record_comm
 from meshsp.train.config import TrainConfig
 from meshsp.train.loop import Trainer
 
@@ -32,6 +33,8 @@ def losses(train: dict, parallel: dict, steps: int, with_grads: bool = False) ->
     """Losses of ``steps`` optimizer steps (the global-batch mean, on every rank), and with
     ``with_grads`` the gradients of step 0 before any update."""
     trainer = Trainer(TrainConfig(**train), ParallelConfig(**parallel), progress=False)
-    out = {"grads": gradients(trainer, 0) if with_grads else None}
+    with record_comm() as stats:  # the plan really splits the sequence: attention sends bytes
+        out = {"grads": gradients(trainer, 0) if with_grads else None}
+    out["bytes"] = sum(stats.bytes_sent.values())
     out["losses"] = [trainer.train_step() for _ in range(steps)]
     return out
