@@ -102,10 +102,11 @@ def parallelize_pipeline(pipe, config_or_mesh: ParallelConfig | DeviceMesh, *, u
     if isinstance(getattr(pipe, "meshsp", None), PipelineParallelism):
         raise ValueError(f"this {type(pipe).__name__} is already parallelized (pipe.meshsp); parallelize_pipeline "
                          "takes a freshly loaded pipeline: load it again for another layout.")
+    dp = getattr(config_or_mesh, "data_parallel_size", 1)
+    if dp > 1:
+        raise ValueError(f"data_parallel_size={dp} is for training (meshsp train, meshsp.train); a pipeline "
+                         "generates with data_parallel_size=1.")
     config, mesh = _config_and_mesh(config_or_mesh, ulysses_mode)
-    if config.data_parallel_size > 1:
-        raise ValueError(f"data_parallel_size={config.data_parallel_size} is for training (meshsp train, "
-                         "meshsp.train); a pipeline generates with data_parallel_size=1.")
     models = {name: getattr(pipe, name) for name in TRANSFORMERS if isinstance(getattr(pipe, name, None), nn.Module)}
     if not models or not hasattr(pipe, "components"):
         raise ValueError(f"parallelize_pipeline takes a diffusers pipeline with a transformer ({' or '.join(TRANSFORMERS)}); "

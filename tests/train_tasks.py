@@ -38,3 +38,23 @@ def losses(train: dict, parallel: dict, steps: int, with_grads: bool = False) ->
     out["bytes"] = sum(stats.bytes_sent.values())
     out["losses"] = [trainer.train_step() for _ in range(steps)]
     return out
+
+
+def resume_runs(train: dict, parallel: dict, whole: str, split: str) -> dict:
+    """Steps 0..4 in one run into ``whole``; steps 0..2, then a resumed run to 4, into ``split``."""
+    par = ParallelConfig(**parallel)
+    train = {k: v for k, v in train.items() if k not in ("steps", "output", "resume")}
+    one = Trainer(TrainConfig(**train, steps=5, output=whole), par, progress=False).run()
+    Trainer(TrainConfig(**train, steps=3, output=split), par, progress=False).run()
+    resumed = Trainer(TrainConfig(**train, steps=5, output=split, resume=True), par, progress=False)
+    return {"whole": one, "resumed": resumed.run()}
+
+
+def lora_run(train: dict, parallel: dict) -> dict:
+    """A LoRA run: which parameters train, the losses, and what it exported."""
+    trainer = Trainer(TrainConfig(**train), ParallelConfig(**parallel), progress=False)
+    trainable = sorted(n.replace("._checkpoint_wrapped_module", "") for n, p in trainer.model.named_parameters()
+                       if p.requires_grad)
+    frozen = sum(1 for _, p in trainer.model.named_parameters() if not p.requires_grad)
+    records = trainer.run()
+    return {"trainable": trainable, "frozen": frozen, "losses": [r["loss"] for r in records]}

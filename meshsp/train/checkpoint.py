@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
 __all__ = ["checkpoint_dir", "latest_checkpoint", "load_checkpoint", "save_checkpoint"]
@@ -69,8 +70,15 @@ def load_checkpoint(path: str | Path, *, model: torch.nn.Module, optimizer: torc
     """Restore model, optimizer and this rank's RNG from ``path``; returns the completed steps."""
     path = Path(path)
     model_state, optim_state = get_state_dict(model, optimizer)
+    saved = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
+    missing = sorted(f"model.{k}" for k in model_state if f"model.{k}" not in saved)
+    if missing:
+        raise ValueError(f"checkpoint {str(path)!r} lacks {len(missing)} model entries ({missing[:3]} ...): it is of "
+                         "another model or LoRA rank; resume with the run's own settings or a new --output.")
     state = {"model": model_state, "optim": optim_state}
-    dcp.load(state, checkpoint_id=str(path))
+    # Partial: a parameter the loss never reached has no optimizer state in the checkpoint (AdamW
+    # creates it at the first gradient); its freshly initialised state stays, unused as before.
+    dcp.load(state, checkpoint_id=str(path), planner=DefaultLoadPlanner(allow_partial_load=True))
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
     rng = path / f"rng-rank{_rank()}.pt"
     if rng.is_file():  # absent when the checkpoint came from a smaller world
