@@ -60,6 +60,17 @@ def test_layout_matches_one_process(layouts, reference, layout):
     assert any(g.abs().sum() > 0 for g in got["grads"].values())
 
 
+@pytest.mark.parametrize("model", ["tiny-flux", "tiny-wan"])
+def test_other_families_on_ulysses_match_one_process(pools, model):
+    """Flux and Wan through their adapters on U2: the loss and every gradient of step 0 as one process."""
+    train = dict(TRAIN, model=model)
+    want = train_tasks.losses(train, {}, 1, with_grads=True)
+    got = pools(2).run(train_tasks.losses, train, LAYOUTS_2["U2"], 1, True)[0]
+    torch.testing.assert_close(torch.tensor(got["losses"]), torch.tensor(want["losses"]), rtol=1e-5, atol=1e-6)
+    _close_grads(got["grads"], want["grads"], f"{model} U2")
+    assert got["bytes"] > 0
+
+
 @pytest.mark.parametrize("name", ["tiny-qwen-image", "tiny-flux", "tiny-wan"])
 def test_adapter_prediction_is_the_pipelines(name):
     """The transformer prediction the adapter makes equals the pipeline's own first-step call."""

@@ -25,13 +25,16 @@ Example::
 
 from __future__ import annotations
 
+import abc
+
 import torch
 
 __all__ = ["FluxAdapter", "PipelineAdapter", "QwenImageAdapter", "WanAdapter", "adapter_for"]
 
 
-class PipelineAdapter:
-    """The shared part: one VAE sample per image, each from its own generator."""
+class PipelineAdapter(abc.ABC):
+    """The shared part: one VAE sample per image, each from its own generator; a family says how
+    to encode text, lay out latents and call its transformer."""
 
     family = ""
 
@@ -45,8 +48,9 @@ class PipelineAdapter:
         """What ``pipe(...)`` needs besides the prompt to run the loop this adapter mirrors."""
         return {"height": self.resolution, "width": self.resolution}
 
+    @abc.abstractmethod
     def encode_text(self, captions: list[str]) -> dict:
-        raise NotImplementedError
+        """The transformer's text keyword arguments for ``captions`` (no gradient)."""
 
     def _raw_latents(self, images: torch.Tensor, generators: list[torch.Generator]) -> torch.Tensor:
         vae = self.pipe.vae
@@ -55,11 +59,13 @@ class PipelineAdapter:
             return torch.cat([vae.encode(images[i : i + 1]).latent_dist.sample(generator=g)
                               for i, g in enumerate(generators)])
 
+    @abc.abstractmethod
     def encode_images(self, images: torch.Tensor, generators: list[torch.Generator]) -> torch.Tensor:
-        raise NotImplementedError
+        """Images ``[B, 3, S, S]`` in ``[-1, 1]`` -> normalised latents as the transformer takes them."""
 
+    @abc.abstractmethod
     def predict(self, transformer, x_t: torch.Tensor, timesteps: torch.Tensor, text: dict) -> torch.Tensor:
-        raise NotImplementedError
+        """The transformer's prediction for ``x_t`` at ``timesteps`` (the scheduler's ``[0, 1000]``)."""
 
 
 def _mean_std(vae, dims: int, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

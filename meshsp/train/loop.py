@@ -14,8 +14,6 @@ Example::
 
 from __future__ import annotations
 
-import json
-import logging
 import time
 from pathlib import Path
 
@@ -30,10 +28,7 @@ from meshsp.train.data import local_batch, make_dataset
 from meshsp.train.flow import draw_noise, flow_loss, noisy_and_target, sample_generator
 from meshsp.train.parallel import mean_over_ranks, prepare_transformer, train_mesh, trainable_parameters
 
-__all__ = ["Trainer"]
-
-logger = logging.getLogger(__name__)
-
+__all__ = ["Trainer", "load_frozen_pipeline"]
 
 def _rank() -> int:
     return dist.get_rank() if dist.is_initialized() else 0

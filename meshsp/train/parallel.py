@@ -29,8 +29,8 @@ from torch.distributed.device_mesh import DeviceMesh
 
 from meshsp.config import ParallelConfig
 
-__all__ = ["BLOCK_LISTS", "LORA_TARGETS", "add_lora", "merge_lora", "prepare_transformer", "train_mesh",
-           "trainable_parameters"]
+__all__ = ["BLOCK_LISTS", "LORA_TARGETS", "add_lora", "blocks", "mean_over_ranks", "merge_lora", "prepare_transformer",
+           "train_mesh", "trainable_parameters"]
 
 BLOCK_LISTS = ("transformer_blocks", "single_transformer_blocks", "blocks")  # Qwen-Image / Flux / Wan
 # diffusers' attention projections: image stream, text stream (joint attention), output
