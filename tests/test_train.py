@@ -190,7 +190,7 @@ def test_folder_dataset_and_batch_slices(tmp_path):
     (dict(batch_size=-2), "batch_size"),
     (dict(learning_rate=0), "learning_rate must be a positive number"),
     (dict(lora_rank=-1), "lora_rank"),
-    (dict(resolution=50), "multiple of 16; try 48"),
+    (dict(resolution=50), r"resolution=50 must be a multiple of 16 .*; try 48"),
     (dict(model=""), "model must be"),
     (dict(output=""), "output must be"),
 ])
