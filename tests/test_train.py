@@ -244,9 +244,13 @@ def test_refused_before_any_rank_starts(tmp_path, monkeypatch, capsys):
     assert not (tmp_path / "o").exists()
 
 
-def test_other_refusals():
+def test_other_refusals(tmp_path):
     with pytest.raises(ValueError, match="training does not know"):
         adapter_for(object(), 64)
+    (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline"}))
+    with pytest.raises(ValueError, match="training does not know StableDiffusionPipeline"):
+        check_run(TrainConfig(model=str(tmp_path)), ParallelConfig())
+    check_run(TrainConfig(model=str(tiny_pipeline_path("tiny-flux"))), ParallelConfig())
     with pytest.raises(ValueError, match="data_parallel_size=2 is for training"):
         from meshsp.recipe import parallelize_pipeline
 

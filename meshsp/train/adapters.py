@@ -29,7 +29,7 @@ import abc
 
 import torch
 
-__all__ = ["FluxAdapter", "PipelineAdapter", "QwenImageAdapter", "WanAdapter", "adapter_for"]
+__all__ = ["FluxAdapter", "PipelineAdapter", "QwenImageAdapter", "WanAdapter", "adapter_for", "check_pipeline_class"]
 
 
 class PipelineAdapter(abc.ABC):
@@ -175,3 +175,17 @@ def adapter_for(pipe, resolution: int) -> PipelineAdapter:
         if cls.__name__ in _ADAPTERS:
             return _ADAPTERS[cls.__name__](pipe, resolution)
     raise ValueError(f"training does not know {type(pipe).__name__} yet; supported pipelines: {sorted(_ADAPTERS)}.")
+
+
+def check_pipeline_class(model: str) -> None:
+    """For a pipeline directory, refuse a class without an adapter by its ``model_index.json``
+    (before any rank loads it); tiny names and hub ids pass (a hub id is checked once loaded)."""
+    import json
+    from pathlib import Path
+
+    index = Path(model) / "model_index.json"
+    if not index.is_file():
+        return
+    name = json.loads(index.read_text()).get("_class_name")
+    if name not in _ADAPTERS:
+        raise ValueError(f"training does not know {name} ({model}) yet; supported pipelines: {sorted(_ADAPTERS)}.")

@@ -23,6 +23,9 @@ __all__ = ["check_run", "train"]
 def check_run(train_config: TrainConfig, parallel: ParallelConfig) -> None:
     """Every refusal of a run, with no process group and nothing written."""
     check_train_layout(train_config, parallel)
+    from meshsp.train.adapters import check_pipeline_class
+
+    check_pipeline_class(train_config.model)
     if train_config.data is not None:
         from meshsp.train.data import check_folder
 
