@@ -57,6 +57,10 @@ def test_layout_matches_one_process(layouts, reference, layout):
     _close_grads(got["grads"], reference["grads"], layout)
     if layout != "dp2":  # the sequence really is split: attention exchanges bytes
         assert got["bytes"] > 0, layout
+    world = 4 if layout in LAYOUTS_4 else 2
+    local, total = got["numel"]  # sharded over every rank, dp x sp (torch.chunk sizes: ceil per weight)
+    assert total / world <= local <= 1.15 * total / world, (layout, local, total)
+    assert (got["checkpointed"] > 0) == layout.endswith("checkpointing")
     assert any(g.abs().sum() > 0 for g in got["grads"].values())
 
 
@@ -133,6 +137,8 @@ def test_lora_trains_adapters_only_and_exports(pools, tmp_path):
     assert got["trainable"] and all(".lora_A." in n or ".lora_B." in n for n in got["trainable"])
     assert any(n.endswith("attn.add_q_proj.lora_A.default.weight") for n in got["trainable"])  # the text stream too
     assert got["frozen"] > len(got["trainable"])
+    want = train_tasks.losses(dict(TRAIN, lora_rank=4), {}, 3)["losses"]  # LoRA on one process
+    torch.testing.assert_close(torch.tensor(got["losses"]), torch.tensor(want), rtol=1e-5, atol=1e-6)
     trained = load_file(out_dir / "pipeline" / "transformer" / "diffusion_pytorch_model.safetensors")
     base = load_file(tiny_pipeline_path("tiny-qwen-image") / "transformer" / "diffusion_pytorch_model.safetensors")
     assert sorted(trained) == sorted(base)  # merged: no adapter weights left

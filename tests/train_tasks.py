@@ -36,6 +36,10 @@ def losses(train: dict, parallel: dict, steps: int, with_grads: bool = False) ->
     with record_comm() as stats:  # the plan really splits the sequence: attention sends bytes
         out = {"grads": gradients(trainer, 0) if with_grads else None}
     out["bytes"] = sum(stats.bytes_sent.values())
+    params = list(trainer.model.parameters())  # FSDP: each rank keeps its shard of every weight
+    out["numel"] = (sum(p.to_local().numel() if isinstance(p, DTensor) else p.numel() for p in params),
+                    sum(p.numel() for p in params))
+    out["checkpointed"] = sum("_checkpoint_wrapped_module" in n for n, _ in trainer.model.named_modules())
     out["losses"] = [trainer.train_step() for _ in range(steps)]
     return out
 

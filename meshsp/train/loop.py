@@ -66,7 +66,7 @@ class Trainer:
         self.mesh = train_mesh(parallel)
         self.data_rank = self.mesh.get_local_rank("dp") if self.mesh is not None and parallel.data_parallel_size > 1 else 0
         self.model = prepare_transformer(self.pipe.transformer, self.mesh, parallel, lora_rank=train.lora_rank,
-                                         activation_checkpointing=train.activation_checkpointing)
+                                         activation_checkpointing=train.activation_checkpointing, seed=train.seed)
         self.optimizer = torch.optim.AdamW(trainable_parameters(self.model), lr=train.learning_rate, weight_decay=0.0)
         self.progress = progress and _rank() == 0
         self.run_dir = Path(train.output)

@@ -59,14 +59,19 @@ def blocks(transformer: nn.Module) -> list[nn.Module]:
     return found
 
 
-def add_lora(transformer: nn.Module, rank: int) -> None:
-    """LoRA adapters of ``rank`` (alpha = rank) on the attention projections; every other weight frozen."""
+def add_lora(transformer: nn.Module, rank: int, seed: int = 0) -> None:
+    """LoRA adapters of ``rank`` (alpha = rank) on the attention projections; every other weight frozen.
+
+    The adapters' random initial ``lora_A`` is drawn from ``seed`` (the caller's RNG untouched): every
+    rank must start from the same weights before FSDP shards them, and so must one process."""
     from peft import LoraConfig, inject_adapter_in_model
 
     present = sorted({t for t in LORA_TARGETS for n, _ in transformer.named_modules() if n.endswith("." + t)})
     config = LoraConfig(r=rank, lora_alpha=rank, init_lora_weights=True, target_modules=present)
     transformer.requires_grad_(False)
-    inject_adapter_in_model(config, transformer)  # the new lora_A / lora_B weights require grad
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        inject_adapter_in_model(config, transformer)  # the new lora_A / lora_B weights require grad
     for name, param in transformer.named_parameters():
         param.requires_grad_("lora_" in name)
 
@@ -99,8 +104,9 @@ def _checkpoint_blocks(transformer: nn.Module) -> None:
 
 
 def prepare_transformer(transformer: nn.Module, mesh: DeviceMesh | None, parallel: ParallelConfig, *,
-                        lora_rank: int = 0, activation_checkpointing: bool = False) -> nn.Module:
+                        lora_rank: int = 0, activation_checkpointing: bool = False, seed: int = 0) -> nn.Module:
     """Make ``transformer`` trainable on ``mesh`` (None: one process, no plan, no FSDP); in place.
+    ``seed`` draws LoRA's initial weights.
 
     Example::
 
@@ -113,7 +119,7 @@ def prepare_transformer(transformer: nn.Module, mesh: DeviceMesh | None, paralle
 
         parallelize(transformer, mesh, get_plan(transformer, ulysses_mode=parallel.ulysses_mode))
     if lora_rank > 0:
-        add_lora(transformer, lora_rank)
+        add_lora(transformer, lora_rank, seed)
     if activation_checkpointing:
         _checkpoint_blocks(transformer)
     if mesh is not None:
