@@ -244,6 +244,11 @@ def test_refused_before_any_rank_starts(tmp_path, monkeypatch, capsys):
         main(["train", "--batch-size", "3", "--data-parallel-size", "2", "--output", str(tmp_path / "o")])
     with pytest.raises(SystemExit, match="data_parallel_size must be a positive integer"):
         main(["train", "--data-parallel-size", "0", "--output", str(tmp_path / "o")])
+    done = tmp_path / "done"
+    (done / "checkpoints" / "step-7").mkdir(parents=True)
+    (done / "checkpoints" / "step-7" / "trainer.json").write_text('{"step": 7}')
+    with pytest.raises(ValueError, match="already holds checkpoints \\(step-7\\); pass resume=True"):
+        train(TrainConfig(output=str(done)), ParallelConfig(data_parallel_size=2))
     monkeypatch.setenv("WORLD_SIZE", "3")
     with pytest.raises(ValueError, match="torchrun started 3 processes but the layout needs"):
         check_run(TrainConfig(), ParallelConfig(data_parallel_size=2))

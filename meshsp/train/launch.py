@@ -26,6 +26,13 @@ def check_run(train_config: TrainConfig, parallel: ParallelConfig) -> None:
     from meshsp.train.adapters import check_pipeline_class
 
     check_pipeline_class(train_config.model)
+    if not train_config.resume:
+        from meshsp.train.checkpoint import latest_checkpoint
+
+        found = latest_checkpoint(train_config.output)
+        if found is not None:
+            raise ValueError(f"{train_config.output!r} already holds checkpoints ({found.name}); pass resume=True "
+                             "(--resume) to continue that run, or give a new output directory.")
     if train_config.data is not None:
         from meshsp.train.data import check_folder
 

@@ -2,7 +2,7 @@
 
 ``Trainer(train, parallel)`` runs on every rank of the world (under torchrun, or on the ranks
 ``meshsp.train.launch`` spawns); ``run()`` trains ``train.steps`` steps and writes, from rank 0,
-``DIR/metrics.jsonl`` (one object per step: ``step``, ``loss``, ``lr``, ``seconds``),
+``DIR/metrics.jsonl`` (one object per step, appended as it ends: ``step``, ``loss``, ``lr``, ``seconds``),
 ``DIR/loss.png`` (with matplotlib), ``DIR/checkpoints/step-N`` (every rank) and at the end the
 pipeline with the trained transformer, LoRA merged, at ``DIR/pipeline``.
 
@@ -27,6 +27,7 @@ from meshsp.train.config import TrainConfig, check_train_layout
 from meshsp.train.data import local_batch, make_dataset
 from meshsp.train.flow import draw_noise, flow_loss, noisy_and_target, sample_generator
 from meshsp.train.parallel import mean_over_ranks, prepare_transformer, train_mesh, trainable_parameters
+from meshsp.train.report import MetricsLog
 
 __all__ = ["Trainer", "load_frozen_pipeline"]
 
@@ -111,6 +112,7 @@ class Trainer:
         t = self.train
         if t.resume and not self.resume() and self.progress:
             print(f"no checkpoint under {self.run_dir / 'checkpoints'}; starting at step 0", flush=True)
+        log = MetricsLog(self.run_dir, self.step) if _rank() == 0 else None
         records = []
         while self.step < t.steps:
             start = time.perf_counter()
@@ -118,16 +120,16 @@ class Trainer:
             record = {"step": self.step - 1, "loss": loss, "lr": t.learning_rate,
                       "seconds": round(time.perf_counter() - start, 4)}
             records.append(record)
+            if log is not None:
+                log.append(record)
             if self.progress:
                 print(f"step {self.step}/{t.steps}  loss {loss:.5f}  lr {t.learning_rate:g}  "
                       f"{record['seconds']:.2f} s", flush=True)
             if t.checkpoint_every and self.step % t.checkpoint_every == 0 and self.step < t.steps:
                 save_checkpoint(self.run_dir, step=self.step, model=self.model, optimizer=self.optimizer)
         save_checkpoint(self.run_dir, step=self.step, model=self.model, optimizer=self.optimizer)
-        if _rank() == 0:
-            from meshsp.train.report import write_metrics
-
-            write_metrics(self.run_dir, records)
+        if log is not None:
+            log.plot()
         from meshsp.train.export import export_pipeline
 
         export_pipeline(self, self.run_dir / "pipeline")

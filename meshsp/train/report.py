@@ -1,8 +1,10 @@
-"""A run's record: ``metrics.jsonl`` (one JSON object per step) and ``loss.png``.
+"""A run's record: ``metrics.jsonl`` (one JSON object per step, appended as it runs) and ``loss.png``.
 
 Example::
 
-    write_metrics("runs/a", [{"step": 0, "loss": 0.9, "lr": 1e-4, "seconds": 0.2}])
+    log = MetricsLog("runs/a", first_step=0)
+    log.append({"step": 0, "loss": 0.9, "lr": 1e-4, "seconds": 0.2})
+    log.plot()
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ import json
 import logging
 from pathlib import Path
 
-__all__ = ["plot_loss", "read_metrics", "write_metrics"]
+__all__ = ["MetricsLog", "plot_loss", "read_metrics"]
 
 logger = logging.getLogger(__name__)
 
@@ -23,18 +25,24 @@ def read_metrics(run_dir: str | Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def write_metrics(run_dir: str | Path, records: list[dict]) -> Path:
-    """Write ``metrics.jsonl``: the records of earlier steps kept (a resumed run), then ``records``;
-    and ``loss.png`` from all of them. Returns the metrics path."""
-    run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    first = records[0]["step"] if records else None
-    kept = [r for r in read_metrics(run_dir) if first is None or r["step"] < first]
-    rows = kept + records
-    path = run_dir / "metrics.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    plot_loss(rows, run_dir / "loss.png")
-    return path
+class MetricsLog:
+    """``metrics.jsonl`` of a run that starts at ``first_step``: the rows of earlier steps are kept
+    (a resumed run), later ones dropped; each step's row is appended (and flushed) as it ends."""
+
+    def __init__(self, run_dir: str | Path, first_step: int) -> None:
+        self.run_dir = Path(run_dir)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.path = self.run_dir / "metrics.jsonl"
+        kept = [r for r in read_metrics(self.run_dir) if r["step"] < first_step]
+        self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+
+    def append(self, record: dict) -> None:
+        with self.path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def plot(self) -> bool:
+        """``loss.png`` of every row; False without matplotlib."""
+        return plot_loss(read_metrics(self.run_dir), self.run_dir / "loss.png")
 
 
 def plot_loss(rows: list[dict], path: str | Path) -> bool:
