@@ -54,7 +54,12 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
 
 
 def save_checkpoint(run_dir: str | Path, *, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> Path:
-    """Write the state after ``step`` completed steps; every rank calls it (DCP is collective)."""
+    """Write the state after ``step`` completed steps; every rank calls it (DCP is collective).
+
+    Example::
+
+        save_checkpoint("runs/a", step=10, model=transformer, optimizer=opt)   # runs/a/checkpoints/step-10
+    """
     path = checkpoint_dir(run_dir, step)
     model_state, optim_state = get_state_dict(model, optimizer)
     dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=str(path))
@@ -67,7 +72,13 @@ def save_checkpoint(run_dir: str | Path, *, step: int, model: torch.nn.Module, o
 
 
 def load_checkpoint(path: str | Path, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> int:
-    """Restore model, optimizer and this rank's RNG from ``path``; returns the completed steps."""
+    """Restore model, optimizer and this rank's RNG from ``path``; returns the completed steps.
+    Every rank calls it; the layout may differ from the one that saved (DCP reshards).
+
+    Example::
+
+        step = load_checkpoint("runs/a/checkpoints/step-10", model=transformer, optimizer=opt)   # 10
+    """
     path = Path(path)
     model_state, optim_state = get_state_dict(model, optimizer)
     saved = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata

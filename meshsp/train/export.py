@@ -21,7 +21,13 @@ __all__ = ["export_pipeline"]
 
 
 def export_pipeline(trainer, path: str | Path) -> Path:
-    """Save ``trainer``'s pipeline with its trained transformer at ``path`` (written by rank 0)."""
+    """Save ``trainer``'s pipeline with its trained transformer at ``path`` (written by rank 0).
+
+    Example::
+
+        export_pipeline(trainer, "runs/a/pipeline")   # every rank calls it
+        DiffusionPipeline.from_pretrained("runs/a/pipeline")
+    """
     from meshsp.train.loop import load_frozen_pipeline
     from meshsp.train.parallel import add_lora, merge_lora
 

@@ -38,7 +38,12 @@ LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", 
 
 
 def train_mesh(parallel: ParallelConfig, device_type: str = "cpu") -> DeviceMesh | None:
-    """The ``("dp", "ring", "ulysses")`` mesh (``dp`` left out at size 1), or None on one process."""
+    """The ``("dp", "ring", "ulysses")`` mesh (``dp`` left out at size 1), or None on one process.
+
+    Example::
+
+        train_mesh(ParallelConfig(data_parallel_size=2, ulysses_degree=2)).mesh_dim_names   # ("dp", "ring", "ulysses")
+    """
     if parallel.world_size == 1:
         return None
     from meshsp.mesh import init_sp_mesh
