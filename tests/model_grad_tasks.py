@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from meshsp.plans.verify import gradient_parity
 
-# Models that cast to float32 inside their own code (Wan's ``.float()`` around its norms and
-# modulation, Z-Image's and LTX-2's RoPE, Qwen-Image 2.1's text norm), so even a float64 model rounds
-# some gradients in float32 there: the tolerance is float32's epsilon (of the gradients' scale).
+# Models whose own backward runs partly in float32 even as float64 models (Wan's ``.float()``
+# around its norms and modulation; diffusers' RMSNorm, whose variance is float32 whatever the input):
+# where a stream's tokens collect gradient from every rank's queries, the parallel sum rounds that
+# path once per rank. The bound is float32's epsilon (of the gradients' scale); see docs/gradients.md.
 FLOAT32_INSIDE = dict.fromkeys(["WanTransformer3DModel", "ZImageTransformer2DModel", "LTX2VideoTransformer3DModel",
                                 "QwenImage21Transformer2DModel"], 1.2e-7)
 
