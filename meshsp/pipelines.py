@@ -82,8 +82,12 @@ _WORDS: tuple[str, ...] = tuple(
     standing running walking flying swimming photo photograph picture painting drawing sketch
     portrait landscape style art detailed realistic high quality low bad blurry best masterpiece
     dance night day morning evening winter summer spring autumn snow rain fire water wood stone
-    text sign""".split()
+    text sign circle circles square squares triangle triangles shape shapes background""".split()
 )
+
+#: Trained weights shipped for a tiny pipeline (``scripts/build_tiny_weights.py`` reproduces them):
+#: ``<name>.safetensors`` holding ``transformer.*`` and ``vae.*`` tensors, loaded over the seeded ones.
+_ASSETS = Path(__file__).resolve().parent / "assets"
 
 # QwenImagePipeline encodes prompts as this chat template and drops the first
 # ``prompt_template_encode_start_idx`` (34) tokens; the tiny Qwen2 tokenizer learns its words so the
@@ -367,8 +371,25 @@ _BUILDERS: dict[str, Callable[[dict[str, Any]], Any]] = {
 }
 
 
-def build_tiny_pipeline(name: str):
-    """Build tiny pipeline ``name`` in memory with deterministic random weights (float32, eval mode).
+def _asset(name: str) -> Path | None:
+    path = _ASSETS / f"{name}.safetensors"
+    return path if path.is_file() else None
+
+
+def _load_trained(pipe, path: Path) -> None:
+    """The shipped weights over the seeded ones: every ``component.key`` tensor, strictly."""
+    from safetensors.torch import load_file
+
+    tensors = load_file(path)
+    for component in sorted({key.split(".", 1)[0] for key in tensors}):
+        state = {k.split(".", 1)[1]: v for k, v in tensors.items() if k.startswith(component + ".")}
+        getattr(pipe, component).load_state_dict(state, strict=True)
+
+
+def build_tiny_pipeline(name: str, *, trained: bool = True):
+    """Build tiny pipeline ``name`` in memory (float32, eval mode): deterministic random weights, and
+    over them the trained transformer and VAE weights the package ships for it, if any (``trained``;
+    ``scripts/build_tiny_weights.py`` makes them).
 
     The caller's global torch RNG state is left untouched. Most users want
     :func:`load_tiny_pipeline`, which goes through ``save_pretrained``/``from_pretrained``.
@@ -377,6 +398,8 @@ def build_tiny_pipeline(name: str):
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         pipe = _BUILDERS[name](_SPECS[name])
+    if trained and _asset(name) is not None:
+        _load_trained(pipe, _asset(name))
     for component in pipe.components.values():
         if isinstance(component, torch.nn.Module):
             component.eval()
@@ -401,6 +424,7 @@ def _spec_hash(name: str) -> str:
     payload = dict(
         build_version=BUILD_VERSION, name=name, spec=_SPECS[name], words=_WORDS,
         template=_QWEN_PROMPT_TEMPLATE, specials=_QWEN_SPECIAL_TOKENS,
+        trained=hashlib.sha256(_asset(name).read_bytes()).hexdigest() if _asset(name) else None,
         versions=[torch.__version__.split("+")[0], diffusers.__version__, transformers.__version__,
                   tokenizers.__version__])
     blob = json.dumps(payload, sort_keys=True, default=str).encode()

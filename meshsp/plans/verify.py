@@ -140,11 +140,14 @@ def compare_gradients(build, forward, apply, *, mesh, where: str, tol: float = 1
     scale = expected.abs().max().item()
     diff = (got - expected).abs()
     if not bool((diff <= tol * max(scale, 1.0)).all()):
-        sizes = [mine[n].numel() for n in names]
-        worst = max(range(len(names)), key=lambda i: diff.split(sizes)[i].max().item())
+        per_param = [d.max().item() if d.numel() else 0.0 for d in diff.split([mine[n].numel() for n in names])]
+        worst = sorted(range(len(names)), key=lambda i: -per_param[i])[:3]
         raise AssertionError(f"{where}: parameter gradients differ from one device's: largest "
-                             f"{diff.max().item():.3e} (scale {scale:.3e}), worst parameter {names[worst]!r}")
-    return {"diff": diff.max().item(), "scale": scale, "params": len(names), "calls": dict(stats.calls),
+                             f"{diff.max().item():.3e} (scale {scale:.3e}), worst parameters "
+                             f"{[(names[i], f'{per_param[i]:.1e}') for i in worst]}; "
+                             f"the outputs differ by {(parallel_out - out).abs().max().item():.3e}")
+    return {"diff": diff.max().item(), "scale": scale, "params": len(names),
+            "forward_diff": (parallel_out - out).abs().max().item(), "calls": dict(stats.calls),
             "bytes": dict(stats.bytes_sent)}
 
 
@@ -165,6 +168,8 @@ def gradient_parity(cls: str, ring: int, ulysses: int, *, tp: int = 1, mode: str
     mesh = sp_mesh(ring, ulysses, tp)
 
     def double(v):
+        if isinstance(v, dict):
+            return {k: double(x) for k, x in v.items()}
         if isinstance(v, (list, tuple)):
             return type(v)(double(x) for x in v)
         return v.double() if isinstance(v, torch.Tensor) and v.is_floating_point() else v

@@ -148,6 +148,12 @@ class _Halo:
         above, below = halo
         if h < max(halo):
             raise ValueError(f"a band of {h} rows is thinner than the convolution's halo of {max(halo)}.")
+        if torch.is_grad_enabled() and (x.requires_grad or (cache is not None and cache.requires_grad)):
+            # the halo rows' gradients would have to travel back to their band: not built, so refuse
+            # rather than return a gradient that misses the neighbours' share
+            raise ValueError("a convolution split over row bands (halo exchange) has no backward yet: run it under "
+                             "torch.no_grad() (a frozen VAE, inference), or train a model whose plan splits no "
+                             "convolution (GridHalo).")
         self.x, self.cache = x, cache
 
         def rows(lo: int, hi: int) -> torch.Tensor:  # of the cache and x, one tensor (one message)
