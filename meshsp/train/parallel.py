@@ -3,10 +3,10 @@ checkpointing and FSDP2 over the data x sequence ranks.
 
 Gradient convention. Every rank computes the full-sequence loss of its data rank's samples (the
 plan's ``GatherSequence`` hands every sequence rank the whole prediction), and the gather's backward
-is the reduce-scatter *sum* of the sequence ranks' gradients, so each sequence rank's share of a
-parameter's gradient is ``sp`` times its part of the data rank's gradient. FSDP2 averages over all
-``dp * sp`` ranks it shards over: ``(1 / (dp * sp)) * sum_d sp * g_d = mean_d g_d``, the gradient of
-the global batch's mean loss, as one process computes it.
+is the reduce-scatter *sum* of the sequence ranks' gradients, so summed over the ``sp`` ranks every
+parameter's gradient is ``sp * g_d`` (``g_d``: the data rank's gradient; docs/gradients.md). FSDP2
+averages over all ``dp * sp`` ranks it shards over: ``(1 / (dp * sp)) * sum_d sp * g_d = mean_d g_d``,
+the gradient of the global batch's mean loss, as one process computes it.
 
 In order (each step needs the modules the one before left): the SP plan on the ``ring`` /
 ``ulysses`` sub-mesh (``meshsp.parallelize``), LoRA adapters (peft) on the attention projections,
