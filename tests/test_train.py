@@ -4,6 +4,7 @@ pipelines, resume, LoRA, export, the CLI, every refusal."""
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -16,7 +17,7 @@ from meshsp.train import TrainConfig, check_run, train
 from meshsp.train.adapters import adapter_for
 from meshsp.train.data import FolderDataset, check_folder, local_batch
 from meshsp.train.flow import sample_generator
-from meshsp.train.loop import load_frozen_pipeline
+from meshsp.train.loop import Trainer, load_frozen_pipeline
 from meshsp.train.shapes import ShapesDataset
 
 # 64 px: 16 image tokens (4 per rank on 4 ranks); the text lengths differ per caption (a padding mask).
@@ -128,6 +129,13 @@ def test_resume_is_bit_identical(pools, tmp_path):
     b = load_file(split / "pipeline" / "transformer" / "diffusion_pytorch_model.safetensors")
     assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)
     assert sorted(p.name for p in (split / "checkpoints").iterdir()) == ["step-2", "step-3", "step-4", "step-5"]
+    # The dp2 checkpoint loads into another layout (DCP reshards): one process, nothing left to train.
+    single = tmp_path / "single"
+    shutil.copytree(split, single)
+    resumed = Trainer(TrainConfig(**dict(TRAIN, steps=5, output=str(single), resume=True)), progress=False)
+    assert resumed.run() == [] and resumed.step == 5
+    c = load_file(single / "pipeline" / "transformer" / "diffusion_pytorch_model.safetensors")
+    assert all(torch.equal(a[k], c[k]) for k in a)
 
 
 def test_lora_trains_adapters_only_and_exports(pools, tmp_path):
@@ -189,6 +197,15 @@ def test_folder_dataset_and_batch_slices(tmp_path):
     halves = [local_batch(data, step=1, batch_size=4, data_rank=d, data_ranks=2) for d in range(2)]
     assert whole[1] == halves[0][1] + halves[1][1] and halves[1][2] == [2, 3]
     assert torch.equal(whole[0], torch.cat([halves[0][0], halves[1][0]]))
+    from PIL import Image
+
+    wide = tmp_path / "wide"
+    wide.mkdir()
+    Image.new("RGB", (90, 30), (255, 0, 0)).save(wide / "w.jpg")  # resized to 32 high, centre-cropped
+    (wide / "w.txt").write_text("a red background\n")
+    image, caption = FolderDataset(wide, size=32)[0]
+    assert image.shape == (3, 32, 32) and caption == "a red background"
+    assert image[0].min() > 0.95 and image[1:].max() < -0.95
 
 
 @pytest.mark.parametrize("kwargs,match", [
