@@ -329,6 +329,9 @@ class Engine:
                  encode_text_once: bool = False, cpu_offload: bool = False, vae_parallel: bool = True,
                  vae_tiling: bool = False, cache: str | None = None, cache_options: dict | None = None) -> None:
         self.config = parallel_config or ParallelConfig()
+        if self.config.data_parallel_size > 1:  # before any rank starts
+            raise ValueError(f"data_parallel_size={self.config.data_parallel_size} is for training (meshsp train); "
+                             "the engine generates with data_parallel_size=1.")
         if cache is not None:  # the kind, options and degrees, before any rank starts
             from meshsp.cache import check_cache
 

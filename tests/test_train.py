@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -187,6 +190,9 @@ def test_cli_end_to_end(tmp_path, capfd):
     assert main(["generate", "--model", str(out / "pipeline"), "--width", "32", "--height", "32",
                  "--num-inference-steps", "2", "--output", str(tmp_path / "out.png")]) == 0
     assert (tmp_path / "out.png").is_file()
+    example = subprocess.run([sys.executable, "examples/training/train.py", "--help"], capture_output=True, text=True,
+                             cwd=Path(__file__).resolve().parents[1], timeout=120)
+    assert example.returncode == 0 and "--data-parallel-size" in example.stdout and "--lora-rank" in example.stdout
 
 
 def test_folder_dataset_and_batch_slices(tmp_path):
@@ -283,4 +289,8 @@ def test_other_refusals(tmp_path):
         from meshsp.recipe import parallelize_pipeline
 
         parallelize_pipeline(object(), ParallelConfig(data_parallel_size=2))
+    with pytest.raises(ValueError, match="data_parallel_size=2 is for training"):
+        from meshsp.engine import Engine
+
+        Engine("tiny-qwen-image", ParallelConfig(data_parallel_size=2))
     assert ParallelConfig(data_parallel_size=2, ulysses_degree=2).world_size == 4
