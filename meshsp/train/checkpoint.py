@@ -62,7 +62,7 @@ def save_checkpoint(run_dir: str | Path, *, step: int, model: torch.nn.Module, o
     """
     path = checkpoint_dir(run_dir, step)
     model_state, optim_state = get_state_dict(model, optimizer)
-    dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=str(path))
+    dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=str(path), no_dist=not dist.is_initialized())
     torch.save(torch.get_rng_state(), path / f"rng-rank{_rank()}.pt")
     _barrier()
     if _rank() == 0:
@@ -89,7 +89,8 @@ def load_checkpoint(path: str | Path, *, model: torch.nn.Module, optimizer: torc
     state = {"model": model_state, "optim": optim_state}
     # Partial: a parameter the loss never reached has no optimizer state in the checkpoint (AdamW
     # creates it at the first gradient); its freshly initialised state stays, unused as before.
-    dcp.load(state, checkpoint_id=str(path), planner=DefaultLoadPlanner(allow_partial_load=True))
+    dcp.load(state, checkpoint_id=str(path), planner=DefaultLoadPlanner(allow_partial_load=True),
+             no_dist=not dist.is_initialized())
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
     rng = path / f"rng-rank{_rank()}.pt"
     if rng.is_file():  # absent when the checkpoint came from a smaller world
