@@ -86,7 +86,8 @@ _WORDS: tuple[str, ...] = tuple(
 )
 
 #: Trained weights shipped for a tiny pipeline (``scripts/build_tiny_weights.py`` reproduces them):
-#: ``<name>.safetensors`` holding ``transformer.*`` and ``vae.*`` tensors, loaded over the seeded ones.
+#: ``<name>.safetensors`` holding ``transformer.*`` and ``vae.*`` tensors, loaded over the seeded ones,
+#: and in its metadata the fitted VAE's latent statistics (``vae_config``).
 _ASSETS = Path(__file__).resolve().parent / "assets"
 
 # QwenImagePipeline encodes prompts as this chat template and drops the first
@@ -378,12 +379,17 @@ def _asset(name: str) -> Path | None:
 
 def _load_trained(pipe, path: Path) -> None:
     """The shipped weights over the seeded ones: every ``component.key`` tensor, strictly."""
+    from safetensors import safe_open
     from safetensors.torch import load_file
 
     tensors = load_file(path)
     for component in sorted({key.split(".", 1)[0] for key in tensors}):
         state = {k.split(".", 1)[1]: v for k, v in tensors.items() if k.startswith(component + ".")}
         getattr(pipe, component).load_state_dict(state, strict=True)
+    with safe_open(path, "pt") as f:
+        vae_config = (f.metadata() or {}).get("vae_config")
+    if vae_config:  # the fitted VAE's latent statistics, which the pipeline normalises latents with
+        pipe.vae.register_to_config(**json.loads(vae_config))
 
 
 def build_tiny_pipeline(name: str, *, trained: bool = True):

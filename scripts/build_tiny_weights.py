@@ -8,8 +8,8 @@ squares, triangles and stars in six colours on plain backgrounds, captioned):
    small KL term) of the pipeline's own VAE, for ``--vae-steps`` steps.
 2. **The transformer** is fine-tuned with ``meshsp train`` (flow matching, full fine-tune) on the
    same dataset through the fitted VAE, for ``--steps`` steps.
-3. The fitted VAE's and the trained transformer's weights are written to
-   ``meshsp/assets/<name>.safetensors``, which ``meshsp.pipelines.build_tiny_pipeline`` loads over the
+3. The fitted VAE's and the trained transformer's weights (and the VAE's latent statistics, which
+   the pipeline normalises latents with) are written to ``meshsp/assets/<name>.safetensors``, which ``meshsp.pipelines.build_tiny_pipeline`` loads over the
    seeded initialisation (the text encoder stays as built: it is random but deterministic, and the
    transformer learns from its embeddings).
 
@@ -65,12 +65,25 @@ def fit_vae(vae, steps: int, batch: int, size: int, seed: int, lr: float = 2e-3,
     return losses
 
 
+def latent_statistics(vae, n: int, size: int, seed: int) -> dict[str, list[float]]:
+    """Per-channel mean and std of the fitted VAE's latent means over ``n`` pictures: the pipeline
+    normalises latents with them (``latents_mean`` / ``latents_std``), so the transformer sees unit scale."""
+    from meshsp.train.shapes import ShapesDataset
+
+    data = ShapesDataset(n, size=size, seed=seed + 2)
+    with torch.no_grad():
+        z = torch.cat([vae.encode(_images(data[i][0][None])).latent_dist.mean for i in range(n)])
+    dims = [0, 2, 3, 4]
+    return {"latents_mean": z.mean(dims).tolist(), "latents_std": z.std(dims).tolist()}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--name", default="tiny-qwen-image")
-    parser.add_argument("--vae-steps", type=int, default=1200)
+    parser.add_argument("--vae-steps", type=int, default=600)
     parser.add_argument("--vae-batch", type=int, default=8)
-    parser.add_argument("--steps", type=int, default=3000)
+    parser.add_argument("--steps", type=int, default=1200)
+    parser.add_argument("--dataset-size", type=int, default=512)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--learning-rate", type=float, default=1e-3)
     parser.add_argument("--resolution", type=int, default=64)
@@ -87,6 +100,9 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     pipe = build_tiny_pipeline(args.name, trained=False)
     vae_losses = fit_vae(pipe.vae, args.vae_steps, args.vae_batch, args.resolution, args.seed)
+    stats = latent_statistics(pipe.vae, 256, args.resolution, args.seed)
+    pipe.vae.register_to_config(**stats)
+    print(f"latent mean {[round(x, 3) for x in stats['latents_mean']]}, std {[round(x, 3) for x in stats['latents_std']]}")
     base = work / "with-vae"
     pipe.save_pretrained(base, safe_serialization=True)
     vae_seconds = time.perf_counter() - started
@@ -95,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     command = [sys.executable, "-m", "meshsp.cli", "train", "--model", str(base), "--steps", str(args.steps),
                "--batch-size", str(args.batch_size), "--learning-rate", str(args.learning_rate),
                "--resolution", str(args.resolution), "--seed", str(args.seed), "--output", str(out),
-               "--checkpoint-every", str(args.steps)]
+               "--dataset-size", str(args.dataset_size), "--checkpoint-every", str(args.steps)]
     print(" ".join(command), flush=True)
     subprocess.run(command, check=True)
     from diffusers import DiffusionPipeline
@@ -106,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     target = ROOT / "meshsp" / "assets" / f"{args.name}.safetensors"
     target.parent.mkdir(exist_ok=True)
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    save_file(tensors, target, metadata={
+    save_file(tensors, target, metadata={"vae_config": json.dumps(stats),
         "vae_steps": str(args.vae_steps), "vae_loss_first": f"{vae_losses[0]:.4f}",
         "vae_loss_last": f"{vae_losses[-1]:.4f}", "steps": str(args.steps),
         "loss_first": f"{metrics[0]['loss']:.4f}", "loss_last": f"{metrics[-1]['loss']:.4f}",

@@ -26,11 +26,14 @@ Example::
 from __future__ import annotations
 
 import abc
+import hashlib
 
 import torch
 
 __all__ = ["FluxAdapter", "PipelineAdapter", "QwenImageAdapter", "WanAdapter", "adapter_for", "check_pipeline_class"]
 
+
+_MAX_CACHED_IMAGES = 65536  # latent distributions kept (a few KB each at the sizes trained on CPU)
 
 class PipelineAdapter(abc.ABC):
     """The shared part: one VAE sample per image, each from its own generator; a family says how
@@ -41,6 +44,7 @@ class PipelineAdapter(abc.ABC):
     def __init__(self, pipe, resolution: int) -> None:
         self.pipe = pipe
         self.resolution = resolution
+        self._posteriors: dict[str, object] = {}
         scale = getattr(pipe, "vae_scale_factor_spatial", None) or pipe.vae_scale_factor
         self.latent_size = 2 * (resolution // (scale * 2))  # as the pipeline's prepare_latents rounds it
 
@@ -52,12 +56,23 @@ class PipelineAdapter(abc.ABC):
     def encode_text(self, captions: list[str]) -> dict:
         """The transformer's text keyword arguments for ``captions`` (no gradient)."""
 
+    def _posterior(self, image: torch.Tensor):
+        """The frozen VAE's latent distribution of one image, encoded once per distinct image: a
+        dataset's pictures come back every epoch, and encoding is most of a tiny model's step."""
+        key = hashlib.sha1(image.contiguous().view(torch.uint8).numpy().tobytes()).hexdigest()
+        hit = self._posteriors.get(key)
+        if hit is None:
+            if len(self._posteriors) >= _MAX_CACHED_IMAGES:
+                self._posteriors.clear()
+            with torch.no_grad():
+                hit = self._posteriors[key] = self.pipe.vae.encode(image[None]).latent_dist
+        return hit
+
     def _raw_latents(self, images: torch.Tensor, generators: list[torch.Generator]) -> torch.Tensor:
         vae = self.pipe.vae
         images = images.to(device=vae.device, dtype=vae.dtype)
-        with torch.no_grad():
-            return torch.cat([vae.encode(images[i : i + 1]).latent_dist.sample(generator=g)
-                              for i, g in enumerate(generators)])
+        with torch.no_grad():  # one sample per image from its own generator, as the pipelines encode
+            return torch.cat([self._posterior(images[i]).sample(generator=g) for i, g in enumerate(generators)])
 
     @abc.abstractmethod
     def encode_images(self, images: torch.Tensor, generators: list[torch.Generator]) -> torch.Tensor:

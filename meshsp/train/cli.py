@@ -26,6 +26,8 @@ def add_train_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--resume", action="store_true", help="continue from the newest checkpoint under --output")
     parser.add_argument("--data", default=None, metavar="DIR",
                         help="images with same-named .txt captions (default: the generated shapes dataset)")
+    parser.add_argument("--dataset-size", type=int, default=4096,
+                        help="pictures in the generated shapes dataset (without --data)")
     parser.add_argument("--resolution", type=int, default=64, help="square training size in pixels (multiple of 16)")
     parser.add_argument("--checkpoint-every", type=int, default=0, help="steps between checkpoints (0: at the end)")
     parser.add_argument("--activation-checkpointing", action="store_true",
@@ -49,6 +51,7 @@ def configs_from_args(args):
     train = TrainConfig(model=args.model, steps=args.steps, batch_size=args.batch_size,
                         learning_rate=args.learning_rate, seed=args.seed, lora_rank=args.lora_rank,
                         output=args.output, resolution=args.resolution, data=args.data,
+                        dataset_size=args.dataset_size,
                         checkpoint_every=args.checkpoint_every, activation_checkpointing=args.activation_checkpointing,
                         resume=args.resume)
     parallel = ParallelConfig(data_parallel_size=args.data_parallel_size, ulysses_degree=args.ulysses_degree,
