@@ -24,16 +24,14 @@ def reference():
         return images
 
 
+# The engine's own path (spawned workers, batching, the split decode) on one layout of each kind;
+# every degree combination of the pipeline call itself is in test_recipe.py (cfg2xU2, TP2xU2,
+# U2xR2, ...) on the shared pools, and R2 and cfg2 through the engine in the tests below.
 @pytest.mark.parametrize("config", [
     ParallelConfig(ulysses_degree=2),
-    ParallelConfig(ring_degree=2),
     ParallelConfig(ulysses_degree=2, ring_degree=2, ulysses_mode="advanced_uaa"),
-    ParallelConfig(cfg_degree=2),
-    ParallelConfig(cfg_degree=2, ulysses_degree=2, ulysses_mode="advanced_uaa"),
-    ParallelConfig(tensor_parallel_size=2),
     ParallelConfig(cfg_degree=2, tensor_parallel_size=2),
-    ParallelConfig(tensor_parallel_size=2, ulysses_degree=2, ulysses_mode="advanced_uaa"),
-], ids=["U2", "R2", "U2xR2-uaa", "cfg2", "cfg2xU2-uaa", "TP2", "cfg2xTP2", "TP2xU2-uaa"])
+], ids=["U2", "U2xR2-uaa", "cfg2xTP2"])
 def test_sp_images_equal_single_process(reference, config):
     with Engine("tiny-qwen-image", config) as engine:
         images = engine.generate(PROMPTS, PARAMS)
