@@ -14,13 +14,13 @@ text tokens), 8 heads of 16, fp32, one thread per rank, ``advanced_uaa`` plans. 
 * **memory** per rank, with activation checkpointing off and on (torch's non-reentrant
   ``checkpoint_wrapper`` on every transformer block): the bytes of the tensors saved for backward
   (``saved_tensors_hooks``, unique storages, parameters left out; with checkpointing, the block
-  inputs the recomputation holds), and the rise of the peak resident set during one step, with
-  glibc's mmap threshold at 64 KiB (``mmap_allocator``) as in ``bench perf``.
+  inputs the recomputation holds), and the rise of the peak resident set during one step, in
+  workers started with ``MALLOC_MMAP_THRESHOLD_=65536`` as in ``bench perf``.
 """
 
 from __future__ import annotations
 
-import ctypes
+import contextlib
 import functools
 import statistics
 import time
@@ -31,6 +31,7 @@ from torch import nn
 
 from meshsp.bench import sp_mesh
 from meshsp.bench.models import _overrides, _shapes, peak_activation_mb
+from meshsp.bench.perf import _mmap_pool
 from meshsp.launch import WorkerPool
 from meshsp.ops.comm import record_comm
 from meshsp.tiny import build_transformer, make_inputs, output_tensor
@@ -145,21 +146,25 @@ def step_profile(family: str, heads: int, shapes: dict, ring: int, ulysses: int,
 
 
 def step_times(family: str, heads: int, shapes: dict, repeats: int, ring: int, ulysses: int,
-               ranks: int | None = None) -> dict:
-    """Times of ``repeats`` steps after a warm-up, each after a barrier. With ``ranks``, the
-    1-process step (no mesh) runs on the first ``ranks`` ranks at once while the others idle."""
+               ranks: int | None = None) -> dict | None:
+    """Times of ``repeats`` steps (and of their forward) after a warm-up, each after a barrier.
+    With ``ranks``, the 1-process step (no mesh) runs on the first ``ranks`` ranks at once while
+    the others idle (and return None)."""
     active = ranks is None or dist.get_rank() < ranks
     if active:
         model, inputs, _ = build(family, heads, shapes, ring, ulysses)
         train_step(model, inputs)
-    times = []
+    times, forward = [], []
     for _ in range(repeats):
         dist.barrier()
-        t0 = time.perf_counter()
+        t0 = t1 = time.perf_counter()
         if active:
-            train_step(model, inputs)
+            loss = _forward_loss(model, inputs)
+            t1 = time.perf_counter()
+            loss.backward()
         times.append(time.perf_counter() - t0)
-    return {"times": times if active else None}
+        forward.append(t1 - t0)
+    return {"times": times, "forward": forward} if active else None
 
 
 def theory_bytes(family: str, heads: int, shapes: dict, layers: int, out_numel: int, ring: int,
@@ -191,46 +196,33 @@ def _sent(counts: dict) -> int:
 
 def _time_rows(pool: WorkerPool, family: str, heads: int, shapes: dict, repeats: int) -> dict:
     """Median step seconds per mode (the slower rank's per repeat), and the contention ceiling."""
-    def median(results):
-        return statistics.median(max(ts) for ts in zip(*(r["times"] for r in results if r["times"] is not None)))
+    def median(results, key="times"):
+        return statistics.median(max(ts) for ts in zip(*(r[key] for r in results if r is not None)))
 
-    single = median(pool.run(step_times, family, heads, shapes, repeats, 1, 1, ranks=1, timeout=1800))
+    out = {}
+    for name, ring, ulysses in MODES:
+        res = pool.run(step_times, family, heads, shapes, repeats, ring, ulysses, ranks=1 if ring * ulysses == 1 else None,
+                       timeout=1800)
+        out[name], out[f"{name} forward"] = median(res), median(res, "forward")
     both = median(pool.run(step_times, family, heads, shapes, repeats, 1, 1, ranks=2, timeout=1800))
-    out = {"1 proc": single, "ceiling": single / (both / 2)}
-    for name, ring, ulysses in MODES[1:]:
-        out[name] = median(pool.run(step_times, family, heads, shapes, repeats, ring, ulysses, timeout=1800))
+    out["ceiling"] = out["1 proc"] / (both / 2)
     return out
 
 
-def mmap_allocator() -> bool:
-    """From now on glibc mmaps every allocation over 64 KiB in this process and unmaps it when it is
-    freed, so the resident set tracks live tensors (``MALLOC_MMAP_THRESHOLD_=65536`` of ``bench
-    perf``, set after the timed steps, which ran with the default allocator). False where there is
-    no glibc ``mallopt``."""
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        ok = libc.mallopt(-3, 65536) == 1  # M_MMAP_THRESHOLD
-    except (OSError, AttributeError):
-        return False
-    libc.malloc_trim(0)
-    return ok
-
-
 def _profiles(pool: WorkerPool, family: str, heads: int, shapes: dict) -> dict:
-    """``{(mode, checkpoint): [per-rank profile]}``; peaks are ``nan`` without an mmap allocator."""
-    mmapped = all(pool.run(mmap_allocator))
+    """``{(mode, checkpoint): [per-rank profile]}``."""
     out = {}
     for name, ring, ulysses in MODES:
         for ckpt in (False, True):
             # the 1-process step runs on both ranks (each its own whole model, no communication)
-            res = pool.run(step_profile, family, heads, shapes, ring, ulysses, ckpt, timeout=1800)
-            out[name, ckpt] = [r if mmapped else {**r, "peak_mb": float("nan")} for r in res]
+            out[name, ckpt] = pool.run(step_profile, family, heads, shapes, ring, ulysses, ckpt, timeout=1800)
     return out
 
 
 def _row(name, ring, ulysses, times, prof, theory) -> dict:
     off, on = prof[name, False], prof[name, True]
     row = {"mode": name, "step_s": times[name], "speedup": times["1 proc"] / times[name], "ceiling": times["ceiling"],
+           "forward_s": times[f"{name} forward"], "forward_speedup": times["1 proc forward"] / times[f"{name} forward"],
            "forward_bytes": _sent(off[0]["forward"]), "backward_bytes": _sent(off[0]["backward"]),
            "forward_theory": theory["forward"], "backward_theory": theory["backward"],
            "checkpoint_backward_bytes": _sent(on[0]["backward"]), "grads": off[0]["grads"],
@@ -244,9 +236,19 @@ def _row(name, ring, ulysses, times, prof, theory) -> dict:
     return row
 
 
-def run(family: str = "qwen-image", grid: int = 48, txt: int = 64, heads: int = 8, repeats: int = 5) -> list[dict]:
+def run(family: str = "qwen-image", grid: int = 48, txt: int = 64, heads: int = 8, repeats: int = 5, *,
+        pool: WorkerPool | None = None, memory_pool: WorkerPool | None = None) -> list[dict]:
     """Measure and print; one row per mode (``1 proc``, ``U2``, ``R2``), with the ratios to one
-    process (``*_vs_1``) filled in."""
+    process (``*_vs_1``) filled in. The steps are timed in ``pool`` and profiled in
+    ``memory_pool`` (2 ranks each; by default a new pool, and for memory one whose workers mmap
+    every tensor over 64 KiB, so freed tensors leave the resident set: a pool of default workers
+    gives exact saved bytes but peaks that miss what the allocator reuses).
+
+    Example::
+
+        rows = run("qwen-image", grid=48, txt=64)
+        rows[1]["saved_mb_vs_1"]  # U2's saved-for-backward bytes over one process's
+    """
     if family not in TRAIN_FAMILIES:
         raise ValueError(f"bench train has a byte count for {list(TRAIN_FAMILIES)}; got {family!r}")
     shapes = _shapes(family, grid, txt)
@@ -254,9 +256,10 @@ def run(family: str = "qwen-image", grid: int = 48, txt: int = 64, heads: int = 
     layers = _attention_layers(model)
     with torch.no_grad():
         out_numel = output_tensor(model(**make_inputs(family, model, **shapes))).numel()
-    with WorkerPool(2) as pool:
-        times = _time_rows(pool, family, heads, shapes, repeats)
-        prof = _profiles(pool, family, heads, shapes)
+    with contextlib.nullcontext(pool) if pool else WorkerPool(2) as timed:
+        times = _time_rows(timed, family, heads, shapes, repeats)
+    with contextlib.nullcontext(memory_pool) if memory_pool else _mmap_pool(2) as profiled:
+        prof = _profiles(profiled, family, heads, shapes)
     rows = [_row(name, r, u, times, prof, theory_bytes(family, heads, shapes, layers, out_numel, r, u))
             for name, r, u in MODES]
     for row in rows:
@@ -270,10 +273,11 @@ def run(family: str = "qwen-image", grid: int = 48, txt: int = 64, heads: int = 
 
 
 def format_rows(rows: list[dict]) -> str:
-    lines = [f"{'mode':<7}{'step (s)':>9}{'speedup':>9}{'ceiling':>9}{'fwd MB':>9}{'theory':>8}{'ratio':>7}"
-             f"{'bwd MB':>9}{'theory':>8}{'ratio':>7}"]
+    lines = [f"{'mode':<7}{'step (s)':>9}{'speedup':>9}{'ceiling':>9}{'of it fwd':>10}{'speedup':>9}"
+             f"{'fwd MB':>9}{'theory':>8}{'ratio':>7}{'bwd MB':>9}{'theory':>8}{'ratio':>7}"]
     for r in rows:
         lines.append(f"{r['mode']:<7}{r['step_s']:>9.3f}{r['speedup']:>8.2f}x{r['ceiling']:>8.2f}x"
+                     f"{r['forward_s']:>10.3f}{r['forward_speedup']:>8.2f}x"
                      f"{r['forward_bytes'] / 2**20:>9.2f}{r['forward_theory'] / 2**20:>8.2f}{r['forward_ratio']:>7.2f}"
                      f"{r['backward_bytes'] / 2**20:>9.2f}{r['backward_theory'] / 2**20:>8.2f}{r['backward_ratio']:>7.2f}")
     lines.append("ceiling: 1-process step time / half the time of each rank running the whole 1-process step, "
