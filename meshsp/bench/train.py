@@ -129,7 +129,7 @@ def step_profile(family: str, heads: int, shapes: dict, ring: int, ulysses: int,
     bytes) and one step whose peak activation MB is measured (``nan`` where it cannot be)."""
     model, inputs, wrappers = build(family, heads, shapes, ring, ulysses, checkpoint)
     train_step(model, inputs)  # warm-up; the gradients now exist and accumulate in place
-    exclude = _param_ptrs(model) | {p.grad.untyped_storage().data_ptr() for p in model.parameters() if p.grad is not None}
+    exclude = _param_ptrs(model)
     comm = {}
 
     def counted():
@@ -154,17 +154,19 @@ def step_times(family: str, heads: int, shapes: dict, repeats: int, ring: int, u
     if active:
         model, inputs, _ = build(family, heads, shapes, ring, ulysses)
         train_step(model, inputs)
-    times, forward = [], []
+    times, forward, cpu = [], [], []
     for _ in range(repeats):
         dist.barrier()
         t0 = t1 = time.perf_counter()
+        c0 = time.process_time()
         if active:
             loss = _forward_loss(model, inputs)
             t1 = time.perf_counter()
             loss.backward()
         times.append(time.perf_counter() - t0)
         forward.append(t1 - t0)
-    return {"times": times, "forward": forward} if active else None
+        cpu.append(time.process_time() - c0)
+    return {"times": times, "forward": forward, "cpu": cpu} if active else None
 
 
 def theory_bytes(family: str, heads: int, shapes: dict, layers: int, out_numel: int, ring: int,
@@ -194,19 +196,21 @@ def _sent(counts: dict) -> int:
     return sum(v for k, v in counts.items() if k != "consensus")  # 16 B: the ranks' agreement on inputs
 
 
-def _time_rows(pool: WorkerPool, family: str, heads: int, shapes: dict, repeats: int) -> dict:
-    """Median step seconds per mode (the slower rank's per repeat), and the contention ceiling."""
-    def median(results, key="times"):
-        return statistics.median(max(ts) for ts in zip(*(r[key] for r in results if r is not None)))
+def _time_rows(pool: WorkerPool, family: str, heads: int, shapes: dict, repeats: int) -> tuple[dict, float]:
+    """``{mode: {"times", "forward", "cpu"}}``, each the median over the repeats of the busier
+    rank's seconds, and the contention ceiling."""
+    def medians(results) -> dict:
+        results = [r for r in results if r is not None]
+        return {key: statistics.median(max(ts) for ts in zip(*(r[key] for r in results)))
+                for key in ("times", "forward", "cpu")}
 
     out = {}
     for name, ring, ulysses in MODES:
-        res = pool.run(step_times, family, heads, shapes, repeats, ring, ulysses, ranks=1 if ring * ulysses == 1 else None,
-                       timeout=1800)
-        out[name], out[f"{name} forward"] = median(res), median(res, "forward")
-    both = median(pool.run(step_times, family, heads, shapes, repeats, 1, 1, ranks=2, timeout=1800))
-    out["ceiling"] = out["1 proc"] / (both / 2)
-    return out
+        single = ring * ulysses == 1
+        out[name] = medians(pool.run(step_times, family, heads, shapes, repeats, ring, ulysses,
+                                     ranks=1 if single else None, timeout=1800))
+    both = medians(pool.run(step_times, family, heads, shapes, repeats, 1, 1, ranks=2, timeout=1800))
+    return out, out["1 proc"]["times"] / (both["times"] / 2)
 
 
 def _profiles(pool: WorkerPool, family: str, heads: int, shapes: dict) -> dict:
@@ -219,10 +223,10 @@ def _profiles(pool: WorkerPool, family: str, heads: int, shapes: dict) -> dict:
     return out
 
 
-def _row(name, ring, ulysses, times, prof, theory) -> dict:
-    off, on = prof[name, False], prof[name, True]
-    row = {"mode": name, "step_s": times[name], "speedup": times["1 proc"] / times[name], "ceiling": times["ceiling"],
-           "forward_s": times[f"{name} forward"], "forward_speedup": times["1 proc forward"] / times[f"{name} forward"],
+def _row(name: str, times: dict, ceiling: float, prof: dict, theory: dict) -> dict:
+    off, on, mine, single = prof[name, False], prof[name, True], times[name], times["1 proc"]
+    row = {"mode": name, "step_s": mine["times"], "speedup": single["times"] / mine["times"], "ceiling": ceiling,
+           "forward_s": mine["forward"], "forward_speedup": single["forward"] / mine["forward"], "cpu_s": mine["cpu"],
            "forward_bytes": _sent(off[0]["forward"]), "backward_bytes": _sent(off[0]["backward"]),
            "forward_theory": theory["forward"], "backward_theory": theory["backward"],
            "checkpoint_backward_bytes": _sent(on[0]["backward"]), "grads": off[0]["grads"],
@@ -231,6 +235,8 @@ def _row(name, ring, ulysses, times, prof, theory) -> dict:
     for key, ckpt in (("", off), ("_ckpt", on)):
         row[f"saved_mb{key}"] = max(r["saved_mb"] for r in ckpt)
         row[f"peak_mb{key}"] = max(r["peak_mb"] for r in ckpt)
+    row["saved_ckpt_vs_off"] = row["saved_mb_ckpt"] / row["saved_mb"]  # what checkpointing keeps of it
+    row["peak_ckpt_vs_off"] = row["peak_mb_ckpt"] / row["peak_mb"] if row["peak_mb"] else float("nan")
     for kind in ("forward", "backward"):
         row[f"{kind}_ratio"] = row[f"{kind}_bytes"] / theory[kind] if theory[kind] else float("nan")
     return row
@@ -257,40 +263,48 @@ def run(family: str = "qwen-image", grid: int = 48, txt: int = 64, heads: int = 
     with torch.no_grad():
         out_numel = output_tensor(model(**make_inputs(family, model, **shapes))).numel()
     with contextlib.nullcontext(pool) if pool else WorkerPool(2) as timed:
-        times = _time_rows(timed, family, heads, shapes, repeats)
+        times, ceiling = _time_rows(timed, family, heads, shapes, repeats)
     with contextlib.nullcontext(memory_pool) if memory_pool else _mmap_pool(2) as profiled:
         prof = _profiles(profiled, family, heads, shapes)
-    rows = [_row(name, r, u, times, prof, theory_bytes(family, heads, shapes, layers, out_numel, r, u))
+    rows = [_row(name, times, ceiling, prof, theory_bytes(family, heads, shapes, layers, out_numel, r, u))
             for name, r, u in MODES]
     for row in rows:
         for key in ("saved_mb", "peak_mb", "saved_mb_ckpt", "peak_mb_ckpt"):
             row[f"{key}_vs_1"] = row[key] / rows[0][key] if rows[0][key] else float("nan")
-    print(f"training step: {family}, {shapes['h']}x{shapes['w']}{' x %d frames' % shapes['frames'] if 'frames' in shapes else ''}"
-          f" token grid + {txt} text tokens, {heads} heads of 16, fp32, 1 thread per rank, advanced_uaa, "
-          f"median of {repeats} after a warm-up")
+    frames = f" x {shapes['frames']} frames" if "frames" in shapes else ""
+    print(f"training step: {family}, {shapes['h']}x{shapes['w']}{frames} token grid + {txt} text tokens, "
+          f"{heads} heads of 16, fp32, 1 thread per rank, advanced_uaa, median of {repeats} after a warm-up")
     print(format_rows(rows))
     return rows
 
 
 def format_rows(rows: list[dict]) -> str:
-    lines = [f"{'mode':<7}{'step (s)':>9}{'speedup':>9}{'ceiling':>9}{'of it fwd':>10}{'speedup':>9}"
+    return _time_table(rows) + "\n\n" + _memory_table(rows)
+
+
+def _time_table(rows: list[dict]) -> str:
+    lines = [f"{'mode':<7}{'step (s)':>9}{'speedup':>9}{'ceiling':>9}{'of it fwd':>10}{'speedup':>9}{'CPU s':>7}"
              f"{'fwd MB':>9}{'theory':>8}{'ratio':>7}{'bwd MB':>9}{'theory':>8}{'ratio':>7}"]
     for r in rows:
         lines.append(f"{r['mode']:<7}{r['step_s']:>9.3f}{r['speedup']:>8.2f}x{r['ceiling']:>8.2f}x"
-                     f"{r['forward_s']:>10.3f}{r['forward_speedup']:>8.2f}x"
+                     f"{r['forward_s']:>10.3f}{r['forward_speedup']:>8.2f}x{r['cpu_s']:>7.3f}"
                      f"{r['forward_bytes'] / 2**20:>9.2f}{r['forward_theory'] / 2**20:>8.2f}{r['forward_ratio']:>7.2f}"
-                     f"{r['backward_bytes'] / 2**20:>9.2f}{r['backward_theory'] / 2**20:>8.2f}{r['backward_ratio']:>7.2f}")
+                     f"{r['backward_bytes'] / 2**20:>9.2f}{r['backward_theory'] / 2**20:>8.2f}"
+                     f"{r['backward_ratio']:>7.2f}")
     lines.append("ceiling: 1-process step time / half the time of each rank running the whole 1-process step, "
-                 "both ranks at once, no communication")
-    lines.append("")
-    lines.append(f"{'':<7}{'checkpointing off':^32}   {'checkpointing on':^46}{'ckpt backward':^20}")
-    lines.append(f"{'mode':<7}{'saved MB':>9}{'vs 1':>7}{'peak MB':>9}{'vs 1':>7}   {'saved MB':>9}{'vs 1':>7}"
-                 f"{'/ off':>7}{'peak MB':>9}{'vs 1':>7}{'/ off':>7}{'MB':>10}{'theory':>10}")
+                 "both ranks at once, no communication; CPU s: the busier rank's CPU time in a step")
+    return "\n".join(lines)
+
+
+def _memory_table(rows: list[dict]) -> str:
+    lines = [f"{'':<7}{'checkpointing off':^32}   {'checkpointing on':^46}{'ckpt backward':^20}",
+             f"{'mode':<7}{'saved MB':>9}{'vs 1':>7}{'peak MB':>9}{'vs 1':>7}   {'saved MB':>9}{'vs 1':>7}"
+              f"{'/ off':>7}{'peak MB':>9}{'vs 1':>7}{'/ off':>7}{'MB':>10}{'theory':>10}"]
     for r in rows:
         lines.append(f"{r['mode']:<7}{r['saved_mb']:>9.1f}{r['saved_mb_vs_1']:>6.2f}x{r['peak_mb']:>9.1f}"
                      f"{r['peak_mb_vs_1']:>6.2f}x   {r['saved_mb_ckpt']:>9.1f}{r['saved_mb_ckpt_vs_1']:>6.2f}x"
-                     f"{r['saved_mb_ckpt'] / r['saved_mb']:>6.2f}x{r['peak_mb_ckpt']:>9.1f}{r['peak_mb_ckpt_vs_1']:>6.2f}x"
-                     f"{r['peak_mb_ckpt'] / r['peak_mb'] if r['peak_mb'] else float('nan'):>6.2f}x"
+                     f"{r['saved_ckpt_vs_off']:>6.2f}x{r['peak_mb_ckpt']:>9.1f}{r['peak_mb_ckpt_vs_1']:>6.2f}x"
+                     f"{r['peak_ckpt_vs_off']:>6.2f}x"
                      f"{r['checkpoint_backward_bytes'] / 2**20:>10.2f}{r['checkpoint_backward_theory'] / 2**20:>10.2f}")
     lines.append("saved: tensors autograd keeps for backward (unique storages, parameters left out; with checkpointing "
                  "the block inputs kept for the recomputation); peak: rise of the resident set in one step; per rank, "
