@@ -28,6 +28,7 @@ import time
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.utils._pytree import tree_leaves
 
 from meshsp.bench import sp_mesh
 from meshsp.bench.models import _overrides, _shapes, peak_activation_mb
@@ -96,7 +97,12 @@ def train_step(model: nn.Module, inputs: dict) -> float:
 def saved_bytes(step, exclude: set[int], held: list[nn.Module] = ()) -> int:
     """Bytes of the distinct storages autograd saves for backward during ``step()``, leaving out
     those whose data pointer is in ``exclude`` (the parameters), plus the tensor inputs of the
-    ``held`` modules (checkpoint wrappers keep their inputs for the recomputation)."""
+    ``held`` modules (checkpoint wrappers keep their inputs for the recomputation).
+
+    Example::
+
+        mb = saved_bytes(lambda: model(x).sum().backward(), {p.data_ptr() for p in model.parameters()}) / 2**20
+    """
     storages: dict[int, torch.UntypedStorage] = {}
 
     def keep(t):
@@ -107,7 +113,7 @@ def saved_bytes(step, exclude: set[int], held: list[nn.Module] = ()) -> int:
         return t
 
     def keep_inputs(_, args, kwargs):
-        for t in (*args, *kwargs.values()):
+        for t in tree_leaves((args, kwargs)):  # tensors in tuples too (rotary tables)
             keep(t)
 
     handles = [m.register_forward_pre_hook(keep_inputs, with_kwargs=True) for m in held]
@@ -179,6 +185,10 @@ def theory_bytes(family: str, heads: int, shapes: dict, layers: int, out_numel: 
     * Ring forward: ``R-1`` hops of the local K/V block; backward the K/V pass again and the fp32
       ``dk, dv`` sums, ``R`` hops of a block's size.
     * The output gather's backward: a reduce-scatter of the padded output gradient, ``(P-1)/P``.
+
+    Example::
+
+        theory_bytes("qwen-image", 8, dict(h=48, w=48, txt=64), 2, 2304 * 16, 1, 2)["backward"]  # 2,498,560
     """
     img = shapes["h"] * shapes["w"] * shapes.get("frames", 1)
     s = img + (shapes["txt"] if family != "wan" else 0)
