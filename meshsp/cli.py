@@ -373,6 +373,8 @@ def _check_plan(args) -> int:
 
 
 def _bench(args) -> int:
+    grid, txt = (48, 64) if args.what == "train" else (64, 256)
+    args.grid, args.txt = args.grid or grid, args.txt or txt
     if args.repeats is None:
         args.repeats = {"vae": 1, "serve": 3}.get(args.what, 5)
     if args.what == "vae":
@@ -402,6 +404,10 @@ def _bench(args) -> int:
                                                           repeats=args.repeats, ulysses=args.usp,
                                                           ulysses_mode=args.ulysses_mode, kinds=kinds,
                                                           options=options)))
+    elif args.what == "train":
+        from meshsp.bench.train import run as run_train
+
+        run_train(args.family, grid=args.grid, txt=args.txt, heads=args.heads, repeats=args.repeats)
     elif args.what == "attention":
         from meshsp.bench.attention import run
 
@@ -506,12 +512,14 @@ def build_parser() -> argparse.ArgumentParser:
     plan.set_defaults(func=_plan)
 
     bench = sub.add_parser("bench", help="benchmarks printed side by side")
-    bench.add_argument("what", choices=["attention", "models", "perf", "vae", "serve"])
+    bench.add_argument("what", choices=["attention", "models", "perf", "train", "vae", "serve"])
     bench.add_argument("--seq", type=int, default=8192, help="attention: sequence length")
     bench.add_argument("--heads", type=int, default=8)
     bench.add_argument("--families", default="flux,qwen-image,wan", help="models: comma-separated families")
-    bench.add_argument("--grid", type=int, default=64, help="models: token grid side")
-    bench.add_argument("--txt", type=int, default=256, help="models: text tokens")
+    bench.add_argument("--grid", type=int, default=None, help="models: token grid side (default 64; train: 48)")
+    bench.add_argument("--txt", type=int, default=None, help="models: text tokens (default 256; train: 64)")
+    bench.add_argument("--family", default="qwen-image", choices=["qwen-image", "flux", "wan"],
+                       help="train: the model of the training step")
     bench.add_argument("--head-dim", type=int, default=64)
     bench.add_argument("--repeats", type=int, default=None, help="default 5; vae: 1")
     bench.add_argument("--real-width", action="store_true",

@@ -5,7 +5,7 @@
 
 import pytest
 
-from meshsp.bench import attention, models, perf, realwidth, vae
+from meshsp.bench import attention, models, perf, realwidth, train, vae
 
 
 def test_bench_attention_counts_theory_bytes(capsys):
@@ -77,3 +77,37 @@ def test_bench_serve_runs_both_servers(capsys):
     rows = [line.split() for line in lines if line.split() and line.split()[0] in ("1", "2")]
     assert [r[0] for r in rows] == ["1", "2"] and all(r[2] == "4" for r in rows), lines  # 4 requests each
     assert all(int(r[-1]) <= 1 for r in rows), lines  # images equal to the one-at-a-time server's
+
+
+def test_bench_train_bytes_equal_theory_and_memory_shrinks(capsys, pools):
+    # the session's pool for both: saved bytes are exact under any allocator (peaks are not asserted)
+    rows = train.run("qwen-image", grid=8, txt=8, heads=4, repeats=1, pool=pools(2), memory_pool=pools(2))
+    single, u2, r2 = rows
+    assert [r["mode"] for r in rows] == ["1 proc", "U2", "R2"] and single["forward_bytes"] == 0
+    for row in (u2, r2):
+        assert row["step_s"] > 0 and row["ceiling"] > 0 and row["grads"] == single["grads"] > 20, row
+        assert row["forward_bytes"] == row["forward_theory"] > 0 and row["forward_ratio"] == 1.0, row
+        assert row["backward_bytes"] == row["backward_theory"] > 0 and row["backward_ratio"] == 1.0, row
+        # checkpointing's recomputation exchanges the forward's bytes once more in the backward
+        assert row["checkpoint_backward_bytes"] == row["checkpoint_backward_theory"], row
+        assert row["saved_mb"] < 0.6 * single["saved_mb"], row
+        assert not row["peak_mb"] < 0  # NaN where /proc/self/clear_refs cannot be written
+    # R2's backward: K/V again plus the fp32 dk/dv sums, so more than U2's forward-reversed bytes
+    assert r2["backward_bytes"] > u2["backward_bytes"] and r2["forward_bytes"] == u2["forward_bytes"]
+    for row in rows:
+        assert row["saved_mb_ckpt"] < 0.5 * row["saved_mb"], row
+    assert "ceiling" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="byte count"):
+        train.run("sd3", grid=8, txt=8)
+
+
+def test_train_theory_bytes_closed_form():
+    theory_bytes = train.theory_bytes
+    shapes = dict(h=4, w=4, txt=8)  # 24 attention tokens, 64 channels, output 16 tokens x 16
+    ulysses = theory_bytes("qwen-image", 4, shapes, 2, 256, 1, 2)
+    half = 12 * 64 // 2 * 4  # half of one local q, k, v or out (fp32)
+    assert ulysses == {"forward": 2 * 4 * half, "backward": 2 * 4 * half + 256 * 4 // 2}
+    ring = theory_bytes("qwen-image", 4, shapes, 2, 256, 2, 1)
+    block = 2 * 12 * 64 * 4  # the local K and V
+    assert ring == {"forward": 2 * block, "backward": 2 * (block + 2 * block) + 256 * 4 // 2}
+    assert theory_bytes("wan", 4, shapes, 2, 256, 1, 2)["forward"] == 2 * 4 * 8 * 64 // 2 * 4  # text not in it
