@@ -25,6 +25,9 @@ CASES = [
     dict(kind="bool", B=2, H=4, D=8, Sq=13, sharded_mask=True),
     dict(kind="causal", B=1, H=4, D=8, Dv=4, Sq=19, balance="zigzag"),
     dict(kind="none", B=2, H=4, D=32, Sq=24, dtype=torch.bfloat16),
+    dict(kind="causal", B=2, H=4, D=32, Sq=61, balance="zigzag", dtype=torch.bfloat16),
+    dict(kind="segment", B=2, H=4, Hk=2, D=32, Sq=41, G=4, rule=True, causal=True, bias=True, dtype=torch.bfloat16),
+    dict(kind="outer", B=2, H=4, D=32, Sq=33, dtype=torch.float16),
 ]
 
 

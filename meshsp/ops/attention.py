@@ -170,16 +170,31 @@ def _check(q, k, v, mask, call: _Call, uaa, scale, validate) -> None:
     agree("sp_attention", shared, error, (call.ulysses_pg, call.ring_pg), q.device.type)
 
 
+_HALVES = (torch.bfloat16, torch.float16)
+
+
+def _rounded_once(attend):
+    """``attend`` run in float32 on 16-bit inputs, its output rounded once. For training: the
+    backward's ``rowsum(dout * out)`` reads the output, and an output merged from 16-bit block
+    results carries one rounding per block (twice one device's error in dq on a causal zigzag ring);
+    rounded once it is as exact as one device's."""
+    def run(q, k, v, mask, heads=None):
+        out, lse = attend(q.float(), k.float(), v.float(), mask, heads)
+        return out.to(q.dtype), lse
+    return run
+
+
 def _forward(q, k, v, mask, ring_group, ulysses_group, q_lens, kv_lens, ring, ulysses, uaa, scale, validate,
              pair_rows, pair_q_start, q_runs, kv_runs, rule, keep=None):
     call = _Call(q.shape, k.shape, ring_group, ulysses_group, q_lens, kv_lens, ring, ulysses, scale,
                  pair_rows, pair_q_start, q_runs, kv_runs, rule)
     _check(q, k, v, mask, call, uaa, scale, validate)
+    attend = call.attend if keep is None or q.dtype not in _HALVES else _rounded_once(call.attend)
     if ulysses > 1:
         return _ulysses.ulysses_attention(q, k, v, mask, group=call.ulysses_pg, heads=call.heads,
                                           q_lens=call.q_layout.lens[call.r], kv_lens=call.kv_layout.lens[call.r],
-                                          attend=call.attend, chunks=call.chunks(q, k, v), keep=keep)
-    out, lse = call.attend(q, k, v, mask)
+                                          attend=attend, chunks=call.chunks(q, k, v), keep=keep)
+    out, lse = attend(q, k, v, mask)
     if keep is not None:
         keep.append(lse)
     if not out.transpose(1, 2).is_contiguous():
