@@ -39,7 +39,7 @@ def _images(vae_images: torch.Tensor) -> torch.Tensor:
     return vae_images[:, :, None]
 
 
-def fit_vae(vae, steps: int, batch: int, size: int, seed: int, lr: float = 2e-3, kl: float = 1e-4) -> list[float]:
+def fit_vae(vae, steps: int, batch: int, size: int, seed: int, lr: float = 3e-3, kl: float = 1e-4) -> list[float]:
     """Fit ``vae`` (in place) as an autoencoder of the shapes dataset; returns the loss per step."""
     from meshsp.train.shapes import ShapesDataset
 
@@ -77,61 +77,73 @@ def latent_statistics(vae, n: int, size: int, seed: int) -> dict[str, list[float
     return {"latents_mean": z.mean(dims).tolist(), "latents_std": z.std(dims).tolist()}
 
 
+def write_asset(name: str, run: Path, stats: dict, vae_fit: dict, train: dict) -> Path:
+    """The trained run's transformer and VAE weights, and the VAE's latent statistics, as the asset."""
+    from diffusers import DiffusionPipeline
+    from safetensors.torch import save_file
+
+    trained = DiffusionPipeline.from_pretrained(run / "pipeline")
+    tensors = {f"{c}.{k}": v.detach().contiguous() for c in COMPONENTS
+               for k, v in getattr(trained, c).state_dict().items()}
+    metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    target = ROOT / "meshsp" / "assets" / f"{name}.safetensors"
+    target.parent.mkdir(exist_ok=True)
+    save_file(tensors, target, metadata={
+        "vae_config": json.dumps(stats), **{f"vae_{k}": str(v) for k, v in vae_fit.items()},
+        **{k: str(v) for k, v in train.items()}, "steps": str(len(metrics)),
+        "loss_first": f"{metrics[0]['loss']:.4f}", "loss_last": f"{metrics[-1]['loss']:.4f}"})
+    print(f"wrote {target} ({target.stat().st_size / 1e6:.2f} MB): VAE loss {vae_fit['loss_first']} -> "
+          f"{vae_fit['loss_last']}, flow loss {metrics[0]['loss']:.4f} -> {metrics[-1]['loss']:.4f}")
+    return target
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--name", default="tiny-qwen-image")
-    parser.add_argument("--vae-steps", type=int, default=400)
+    parser.add_argument("--vae-steps", type=int, default=2500)
     parser.add_argument("--vae-batch", type=int, default=8)
-    parser.add_argument("--vae-resolution", type=int, default=64,
-                        help="pictures the VAE is fitted on (convolutional: it then codes any size)")
-    parser.add_argument("--steps", type=int, default=800)
+    parser.add_argument("--vae-resolution", type=int, default=64)
+    parser.add_argument("--steps", type=int, default=15000)
+    parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--dataset-size", type=int, default=384)
-    parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--learning-rate", type=float, default=1e-3)
     parser.add_argument("--resolution", type=int, default=64)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--work", default=None, help="keep intermediate files here (default: a temporary directory)")
+    parser.add_argument("--resume", action="store_true",
+                        help="reuse the fitted VAE in --work and continue its meshsp train run")
     args = parser.parse_args(argv)
-
-    from safetensors.torch import save_file
 
     from meshsp.pipelines import build_tiny_pipeline
 
     torch.manual_seed(args.seed)
     work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="meshsp-tiny-"))
-    started = time.perf_counter()
-    pipe = build_tiny_pipeline(args.name, trained=False)
-    vae_losses = fit_vae(pipe.vae, args.vae_steps, args.vae_batch, args.vae_resolution, args.seed)
-    stats = latent_statistics(pipe.vae, 256, args.resolution, args.seed)
-    pipe.vae.register_to_config(**stats)
-    print(f"latent mean {[round(x, 3) for x in stats['latents_mean']]}, std {[round(x, 3) for x in stats['latents_std']]}")
-    base = work / "with-vae"
-    pipe.save_pretrained(base, safe_serialization=True)
-    vae_seconds = time.perf_counter() - started
+    base, run = work / "with-vae", work / "train"
+    if not (args.resume and (base / "vae_fit.json").is_file()):
+        pipe = build_tiny_pipeline(args.name, trained=False)
+        losses = fit_vae(pipe.vae, args.vae_steps, args.vae_batch, args.vae_resolution, args.seed)
+        stats = latent_statistics(pipe.vae, 256, args.resolution, args.seed)
+        pipe.vae.register_to_config(**stats)
+        pipe.save_pretrained(base, safe_serialization=True)
+        fit = {"steps": args.vae_steps, "loss_first": f"{losses[0]:.4f}", "loss_last": f"{losses[-1]:.4f}",
+               "stats": stats}
+        (base / "vae_fit.json").write_text(json.dumps(fit))
+    fit = json.loads((base / "vae_fit.json").read_text())
+    stats = fit.pop("stats")
+    print(f"VAE: loss {fit['loss_first']} -> {fit['loss_last']} in {fit['steps']} steps; latent mean "
+          f"{[round(x, 3) for x in stats['latents_mean']]}, std {[round(x, 3) for x in stats['latents_std']]}")
 
-    out = work / "train"
     command = [sys.executable, "-m", "meshsp.cli", "train", "--model", str(base), "--steps", str(args.steps),
                "--batch-size", str(args.batch_size), "--learning-rate", str(args.learning_rate),
-               "--resolution", str(args.resolution), "--seed", str(args.seed), "--output", str(out),
-               "--dataset-size", str(args.dataset_size), "--checkpoint-every", str(args.steps)]
+               "--resolution", str(args.resolution), "--seed", str(args.seed), "--output", str(run),
+               "--dataset-size", str(args.dataset_size), "--checkpoint-every", "2000"]
+    command += ["--resume"] if args.resume else []
     print(" ".join(command), flush=True)
+    trained = time.perf_counter()
     subprocess.run(command, check=True)
-    from diffusers import DiffusionPipeline
-
-    trained = DiffusionPipeline.from_pretrained(out / "pipeline")
-    tensors = {f"{c}.{k}": v.detach().contiguous() for c in COMPONENTS
-               for k, v in getattr(trained, c).state_dict().items()}
-    target = ROOT / "meshsp" / "assets" / f"{args.name}.safetensors"
-    target.parent.mkdir(exist_ok=True)
-    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    save_file(tensors, target, metadata={"vae_config": json.dumps(stats),
-        "vae_steps": str(args.vae_steps), "vae_loss_first": f"{vae_losses[0]:.4f}",
-        "vae_loss_last": f"{vae_losses[-1]:.4f}", "steps": str(args.steps),
-        "loss_first": f"{metrics[0]['loss']:.4f}", "loss_last": f"{metrics[-1]['loss']:.4f}",
-        "seconds": f"{time.perf_counter() - started:.0f}", "vae_seconds": f"{vae_seconds:.0f}"})
-    print(f"wrote {target} ({target.stat().st_size / 1e6:.2f} MB): VAE loss {vae_losses[0]:.4f} -> "
-          f"{vae_losses[-1]:.4f}, flow loss {metrics[0]['loss']:.4f} -> {metrics[-1]['loss']:.4f}, "
-          f"{time.perf_counter() - started:.0f} s")
+    write_asset(args.name, run, stats, fit, {
+        "batch_size": args.batch_size, "learning_rate": f"{args.learning_rate:g}", "dataset_size": args.dataset_size,
+        "transformer_seconds": f"{time.perf_counter() - trained:.0f}"})
     return 0
 
 
