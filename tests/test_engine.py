@@ -9,7 +9,7 @@ from meshsp.engine import Engine, SamplingParams
 # 64x48 pixels -> 8x6 latents -> 4x3 = 12 packed image tokens: does not divide over 4 ranks.
 PARAMS = SamplingParams(num_inference_steps=2, width=64, height=48, seed=3, guidance_scale=4.0,
                         negative_prompt="blurry")
-PROMPTS = ["a cat", "a red dog on a mat"]
+PROMPTS = ["a cat", "a red dog on a chair"]  # 12 image + 12 text tokens: even, as strict U2 needs
 
 
 class _Reference(list):

@@ -20,7 +20,7 @@ FLUX = SamplingParams(num_inference_steps=2, width=64, height=48, seed=1)
 QWEN = SamplingParams(num_inference_steps=2, width=64, height=48, seed=3, guidance_scale=4.0, negative_prompt="blurry")
 WAN = SamplingParams(num_inference_steps=2, width=64, height=48, seed=1, num_frames=5, guidance_scale=5.0,
                      negative_prompt="blurry")
-PROMPTS = ["a cat", "a red dog on a mat"]
+PROMPTS = ["a cat", "a red dog on a chair"]  # 12 image + 12 text tokens: even, as strict U2 needs
 
 
 def frames(images) -> list[np.ndarray]:

@@ -52,8 +52,10 @@ def test_pipeline_call_equals_one_process(pools, references, case):
     for rank, got in enumerate(results):
         assert got["out"].shape == want.shape
         diff = np.abs(got["out"] - want).max()
-        # Decoded pixels in [0, 1]: SP, TP and the split VAE agree with one process to fp32 rounding.
-        assert diff <= 2e-5, (case, rank, diff)
+        # Decoded pixels in [0, 1]: SP, TP and the split VAE agree with one process to fp32 rounding;
+        # TaylorSeer extrapolates features from finite differences of past steps, which scales that
+        # rounding up (still a small fraction of one 8-bit level).
+        assert diff <= (2e-4 if options.get("cache") == "taylorseer" else 2e-5), (case, rank, diff)
         assert got["vae_ranks"] == 4 and got["transformers"] == ("transformer",)
         assert got["vae_encode_split"]  # these VAEs' encoders split too (image-to-image pipelines use them)
         assert got["class"] == results[0]["class"] and got["sent"]  # it communicated

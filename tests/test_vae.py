@@ -16,7 +16,10 @@ VIDEO = {"even": (1, 4, 3, 8, 8), "uneven": (1, 4, 2, 7, 9)}      # [B, C, T, H,
 def test_split_decode_equals_whole_decode(pools, pipeline, world, degrees):
     shapes = IMAGE if pipeline in ("tiny-flux", "AutoencoderKLFlux2") else VIDEO
     for bands, shape in shapes.items():
-        r = pools(world).run(rank_tasks.vae_decode_parity, pipeline, shape, **degrees)[0]
+        # the trained tiny Qwen-Image VAE (meshsp/assets) runs larger activations through its 3-D
+        # convolutions than the seeded ones: its float32 rounding reaches 1.2e-5 of the output scale
+        tol = 2e-5 if pipeline == "tiny-qwen-image" else 1e-5
+        r = pools(world).run(rank_tasks.vae_decode_parity, pipeline, shape, tol=tol, **degrees)[0]
         assert r["calls"]["vae_halo"] > 0 and r["calls"]["p2p"] > 0, (bands, r)  # split, and attention ran Ring
 
 
