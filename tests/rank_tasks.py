@@ -1105,3 +1105,39 @@ def fewer_frames_than_ranks(cls: str) -> None:
     from meshsp.plans.verify import grid_for, parity
 
     parity(cls, 2, dist.get_world_size() // 2, None, grid={**grid_for(cls), "frames": 2})
+
+
+def compiled_training_step(ring: int, ulysses: int) -> float:
+    """A training step through sp_attention under torch.compile(fullgraph=True): one graph (the
+    backward is the custom backward op, traced by AOTAutograd), q/k/v and a weight's gradients
+    equal to eager single-device SDPA's; returns the largest gradient error."""
+    mesh = mesh_for(ring, ulysses)
+    layout = SeqLayout.from_global(21, ring=ring, ulysses=ulysses)
+    r, u = mesh.get_local_rank("ring"), mesh.get_local_rank("ulysses")
+    lo, n = layout.offset(r, u), layout.local(r, u)
+    q_full, k_full, v_full, _ = make_inputs(dict(B=1, H=6, D=16, Sq=21, dtype=torch.float32))
+    groups = dict(ring_group=mesh["ring"].get_group(), ulysses_group=mesh["ulysses"].get_group())
+    weight = torch.linspace(0.5, 1.5, 16)
+
+    def step(q, k, v, w):
+        out = meshsp.sp_attention(q * w, k, v, q_layout=layout, uaa=True, validate=False, **groups)
+        return (out * out).sum()
+
+    leaves = [t.narrow(2, lo, n).clone().requires_grad_() for t in (q_full, k_full, v_full)]
+    w = weight.clone().requires_grad_()
+    explanation = torch._dynamo.explain(step)(*leaves, w)
+    assert explanation.graph_break_count == 0 and explanation.graph_count == 1, explanation.break_reasons
+    torch.compile(step, fullgraph=True)(*leaves, w).backward()
+    full = [t.clone().requires_grad_() for t in (q_full, k_full, v_full)]
+    w_ref = weight.clone().requires_grad_()
+    out = reference(full[0] * w_ref, full[1], full[2], None)
+    (out * out).sum().backward()
+    errors = []
+    for mine, ref in zip(leaves, full):
+        torch.testing.assert_close(mine.grad, ref.grad.narrow(2, lo, n), atol=2e-5, rtol=2e-5)
+        errors.append((mine.grad - ref.grad.narrow(2, lo, n)).abs().max().item())
+    # every rank computes its shard's part of the loss here, so the weight's gradient sums over ranks
+    w_grad = w.grad.clone()
+    torch.distributed.all_reduce(w_grad)
+    torch.testing.assert_close(w_grad, w_ref.grad, atol=2e-5, rtol=2e-5)
+    return max(errors + [(w_grad - w_ref.grad).abs().max().item()])

@@ -252,7 +252,8 @@ def _sp_attention_train_op(
     keep: list[torch.Tensor] = []
     out = _forward(q, k, v, mask, ring_group, ulysses_group, q_lens, kv_lens, ring, ulysses, uaa, scale, validate,
                    pair_rows, pair_q_start, q_runs, kv_runs, rule, keep)
-    return out, keep
+    # contiguous, as the fake implementation declares them (compiled graphs check the strides)
+    return out, [t.contiguous() for t in keep]
 
 
 @torch.library.custom_op("meshsp::sp_attention_backward", mutates_args=())
