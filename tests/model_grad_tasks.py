@@ -46,7 +46,9 @@ def whole_query_gradients(ring: int, ulysses: int, cases: list[dict]) -> list[fl
         out = replicated_query_attention(*mine, None if mask is None else mask.narrow(1, lo, n), groups=groups)
         (out * w).sum().backward()
         dq = mine[0].grad.clone()
-        dist.all_reduce(dq, group=mesh["ring", "ulysses"]._flatten().get_group() if sp > 2 else dist.group.WORLD)
+        for group in groups:  # the sum over every SP rank
+            if group is not None:
+                dist.all_reduce(dq, group=group)
         got = [dq / sp, mine[1].grad / sp, mine[2].grad / sp]
         want = [leaves[0].grad, leaves[1].grad.narrow(2, lo, n), leaves[2].grad.narrow(2, lo, n)]
         for g, e in zip(got, want):

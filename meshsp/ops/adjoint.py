@@ -41,30 +41,23 @@ def _all_reduce(t: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
     return funcol.wait_tensor(funcol.all_reduce(t.contiguous(), "sum", group))
 
 
-class _Gather(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, t, group):
-        ctx.group = group
-        return _gather(t, group)
+class _WithAdjoint(torch.autograd.Function):
+    """``forward(t, group)`` with ``adjoint(grad, group)`` as its backward."""
 
     @staticmethod
-    def backward(ctx, grad):
-        return _reduce_scatter(grad, ctx.group), None
-
-
-class _AllReduceSum(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, t, group):
-        ctx.group = group
-        return _all_reduce(t, group)
+    def forward(ctx, t, group, forward, adjoint):
+        ctx.group, ctx.adjoint = group, adjoint
+        return forward(t, group)
 
     @staticmethod
     def backward(ctx, grad):
-        return _all_reduce(grad, ctx.group), None
+        return ctx.adjoint(grad, ctx.group), None, None, None
 
 
-def _tracked(t: torch.Tensor) -> bool:
-    return torch.is_grad_enabled() and t.requires_grad
+def _apply(forward, adjoint, t: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
+    if torch.is_grad_enabled() and t.requires_grad:
+        return _WithAdjoint.apply(t, group, forward, adjoint)
+    return forward(t, group)
 
 
 def gather(t: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
@@ -74,7 +67,7 @@ def gather(t: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
 
         whole = gather(local_BSC.movedim(1, 0), group).movedim(0, 1)
     """
-    return _Gather.apply(t, group) if _tracked(t) else _gather(t, group)
+    return _apply(_gather, _reduce_scatter, t, group)
 
 
 def all_reduce_sum(t: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
@@ -84,4 +77,4 @@ def all_reduce_sum(t: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
 
         state = all_reduce_sum(keys.transpose(-1, -2) @ values, group)
     """
-    return _AllReduceSum.apply(t, group) if _tracked(t) else _all_reduce(t, group)
+    return _apply(_all_reduce, _all_reduce, t, group)
