@@ -284,7 +284,7 @@ def test_other_refusals(tmp_path):
     (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline"}))
     with pytest.raises(ValueError, match="training does not know StableDiffusionPipeline"):
         check_run(TrainConfig(model=str(tmp_path)), ParallelConfig())
-    check_run(TrainConfig(model=str(tiny_pipeline_path("tiny-flux"))), ParallelConfig())
+    check_run(TrainConfig(model=str(tiny_pipeline_path("tiny-flux")), output=str(tmp_path / "o")), ParallelConfig())
     with pytest.raises(ValueError, match="data_parallel_size=2 is for training"):
         from meshsp.recipe import parallelize_pipeline
 

@@ -23,8 +23,9 @@ import torch.distributed as dist
 from meshsp.config import ParallelConfig
 from meshsp.train.adapters import adapter_for
 from meshsp.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from meshsp.train.config import TrainConfig, check_train_layout
+from meshsp.train.config import TrainConfig
 from meshsp.train.data import local_batch, make_dataset
+from meshsp.train.launch import check_run
 from meshsp.train.flow import draw_noise, flow_loss, noisy_and_target, sample_generator
 from meshsp.train.parallel import mean_over_ranks, prepare_transformer, train_mesh, trainable_parameters
 from meshsp.train.report import MetricsLog
@@ -59,7 +60,7 @@ class Trainer:
 
     def __init__(self, train: TrainConfig, parallel: ParallelConfig | None = None, *, progress: bool = True) -> None:
         parallel = parallel or ParallelConfig()
-        check_train_layout(train, parallel)
+        check_run(train, parallel)  # every refusal of train(), also for this way in
         self.train, self.parallel = train, parallel
         self.dataset = make_dataset(train.data, train.resolution, seed=train.seed, n=train.dataset_size)
         self.pipe = load_frozen_pipeline(train.model)

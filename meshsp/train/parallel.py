@@ -131,9 +131,8 @@ def prepare_transformer(transformer: nn.Module, mesh: DeviceMesh | None, paralle
         from torch.distributed.fsdp import fully_shard
 
         shard_mesh = _fsdp_mesh(mesh)
-        for lst in BLOCK_LISTS:
-            for block in getattr(transformer, lst, None) or []:
-                fully_shard(block, mesh=shard_mesh)
+        for block in blocks(transformer):
+            fully_shard(block, mesh=shard_mesh)
         fully_shard(transformer, mesh=shard_mesh)
     return transformer
 
