@@ -299,7 +299,7 @@ def _head_norm_parameters(module: nn.Module) -> list[nn.Parameter]:
 def _sum_head_norm_gradients(module: nn.Module, device_mesh: DeviceMesh) -> None:
     """A per-head norm's weight is whole on every tp rank but each rank applies it to its own heads
     only, so each rank's gradient is a part: the whole gradient is their sum over ``tp`` (one
-    all-reduce of ``head_dim`` numbers per use, as each use's gradient arrives)."""
+    all-reduce of ``head_dim`` numbers per backward, when the parameter's gradient is complete)."""
     group = device_mesh.get_group()
 
     def summed(grad: torch.Tensor) -> torch.Tensor:

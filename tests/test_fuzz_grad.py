@@ -41,5 +41,5 @@ def test_gradient_fuzz_ran_enough_cases():
     print("gradient fuzz statistics:", dict(STATS), "(max error in units of 1e-15)")
     if STATS["cases"] == 0:
         pytest.fail("the generated-case test did not run first")
-    assert STATS["cases"] >= 60
+    assert STATS["cases"] >= 60 and STATS["max error"] < 1e3  # every case within 1e-12 (asserted per case too)
     assert all(STATS[k] > 0 for k in ("R1xU4", "R4xU1", "R2xU2", "pad", "causal-zigzag", "uneven heads"))

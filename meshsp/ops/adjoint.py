@@ -9,7 +9,8 @@ x sequence ranks is exact, with no correction for the degree.
 * ``gather``: all-gather along dim 0; its adjoint is the reduce-scatter sum of the gradient (each
   rank's slice, summed over every rank's gradient of the whole tensor). Counted as
   ``reduce_scatter`` when the backward runs.
-* ``all_reduce_sum``: all-reduce sum; its adjoint all-reduces the gradient (``backward="sum"``).
+* ``all_reduce_sum``: all-reduce sum; its adjoint all-reduces the gradient, counted as
+  ``all_reduce_grad`` (the forward is counted by its caller).
   On the ``tp`` axis, where the reduced value feeds per-rank (sharded) work, the same holds: the
   whole gradient is the sum of the ranks' parts.
 
@@ -39,6 +40,12 @@ def _reduce_scatter(t: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
 
 def _all_reduce(t: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
     return funcol.wait_tensor(funcol.all_reduce(t.contiguous(), "sum", group))
+
+
+def _all_reduce_grad(t: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
+    size = dist.get_world_size(group)  # a ring all-reduce sends 2 (P - 1) / P of the tensor per rank
+    _count("all_reduce_grad", 2 * (size - 1) * t.numel() * t.element_size() // size)
+    return _all_reduce(t, group)
 
 
 class _WithAdjoint(torch.autograd.Function):
@@ -77,4 +84,4 @@ def all_reduce_sum(t: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
 
         state = all_reduce_sum(keys.transpose(-1, -2) @ values, group)
     """
-    return _apply(_all_reduce, _all_reduce, t, group)
+    return _apply(_all_reduce, _all_reduce_grad, t, group)
