@@ -490,6 +490,12 @@ class PipelineCache:
         for cache in self.caches.values():
             cache.reset_counts()
 
+    def reset_state(self) -> None:
+        """Forget what the caches hold (diffusers does this only at the end of a call that
+        succeeded; a call that failed or was stopped part-way would leave its state to the next)."""
+        for cache in self.caches.values():
+            cache.transformer._reset_stateful_cache()
+
     def prepare(self, num_inference_steps: int) -> None:
         for cache in self.caches.values():
             cache.prepare(num_inference_steps)
@@ -504,7 +510,8 @@ def enable_pipeline_cache(pipe, kind: str, mesh: DeviceMesh | None = None,
     """``enable_cache`` on each of ``pipe``'s transformers, the timestep read from the pipeline.
 
     Call ``prepare(num_inference_steps)`` before each request (MagCache follows the step count);
-    diffusers pipelines reset the caches' state at the end of every call.
+    diffusers pipelines reset the caches' state at the end of every call that succeeds, and
+    ``reset_state()`` does it after one that did not.
 
     Example::
 

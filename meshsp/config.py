@@ -40,9 +40,12 @@ class ParallelConfig:
     rank holds ``1 / tp`` of the attention and MLP weights and runs on ``heads / tp`` heads);
     sequence parallelism then splits those heads and the tokens further.
 
-    ``timeout_s`` bounds each collective (the process group's timeout); ``request_timeout_s`` and
-    ``load_timeout_s`` bound a whole generation and the loading on the engine's spawned workers
-    (``None``: no limit), so a long healthy call is not cut at the collective timeout.
+    ``timeout_s`` bounds each collective (the process group's timeout). ``request_timeout_s`` is
+    a generation's deadline: past it, the engine's call is stopped at the next transformer forward,
+    on every rank alike (``meshsp.stop``), and the ranks stay up. ``stuck_timeout_s``: how much longer
+    the ranks may take to get there (a step, or a VAE decode) before they are taken to be stuck and
+    the engine's spawned workers are stopped. ``load_timeout_s`` bounds loading the pipeline onto
+    them. ``None``: no limit.
 
     Example::
 
@@ -60,9 +63,10 @@ class ParallelConfig:
     data_parallel_size: int = 1
     # Seconds one collective may wait before the process group gives up (see docs/failures.md).
     timeout_s: float = field(default=600.0)
-    # Seconds a whole call on the engine's spawned workers may run (a generation: many collectives),
-    # and loading the pipeline onto them, before the workers are stopped; None: no limit.
+    # A generation's deadline (stopped at a forward every rank agrees on), the grace after it before
+    # the ranks count as stuck, and loading the pipeline onto spawned workers; None: no limit.
     request_timeout_s: float | None = 3600.0
+    stuck_timeout_s: float = 300.0
     load_timeout_s: float | None = 3600.0
 
     def __post_init__(self) -> None:
@@ -81,6 +85,7 @@ class ParallelConfig:
             )
         _check_seconds("timeout_s", self.timeout_s, none_ok=False)
         _check_seconds("request_timeout_s", self.request_timeout_s, none_ok=True)
+        _check_seconds("stuck_timeout_s", self.stuck_timeout_s, none_ok=False)
         _check_seconds("load_timeout_s", self.load_timeout_s, none_ok=True)
 
     @property

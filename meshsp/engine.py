@@ -22,7 +22,9 @@ import datetime
 import inspect
 import logging
 import os
+import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -150,6 +152,13 @@ class _Runner:
                              text_encoder_tp=not (cpu_offload or self.encode_once), cache=cache,
                              cache_options=cache_options)
         self.cache = self.pipe.meshsp.cache
+        # Every rank of the call votes before each transformer forward whether to stop (meshsp.stop).
+        from meshsp.stop import StopCheck
+
+        world = dist.is_initialized() and dist.get_world_size() > 1
+        self.stop_check = StopCheck(dist.new_group(backend="gloo") if world else None)
+        self.stop_check.install(m for name, m in self.pipe.components.items()
+                                if name in ("transformer", "transformer_2") and isinstance(m, torch.nn.Module))
         self.pipe.set_progress_bar_config(disable=_rank() != 0)
         self.params = inspect.signature(self.pipe.__call__).parameters
         self.stages = Stages(self.pipe, self.device)
@@ -222,18 +231,35 @@ class _Runner:
         """Replace the prompts by rank 0's embeddings (a broadcast); the same call kwargs on every rank."""
         from meshsp.text_encoding import broadcast_embeddings, encode
 
-        embeddings = None
+        embeddings, error = None, None
         if _rank() == 0:
-            embeddings = encode(self.pipe, kwargs["prompt"], kwargs.get("negative_prompt"), 1, self._uses_cfg(kwargs))
+            try:
+                embeddings = encode(self.pipe, kwargs["prompt"], kwargs.get("negative_prompt"), 1,
+                                    self._uses_cfg(kwargs))
+            except Exception as exc:  # the others wait in the broadcast: they must learn of it there
+                error, embeddings = exc, _EncodeFailed(f"{type(exc).__name__}: {exc}")
         embeddings = broadcast_embeddings(embeddings)
+        if error is not None:
+            raise error
+        if isinstance(embeddings, _EncodeFailed):
+            raise RuntimeError(f"rank 0 failed to encode the prompts, so this rank stops too: {embeddings.message}")
         device = self.pipe.device
         call = {k: v for k, v in kwargs.items() if k not in ("prompt", "negative_prompt")}
         return {**call, **{k: v.to(device) for k, v in embeddings.items()}}
 
-    def generate(self, requests: list[tuple[list[str], SamplingParams]]):
+    def generate(self, requests: list[tuple[list[str], SamplingParams]],
+                 should_stop: Callable[[], str | None] | None = None):
         """One pipeline call for a batch of requests (``batch_key`` equal). On rank 0: (per request
         its images or videos, the call's seconds, its stage seconds, the step cache's counts or None);
-        elsewhere None."""
+        elsewhere None. ``should_stop`` (rank 0's): asked before each transformer forward; a reason
+        stops the call there on every rank with ``CallStopped`` (``meshsp.stop``)."""
+        self.stop_check.arm(should_stop)
+        try:
+            return self._generate(requests)
+        finally:
+            self.stop_check.disarm()
+
+    def _generate(self, requests: list[tuple[list[str], SamplingParams]]):
         kwargs = self._kwargs(requests)
         if self.encode_once:
             kwargs = self._encode_once(kwargs)
@@ -262,6 +288,28 @@ class _Runner:
         return split, seconds, self.stages.seconds(seconds), dict(self.cache.counts) if self.cache is not None else None
 
 
+@dataclass(frozen=True)
+class _EncodeFailed:
+    """What rank 0 broadcasts instead of the embeddings when encoding failed on it."""
+
+    message: str
+
+
+def deadline_check(timeout_s: float | None, stop_asked: Callable[[], bool]) -> Callable[[], str | None]:
+    """``should_stop`` for a call that may run ``timeout_s`` seconds from now (None: no deadline)
+    and stops when ``stop_asked()``."""
+    deadline = None if timeout_s is None else time.monotonic() + timeout_s
+
+    def should_stop() -> str | None:
+        if stop_asked():
+            return "cancelled"
+        if deadline is not None and time.monotonic() > deadline:
+            return "timeout"
+        return None
+
+    return should_stop
+
+
 _RUNNER: _Runner | None = None  # the runner of a spawned worker process
 
 # Under torchrun lead / follow: how long after finishing a call a rank waits for the others to
@@ -286,11 +334,11 @@ def _worker_weights_info() -> dict:
     return _RUNNER.weights_info()
 
 
-def _worker_generate(requests: list[tuple[list[str], SamplingParams]]):
-    from meshsp.launch import report_progress
+def _worker_generate(requests: list[tuple[list[str], SamplingParams]], timeout_s: float | None):
+    from meshsp.launch import report_progress, stop_requested
 
     _RUNNER.progress_sink = report_progress
-    return _RUNNER.generate(requests)
+    return _RUNNER.generate(requests, deadline_check(timeout_s, stop_requested) if _rank() == 0 else None)
 
 
 class Engine:
@@ -356,6 +404,8 @@ class Engine:
         self._control = None  # under torchrun: rank 0's channel to the others (lead / follow)
         self._check_in_group = None  # under torchrun: every rank's barrier after each call
         self._leading = False
+        self._stop_asked = threading.Event()  # in this process: the running call should stop
+        self._world_failure: str | None = None  # under torchrun: the world fell out of step
         if spmd or self.config.world_size == 1:
             if spmd:  # the process group of the engine's device, so the mesh built later follows it
                 from meshsp.mesh import start_process_group
@@ -369,31 +419,34 @@ class Engine:
                 self._check_in_group = dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=CHECK_IN_S))
         else:
             model = resolve_model(model)  # build an embedded pipeline here, before any process group
-            backend = "nccl" if self.device == "cuda" else "gloo"
-            self._pool = WorkerPool(self.config.world_size, backend=backend, pg_timeout_s=self.config.timeout_s)
-            try:
-                info = self._pool.run(_worker_load, model, self.config, self.dtype, self.device, encode_text_once,
-                                      cpu_offload, vae_parallel, vae_tiling, cache, cache_options,
-                                      timeout=self.config.load_timeout_s)[0]
-            except BaseException:
-                self._pool.close()
-                raise
+            self._load_args = (model, self.config, self.dtype, self.device, encode_text_once, cpu_offload,
+                               vae_parallel, vae_tiling, cache, cache_options)
+            info = self._start_pool()
         self.pipeline_class: str = info["pipeline"]
         self.is_video: bool = info["video"]
         self.size_multiple: int = info["size_multiple"]
         self.vae_ranks: int = info["vae_ranks"]  # ranks the VAE decode is split across (1: whole)
         self.frame_multiple: int = info["frame_multiple"]  # video: num_frames is 1 + a multiple of this
 
-    def generate(self, prompt: str | list[str], params: SamplingParams | None = None):
-        """Images (PIL) for the prompt(s); for video pipelines, a list of frame lists. None off rank 0."""
-        out = self.generate_batch([(prompt, params or SamplingParams())])
+    def generate(self, prompt: str | list[str], params: SamplingParams | None = None, *,
+                 timeout_s: float | None | str = "config"):
+        """Images (PIL) for the prompt(s); for video pipelines, a list of frame lists. None off rank 0.
+        ``timeout_s``: as for ``generate_batch``."""
+        out = self.generate_batch([(prompt, params or SamplingParams())], timeout_s=timeout_s)
         return None if out is None else out[0]
 
-    def generate_batch(self, requests: list[tuple[str | list[str], SamplingParams]]):
+    def generate_batch(self, requests: list[tuple[str | list[str], SamplingParams]], *,
+                       timeout_s: float | None | str = "config"):
         """Several requests in one pipeline call: per request, what ``generate`` would return for it
         alone (None off rank 0). They must share size, steps, frames and guidance (``batch_key``);
         seeds, prompts and negative prompts may differ. Each request's noise comes from its own seed,
         so its images do not depend on what it is batched with.
+
+        ``timeout_s`` (default: the config's ``request_timeout_s``; None: none): the call's deadline.
+        Past it, or once ``stop()`` was called, every rank stops at the next transformer forward and
+        the call raises ``meshsp.stop.CallStopped`` (from spawned workers: ``RankFailure`` whose
+        ``exceptions`` hold it); the ranks stay up. Ranks that do not get there within the config's
+        ``stuck_timeout_s`` more are stopped (``RankFailure`` with ``pool_failed``; ``restart()``).
 
         Example::
 
@@ -411,19 +464,25 @@ class Engine:
         if len({batch_key(params) for _, params in batch}) > 1:
             raise ValueError(f"requests batched together must share size, steps, frames and guidance (batch_key); "
                              f"got {[batch_key(params) for _, params in batch]}. Run them in separate batches.")
+        if timeout_s == "config":
+            timeout_s = self.config.request_timeout_s
         if self._pool is not None:
             failure = self._pool.failure()
             if failure is not None:
-                self._pool.close()
-                raise RankFailure(f"the engine's workers are gone: {failure}; create a new Engine.",
+                raise RankFailure(f"the engine's workers are gone: {failure}; restart() starts new ones.",
                                   pool_failed=True)
-            result = self._pool.run(_worker_generate, batch, timeout=self.config.request_timeout_s)[0]
+            hard = None if timeout_s is None else timeout_s + self.config.stuck_timeout_s
+            result = self._pool.run(_worker_generate, batch, timeout_s, timeout=hard)[0]
         else:
+            if self._world_failure is not None:
+                raise RankFailure(f"the torchrun world is out of step: {self._world_failure}", pool_failed=True)
+            self._stop_asked.clear()
+            should_stop = deadline_check(timeout_s, self._stop_asked.is_set)
             if self._leading:
                 self._send("generate", batch)
-                result = self._generate_checked_in(batch)
+                result = self._generate_checked_in(batch, should_stop)
             else:
-                result = self._runner.generate(batch)
+                result = self._runner.generate(batch, should_stop)
         if result is None:
             return None
         outputs, self.last_seconds, self.last_stages, self.last_cache = result
@@ -461,7 +520,7 @@ class Engine:
             except Exception:  # the same error reaches rank 0's caller, who reports it
                 logger.debug("a request failed on rank %d", _rank(), exc_info=True)
 
-    def _generate_checked_in(self, batch):
+    def _generate_checked_in(self, batch, should_stop: Callable[[], str | None] | None = None):
         """``generate`` on this rank, then a barrier of every rank (``CHECK_IN_S``) on a gloo group
         of its own. An error every rank raised alike passes it and the world goes on. A rank that
         failed alone (out of memory) leaves the others waiting in a collective until the process
@@ -469,19 +528,52 @@ class Engine:
         loop so torchrun stops every rank within seconds rather than after the timeout."""
         error = None
         try:
-            result = self._runner.generate(batch)
+            result = self._runner.generate(batch, should_stop)
         except Exception as exc:
             error = exc
         try:
             dist.barrier(group=self._check_in_group)
         except RuntimeError as exc:
             what = f"raised {error!r}" if error is not None else "finished"
+            self._world_failure = f"rank {_rank()} {what}; not every rank finished the call"
             raise RankFailure(f"rank {_rank()} {what}, but not every rank finished the call within {CHECK_IN_S:g} s "
                               "of it (one failed alone and the others wait for it in a collective); the torchrun "
                               "world is out of step and stops", pool_failed=True) from (error or exc)
         if error is not None:
             raise error
         return result
+
+    def stop(self) -> None:
+        """Ask the running call (if any) to stop at its next transformer forward, on every rank
+        (``CallStopped``, reason ``"cancelled"``); from any thread. The ranks stay up."""
+        if self._pool is not None:
+            self._pool.request_stop()
+        self._stop_asked.set()
+
+    def failure(self) -> str | None:
+        """Why the engine cannot generate (its spawned workers are gone, or the torchrun world fell
+        out of step), looked up now; None while it can."""
+        if self._pool is not None:
+            return self._pool.failure()
+        return self._world_failure
+
+    def restart(self) -> None:
+        """Replace spawned workers that are gone by new ones, loading the pipeline again (the config's
+        ``load_timeout_s``). A torchrun world cannot be restarted from inside: its launcher does that."""
+        if self._pool is None:
+            raise ValueError("restart() replaces an engine's spawned workers; this engine has none (one process, "
+                             "or torchrun, whose launcher restarts the world).")
+        self._pool.close()
+        self._start_pool()
+
+    def _start_pool(self) -> dict:
+        backend = "nccl" if self.device == "cuda" else "gloo"
+        self._pool = WorkerPool(self.config.world_size, backend=backend, pg_timeout_s=self.config.timeout_s)
+        try:
+            return self._pool.run(_worker_load, *self._load_args, timeout=self.config.load_timeout_s)[0]
+        except BaseException:
+            self._pool.close()
+            raise
 
     def _send(self, command: str, payload) -> None:
         dist.broadcast_object_list([(command, payload)], src=0, group=self._control)

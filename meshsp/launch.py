@@ -29,9 +29,10 @@ import traceback
 from collections.abc import Callable
 from typing import Any
 
-__all__ = ["WorkerPool", "RankFailure", "free_port", "report_progress"]
+__all__ = ["WorkerPool", "RankFailure", "free_port", "report_progress", "stop_requested"]
 
 _PROGRESS = None  # in a worker: the pool's shared progress value, written by rank 0 only
+_STOP = None  # in rank 0's worker: the pool's stop flag for the running call (WorkerPool.request_stop)
 
 
 def report_progress(fraction: float) -> None:
@@ -39,6 +40,12 @@ def report_progress(fraction: float) -> None:
     Only rank 0's report is kept; elsewhere (and outside a pool) this does nothing."""
     if _PROGRESS is not None:
         _PROGRESS.value = float(fraction)
+
+
+def stop_requested() -> bool:
+    """From rank 0's running call: whether the caller asked it to stop (``WorkerPool.request_stop``).
+    False on the other ranks and outside a pool: rank 0 decides for all (``meshsp.stop``)."""
+    return bool(_STOP is not None and _STOP.value)
 
 
 _POLL_S = 0.1  # how often a waiting caller looks for dead ranks and expired deadlines
@@ -63,9 +70,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(rank, world, port, backend, threads, pg_timeout_s, start_timeout_s, env, tasks, results, progress):
-    global _PROGRESS
-    _PROGRESS = progress if rank == 0 else None
+def _worker(rank, world, port, backend, threads, pg_timeout_s, start_timeout_s, env, tasks, results, progress, stop):
+    global _PROGRESS, _STOP
+    _PROGRESS, _STOP = (progress, stop) if rank == 0 else (None, None)
     os.environ.update(env)
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
                       LOCAL_WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
@@ -134,6 +141,7 @@ class WorkerPool:
         ctx = mp.get_context("spawn")
         self._results = ctx.Queue()
         self._progress = ctx.Value("d", 0.0, lock=False)
+        self._stop = ctx.Value("b", 0, lock=False)
         self._tasks = [ctx.Queue() for _ in range(world_size)]
         self._calls = 0
         self._failure: str | None = None
@@ -143,7 +151,7 @@ class WorkerPool:
             ctx.Process(
                 target=_worker,
                 args=(r, world_size, port, backend, threads, pg_timeout_s, start_timeout_s, dict(env or {}),
-                      self._tasks[r], self._results, self._progress),
+                      self._tasks[r], self._results, self._progress, self._stop),
                 daemon=True,
             )
             for r in range(world_size)
@@ -175,6 +183,11 @@ class WorkerPool:
         """What rank 0 last passed to ``report_progress`` (0..1) during the running call."""
         return self._progress.value
 
+    def request_stop(self) -> None:
+        """Ask the running call to stop; from any thread. The call's function sees it through
+        ``stop_requested()`` on rank 0 (``meshsp.stop`` stops every rank at the next forward)."""
+        self._stop.value = 1
+
     @property
     def pids(self) -> list[int]:
         return [p.pid for p in self._procs]
@@ -196,6 +209,7 @@ class WorkerPool:
             raise RankFailure(f"the pool's workers are gone: {failure}", pool_failed=True)
         self._calls += 1
         call_id = self._calls
+        self._stop.value = 0
         for q in self._tasks:
             q.put((call_id, fn, args, kwargs))
         replies = self._collect(call_id, timeout)

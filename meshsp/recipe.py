@@ -300,6 +300,8 @@ def _call(pipe, call, signature: inspect.Signature, args: tuple, kwargs: dict):
     try:
         out = call(pipe, *args, **kwargs)
     except BaseException:
+        if record.cache is not None:  # a call stopped part-way must not hand its state to the next
+            record.cache.reset_state()
         for hook in record.cfg_hooks:  # the call's own error is the one to see
             with contextlib.suppress(ValueError):
                 hook.finish()
