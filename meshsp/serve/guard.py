@@ -12,9 +12,9 @@ once, in OpenAI's error format, and never reaches the app (or the GPUs). The che
    a body without one (chunked) is read up to the limit, refused past it, and otherwise replayed to
    the app. A malformed ``content-length`` is a 400.
 
-The guard is a plain ASGI class, not Starlette's ``BaseHTTPMiddleware``, which buffers responses and
-hides the client's ``http.disconnect`` from the app: the server drops a queued request whose client
-left, and must see that message.
+The guard is a plain ASGI class, not Starlette's ``BaseHTTPMiddleware``, which runs the app behind
+streams of its own and has kept the client's ``http.disconnect`` from it: the server drops a queued
+request whose client left, so the app must see that message.
 
 Example::
 
@@ -201,6 +201,8 @@ def _headers(scope: MutableMapping[str, Any]) -> dict[str, list[bytes]]:
 def _check_media_type(method: str, headers: dict[str, list[bytes]]) -> _Rejection | None:
     if method.upper() not in _BODY_METHODS:
         return None
+    # Browsers send text/plain, urlencoded and multipart bodies cross-origin without a CORS preflight:
+    # accepting them would let any web page a user opens spend the GPUs. JSON needs a preflight.
     values = headers.get("content-type", [])
     need = "send 'Content-Type: application/json' with a UTF-8 JSON body"
     if len(values) != 1:
