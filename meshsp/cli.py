@@ -69,13 +69,17 @@ def _seconds_or_none(text: str) -> float | None:
     return value
 
 
-def add_timeout_args(parser: argparse.ArgumentParser) -> None:
-    """``--timeout`` (one collective) and ``--request-timeout`` (one whole call on spawned workers)."""
+def add_timeout_args(parser: argparse.ArgumentParser, request_default: float = 3600.0) -> None:
+    """``--timeout`` (one collective), ``--request-timeout`` (a generation's deadline) and
+    ``--stuck-timeout`` (the grace after it before the ranks count as stuck)."""
     parser.add_argument("--timeout", type=float, default=600.0,
                         help="seconds one collective may wait before the process group gives up (default 600)")
-    parser.add_argument("--request-timeout", type=_seconds_or_none, default=3600.0, metavar="SECONDS",
-                        help="seconds one generation may run on the spawned workers before they are stopped, "
-                             "separate from --timeout; 'none' for no limit (default 3600)")
+    parser.add_argument("--request-timeout", type=_seconds_or_none, default=request_default, metavar="SECONDS",
+                        help="a generation's deadline: past it, it is stopped at the next transformer forward on "
+                             f"every rank and the ranks stay up; 'none' for no limit (default {request_default:g})")
+    parser.add_argument("--stuck-timeout", type=float, default=300.0, metavar="SECONDS",
+                        help="how much longer than --request-timeout the ranks may take to reach that forward (a "
+                             "step, a VAE decode) before they are taken to be stuck and stopped (default 300)")
 
 
 def parallel_config(args):
@@ -90,7 +94,7 @@ def parallel_config(args):
     return ParallelConfig(ulysses_degree=args.ulysses_degree, ring_degree=args.ring_degree,
                           ulysses_mode=args.ulysses_mode, cfg_degree=args.cfg_parallel_size,
                           tensor_parallel_size=args.tensor_parallel_size, timeout_s=args.timeout,
-                          request_timeout_s=args.request_timeout)
+                          request_timeout_s=args.request_timeout, stuck_timeout_s=args.stuck_timeout)
 
 
 def add_dtype_arg(parser: argparse.ArgumentParser) -> None:
@@ -178,8 +182,9 @@ def _serve(args) -> int:
     import signal
 
     from meshsp.engine import Engine
-    from meshsp.serve import Limits, serve
     from meshsp.cache import check_batching
+    from meshsp.serve import Limits, serve
+    from meshsp.serve.guard import ENV_API_KEY, api_key_from
 
     config = parallel_config(args)
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -188,8 +193,13 @@ def _serve(args) -> int:
                          f"(cfg x ring x ulysses x tp); make them equal.")
     limits = Limits(max_size=args.max_size, max_n=args.max_n, max_steps=args.max_steps,
                     default_size=args.default_size, default_steps=args.default_steps, max_frames=args.max_frames,
-                    default_frames=args.default_frames, max_batch_size=args.max_batch_size)
+                    default_frames=args.default_frames, max_batch_size=args.max_batch_size,
+                    max_body_bytes=args.max_body_bytes)
     check_batching(args.max_batch_size, args.cache)
+    api_key = api_key_from(args.api_key)  # before any rank starts
+    if api_key is None and args.host not in ("127.0.0.1", "localhost", "::1") and os.environ.get("RANK", "0") == "0":
+        print(f"warning: serving on {args.host} without an API key: anyone who can reach it can spend the GPUs; "
+              f"set --api-key or {ENV_API_KEY}.", file=sys.stderr)
     engine = Engine(args.model, config, dtype=args.dtype, encode_text_once=args.encode_text_once,
                     cpu_offload=args.cpu_offload, vae_parallel=args.vae_parallel, vae_tiling=args.vae_tiling,
                     **cache_kwargs(args))
@@ -201,8 +211,10 @@ def _serve(args) -> int:
         return 0
     if world > 1:
         engine.lead()
-    serve(engine, args.model, host=args.host, port=args.port, limits=limits, video_dir=args.video_dir)
-    return 0
+    return serve(engine, args.model, host=args.host, port=args.port, limits=limits, video_dir=args.video_dir,
+                 api_key=api_key, metrics_public=args.metrics_public, request_timeout_s=args.request_timeout,
+                 video_timeout_s=args.video_timeout, shutdown_timeout_s=args.shutdown_timeout,
+                 video_retention_s=args.video_retention, video_max_jobs=args.video_max_jobs)
 
 
 def _plan(args) -> int:
@@ -477,8 +489,25 @@ def build_parser() -> argparse.ArgumentParser:
                      help="queued requests with the same size, steps, frames and guidance mode run as one batch "
                           "of up to this many images (default 1: one request at a time)")
     srv.add_argument("--video-dir", default=None,
-                     help="video pipelines: where the MP4s and jobs.json are kept (default: a new temporary directory)")
-    add_timeout_args(srv)
+                     help="video pipelines: where the MP4s and job records are kept, across restarts (default: "
+                          "./meshsp-videos/<model>)")
+    srv.add_argument("--video-retention", type=_seconds_or_none, default=None, metavar="SECONDS",
+                     help="video pipelines: finished jobs older than this are removed with their MP4 (default: kept)")
+    srv.add_argument("--video-max-jobs", type=int, default=None,
+                     help="video pipelines: at most this many finished jobs are kept, the oldest removed first")
+    srv.add_argument("--video-timeout", type=_seconds_or_none, default=3600.0, metavar="SECONDS",
+                     help="video pipelines: a job's deadline from its start; past it, the job is stopped "
+                          "(failed, code timeout) and the ranks stay up; 'none' for no limit (default 3600)")
+    srv.add_argument("--shutdown-timeout", type=float, default=15.0, metavar="SECONDS",
+                     help="on SIGTERM, how long the running batch may take to finish before it is stopped "
+                          "(queued requests are answered at once; default 15)")
+    srv.add_argument("--api-key", default=None,
+                     help=f"every endpoint but /health needs 'Authorization: Bearer <key>' (default: the "
+                          f"MESHSP_API_KEY environment variable; none: open)")
+    srv.add_argument("--metrics-public", action="store_true", help="/metrics answers without the API key")
+    srv.add_argument("--max-body-bytes", type=int, default=1 << 20,
+                     help="largest request body, in bytes (413 above it; default 1 MiB)")
+    add_timeout_args(srv, request_default=600.0)
     add_dtype_arg(srv)
     srv.set_defaults(func=_serve)
 

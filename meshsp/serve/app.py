@@ -1,14 +1,15 @@
 """``POST /v1/images/generations``, ``/v1/videos`` jobs, ``GET /v1/models``, ``/health``, ``/metrics``.
 
 The server process drives the engine's sequence-parallel workers (spawned ones, or under torchrun
-the other ranks, which follow rank 0: ``Engine.lead`` / ``follow``). Requests are validated first (a
-bad one gets a 4xx in OpenAI's error format and never reaches the workers), then queued; requests
-that can share a forward run as one batch of up to ``max_batch_size`` images (``meshsp.serve.scheduler``),
-one batch at a time across all ranks. An image request whose client disconnects while it waits is
-dropped from the queue. Video pipelines are served as jobs (``meshsp.serve.videos``). If a worker
-dies, the running requests and every later one fail with 503 (jobs: ``failed``) with the reason, and
-``/health`` reports it. On SIGTERM the queued video jobs are recorded as cancelled, the running batch
-finishes, and the workers are shut down.
+the other ranks, which follow rank 0: ``Engine.lead`` / ``follow``). A request passes the guard
+first (API key, JSON content type, body size: ``meshsp.serve.guard``), then validation (a bad one
+gets a 4xx in OpenAI's error format and never reaches the workers), then waits in the queue;
+requests that can share a forward run as one batch (``meshsp.serve.scheduler``, which also says
+what deadlines, cancellations, failed workers and shutdown do). Video pipelines are served as jobs
+(``meshsp.serve.videos``). ``/health`` answers from the workers' and the job store's state at the
+time of the call. On SIGTERM queued requests are answered at once, the running batch has
+``shutdown_timeout_s`` to finish before it is stopped, every job is recorded and the workers are
+shut down.
 """
 
 from __future__ import annotations
@@ -16,36 +17,35 @@ from __future__ import annotations
 import asyncio
 import base64
 import io
+import json
 import logging
 import re
 import secrets
-import tempfile
 import time
-from collections.abc import Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Literal
 
 from fastapi import FastAPI, Request
-from fastapi.responses import FileResponse, JSONResponse, Response
+from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from meshsp.engine import Engine, SamplingParams
 from meshsp.launch import RankFailure
+from meshsp.serve.guard import Guard
 from meshsp.serve.metrics import Metrics
-from meshsp.serve.scheduler import Cancelled, Scheduler, WorkersDown
-from meshsp.serve.videos import VideoRequest, VideoStore, encode_mp4
+from meshsp.serve.scheduler import Cancelled, RequestTimeout, Scheduler, WorkersDown
 
 __all__ = ["Limits", "create_app", "serve"]
 
 log = logging.getLogger(__name__)
 
-_SIZE = re.compile(r"^(\d+)x(\d+)$")
+_SIZE = re.compile(r"^(\d{1,5})x(\d{1,5})$")
 
 
 @dataclass(frozen=True)
 class Limits:
-    """What one request may ask for, and how many images one batch may hold."""
+    """What one request may ask for, how many images one batch may hold, how large a body may be."""
 
     max_size: int = 1024
     max_n: int = 4
@@ -55,31 +55,34 @@ class Limits:
     max_frames: int = 129
     default_frames: int = 9
     max_batch_size: int = 1
+    max_body_bytes: int = 1 << 20
 
 
 class ImageRequest(BaseModel):
     """OpenAI's image request, plus the extensions num_inference_steps, seed, negative_prompt and
-    guidance_scale. Types are strict: ``"n": "2"`` is an error, not a 2."""
+    guidance_scale. Types are strict: ``"n": "2"`` is an error, not a 2. Every string is bounded."""
 
     model_config = ConfigDict(extra="forbid", strict=True)
 
     prompt: str = Field(min_length=1, max_length=4000)
-    model: str | None = None
-    n: int = Field(default=1, ge=1)
-    size: str | None = None
+    model: str | None = Field(default=None, max_length=256)
+    n: int = Field(default=1, ge=1, le=1000)
+    size: str | None = Field(default=None, max_length=16)
     response_format: Literal["b64_json"] = "b64_json"
-    num_inference_steps: int | None = Field(default=None, ge=1)
+    num_inference_steps: int | None = Field(default=None, ge=1, le=100_000)
     seed: int | None = Field(default=None, ge=0, lt=2**63)
     negative_prompt: str | None = Field(default=None, max_length=4000)
     guidance_scale: float | None = Field(default=None, ge=0, le=100)
     # OpenAI fields that do not apply to a diffusion transformer; accepted and ignored.
-    user: str | None = None
-    quality: str | None = None
-    style: str | None = None
+    user: str | None = Field(default=None, max_length=256)
+    quality: str | None = Field(default=None, max_length=32)
+    style: str | None = Field(default=None, max_length=32)
 
 
-def _error(status: int, message: str, kind: str = "invalid_request_error", param: str | None = None) -> JSONResponse:
-    return JSONResponse(status_code=status, content={"error": {"message": message, "type": kind, "param": param, "code": None}})
+def _error(status: int, message: str, kind: str = "invalid_request_error", param: str | None = None,
+           code: str | None = None) -> JSONResponse:
+    return JSONResponse(status_code=status,
+                        content={"error": {"message": message, "type": kind, "param": param, "code": code}})
 
 
 def _validation_message(exc: ValidationError) -> tuple[str, str | None]:
@@ -90,18 +93,22 @@ def _validation_message(exc: ValidationError) -> tuple[str, str | None]:
 
 
 async def _body(request: Request, model: type[BaseModel]) -> BaseModel | JSONResponse:
-    """The request's JSON body validated as ``model``, or the 400 that says what is wrong."""
+    """The request's JSON body validated as ``model``, or the 400 that says what is wrong (the guard
+    has bounded its size and checked its content type)."""
     try:
-        body = await request.json()
-    except ValueError:
-        return _error(400, "the request body is not valid JSON.")
+        body = json.loads(await request.body())
+    except (ValueError, RecursionError) as exc:  # bad bytes, digits past int's limit, deep nesting
+        why = "nested too deeply" if isinstance(exc, RecursionError) else "not valid JSON"
+        return _error(400, f"the request body is {why}.", code="invalid_json")
     if not isinstance(body, dict):
-        return _error(400, "the request body must be a JSON object.")
+        return _error(400, "the request body must be a JSON object.", code="invalid_json")
     try:
         return model.model_validate(body)
     except ValidationError as exc:
         message, param = _validation_message(exc)
         return _error(400, message, param=param)
+    except RecursionError:
+        return _error(400, "the request body is nested too deeply.", code="invalid_json")
 
 
 def _request_error(exc: BaseException) -> BaseException | None:
@@ -113,25 +120,57 @@ def _request_error(exc: BaseException) -> BaseException | None:
 
 
 class _Server:
-    def __init__(self, engine: Engine, model_name: str, limits: Limits, video_dir: str | None) -> None:
+    def __init__(self, engine: Engine, model_name: str, limits: Limits, *, video_dir: str | None,
+                 request_timeout_s: float | None, video_timeout_s: float | None, shutdown_timeout_s: float,
+                 video_retention_s: float | None, video_max_jobs: int | None, on_fatal) -> None:
+        from meshsp.serve.video_api import VideoService
+
         self.engine, self.model_name, self.limits = engine, model_name, limits
+        self.request_timeout_s, self.shutdown_timeout_s = request_timeout_s, shutdown_timeout_s
         self.metrics = Metrics()
-        self.scheduler = Scheduler(engine, self.metrics, limits.max_batch_size)
-        self.videos = VideoStore(video_dir or tempfile.mkdtemp(prefix="meshsp-videos-")) if engine.is_video else None
-        self.finishing: set[asyncio.Task] = set()
+        self.scheduler = Scheduler(engine, self.metrics, limits.max_batch_size,
+                                   request_timeout_s=video_timeout_s if engine.is_video else request_timeout_s,
+                                   shutdown_timeout_s=shutdown_timeout_s, on_fatal=on_fatal)
+        self.videos = VideoService(self, video_dir, video_retention_s, video_max_jobs) if engine.is_video else None
+        self.loop: asyncio.AbstractEventLoop | None = None  # the server's, once it runs
 
-    @property
-    def failure(self) -> str | None:
-        return self.scheduler.failure
+    def health(self) -> tuple[int, dict]:
+        """(status code, body) from the state now: the workers (a dead idle one included), the
+        scheduler and, for video, the job store."""
+        why = self.scheduler.unavailable or self.engine.failure()
+        if why is None and self.videos is not None:
+            why = self.videos.store_failure()
+        status = "ok" if why is None else ("restarting" if self.scheduler.restarting else "unavailable")
+        cfg = self.engine.config
+        body = {"status": status, "model": self.model_name, "pipeline": self.engine.pipeline_class,
+                "video": self.engine.is_video,
+                "mesh": {"cfg": cfg.cfg_degree, "ring": cfg.ring_degree, "ulysses": cfg.ulysses_degree,
+                         "tp": cfg.tensor_parallel_size, "ulysses_mode": cfg.ulysses_mode},
+                "cache": self.engine.cache, "world_size": cfg.world_size,
+                "launcher": "torchrun" if self.engine.worker_pids == [] and cfg.world_size > 1 else "spawn",
+                "worker_pids": self.engine.worker_pids, "max_batch_size": self.limits.max_batch_size,
+                "queue_depth": len(self.scheduler.queue), "running": len(self.scheduler.running)}
+        if why is not None:
+            body["error"] = why
+        return (200 if why is None else 503), body
 
-    def _check_common(self, req: ImageRequest | VideoRequest) -> tuple[int, int, int] | JSONResponse:
+    def unavailable(self) -> JSONResponse | None:
+        why = self.scheduler.unavailable
+        if why is None:
+            return None
+        response = _error(503, why, "server_error", code="unavailable")
+        if self.scheduler.restarting is not None:
+            response.headers["Retry-After"] = "10"
+        return response
+
+    def _check_common(self, req) -> tuple[int, int, int] | JSONResponse:
         """(steps, width, height) of a request, or the 4xx for the checks images and videos share."""
         if not req.prompt.strip():
             return _error(400, "'prompt' must not be empty or blank.", param="prompt")
         lim, model, steps, size = self.limits, req.model, req.num_inference_steps, req.size
         if model is not None and model != self.model_name:
             return _error(404, f"the model '{model}' does not exist; this server serves '{self.model_name}'.",
-                          param="model")
+                          param="model", code="model_not_found")
         steps = steps or lim.default_steps
         if steps > lim.max_steps:
             return _error(400, f"'num_inference_steps' must be between 1 and {lim.max_steps}, got {steps}.",
@@ -156,129 +195,92 @@ class _Server:
         if req.n > self.limits.max_n:
             return _error(400, f"'n' must be between 1 and {self.limits.max_n}, got {req.n}.", param="n")
         steps, width, height = checked
-        params = SamplingParams(num_inference_steps=steps, width=width, height=height,
-                                seed=req.seed if req.seed is not None else secrets.randbelow(2**31),
+        params = SamplingParams(num_inference_steps=steps, width=width, height=height, seed=_seed(req.seed),
                                 guidance_scale=float(req.guidance_scale) if req.guidance_scale is not None else None,
                                 negative_prompt=req.negative_prompt, num_images_per_prompt=req.n)
-        return [req.prompt], params
+        return self.within_budget(params) or ([req.prompt], params)
 
-    def check_video(self, req: VideoRequest) -> tuple[SamplingParams, int] | JSONResponse:
-        if not self.engine.is_video:
-            return _error(400, f"{self.engine.pipeline_class} makes images: use POST /v1/images/generations.")
-        checked = self._check_common(req)
-        if isinstance(checked, JSONResponse):
-            return checked
-        steps, width, height = checked
-        if req.num_frames is not None and req.seconds is not None:
-            return _error(400, "give 'num_frames' or 'seconds', not both.", param="seconds")
-        t = self.engine.frame_multiple
-        if req.seconds is not None:  # the longest clip the VAE can make within that time
-            frames = int(float(req.seconds) * req.fps)
-            frames = max(1, frames - (frames - 1) % t)
-        else:
-            frames = req.num_frames or self.limits.default_frames
-        if frames > self.limits.max_frames or (frames - 1) % t:
-            nearest = f" (e.g. {frames - (frames - 1) % t})" if (frames - 1) % t and frames > t else ""
-            return _error(400, f"the clip would have {frames} frames; this server makes 1 + {t}k frames, at most "
-                               f"{self.limits.max_frames}{nearest}.", param="num_frames" if req.seconds is None else "seconds")
-        params = SamplingParams(num_inference_steps=steps, width=width, height=height, num_frames=frames,
-                                seed=req.seed if req.seed is not None else secrets.randbelow(2**31),
-                                guidance_scale=float(req.guidance_scale) if req.guidance_scale is not None else None,
-                                negative_prompt=req.negative_prompt)
-        return params, req.fps
+    def within_budget(self, params: SamplingParams) -> JSONResponse | None:
+        """The 400 for a request the fastest measured call at its size says cannot finish within
+        the deadline, or None (also before anything at that size was measured)."""
+        timeout = self.scheduler.request_timeout_s
+        needs = self.scheduler.estimate_s(params)
+        if timeout is None or needs is None or needs <= timeout:
+            return None
+        return _error(400, f"this request needs at least {needs:.0f} s of denoising (measured on this server at "
+                           f"{params.width}x{params.height}), more than the request timeout of {timeout:g} s; ask "
+                           "for fewer steps or images, or a smaller size.", code="over_budget")
 
-    def down(self) -> JSONResponse:
-        return _error(503, f"the sequence-parallel workers are down: {self.failure}", "server_error")
-
-    async def accept(self, endpoint: str, request: Request, model: type[BaseModel],
-                     check: Callable[[BaseModel], tuple | JSONResponse],
-                     arrived: float) -> tuple[BaseModel, tuple] | Response:
-        """``(body, check(body))`` for a POST to ``endpoint`` whose body validates as ``model``, passes
-        ``check`` and finds the workers up; otherwise the 4xx or 503 to answer, already counted."""
+    async def accept(self, endpoint: str, request: Request, model: type[BaseModel], check) -> tuple | Response:
+        """``(body, check(body))`` for a POST whose body validates as ``model``, passes ``check`` and
+        finds the workers available; otherwise the answer, already counted."""
         req = await _body(request, model)
         checked = req if isinstance(req, JSONResponse) else check(req)
         if isinstance(checked, JSONResponse):
-            return self._answer(endpoint, checked, arrived)
-        if self.failure is not None:
-            return self._answer(endpoint, self.down(), arrived)
+            self.metrics.rejected.labels(reason=_reason(checked)).inc()
+            return self.answer(endpoint, checked)
+        unavailable = self.unavailable()
+        if unavailable is not None:
+            self.metrics.rejected.labels(reason="unavailable").inc()
+            return self.answer(endpoint, unavailable)
         return req, checked
 
-    def _answer(self, endpoint: str, response: Response, arrived: float) -> Response:
+    def answer(self, endpoint: str, response: Response, arrived: float | None = None) -> Response:
         self.metrics.requests.labels(endpoint=endpoint, status=str(response.status_code)).inc()
-        if response.status_code == 200 and endpoint == "images":  # a video job's latency is its whole run
+        if response.status_code == 200 and arrived is not None:
             self.metrics.latency.labels(endpoint=endpoint).observe(time.monotonic() - arrived)
         return response
 
     async def generate(self, request: Request, prompts: list[str], params: SamplingParams) -> Response:
-        arrived = time.monotonic()
         job = self.scheduler.submit(prompts, params)
         while not job.future.done():
             await asyncio.wait({job.future}, timeout=0.25)
             if not job.future.done() and await request.is_disconnected():
-                # Queued: dropped now. Running: it finishes and its images are discarded.
-                self.scheduler.cancel(job)
-                return self._answer("images", _error(499, "the client closed the request.", "client_closed"),
-                                    arrived)
+                self.scheduler.cancel(job, "the client closed the request")
+                self.metrics.cancelled.labels(endpoint="images", reason="client_closed").inc()
+                return self.answer("images", _error(499, "the client closed the request.", "client_closed"))
         try:
             images = job.future.result()
-        except WorkersDown:
-            return self._answer("images", self.down(), arrived)
-        except Cancelled as exc:
-            return self._answer("images", _error(503, f"the request was not run: {exc}.", "server_error"), arrived)
         except Exception as exc:
-            first = _request_error(exc)
-            if isinstance(first, ValueError):
-                return self._answer("images", _error(400, str(first)), arrived)
-            log.error("request failed on the workers: %s", exc)
-            return self._answer("images", _error(500, f"generation failed: {first!r}", "server_error"), arrived)
+            return self.answer("images", self._failure_answer(exc))
         encoded = await asyncio.to_thread(_png_b64, images)
-        return self._answer("images", JSONResponse({"created": int(time.time()), "data": [{"b64_json": b} for b in encoded]}),
-                            arrived)
+        return self.answer("images", JSONResponse({"created": int(time.time()), "data": [{"b64_json": b} for b in encoded]}),
+                           job.arrived)
 
-    def create_video(self, req: VideoRequest, params: SamplingParams, fps: int) -> dict:
-        record = self.videos.create(model=self.model_name, prompt=req.prompt, size=f"{params.width}x{params.height}",
-                                    num_frames=params.num_frames, fps=fps, seed=params.seed)
-        job = self.scheduler.submit([req.prompt], params,
-                                    on_start=lambda: self.videos.update(record, status="in_progress"))
-        task = asyncio.get_running_loop().create_task(self._finish_video(record, job, time.monotonic()))
-        self.finishing.add(task)
-        task.add_done_callback(self.finishing.discard)
-        return record.public()
-
-    async def _finish_video(self, record, job, arrived: float) -> None:
-        try:
-            frames = (await job.future)[0]
-            data = await asyncio.to_thread(encode_mp4, frames, record.fps)
-        except BaseException as exc:
-            code, message = _job_error(exc)
-            self.videos.update(record, status="failed", error={"code": code, "message": message})
-            self.metrics.video_jobs.labels(status="cancelled" if code == "cancelled" else "failed").inc()
-            if code not in ("cancelled", "invalid_request"):
-                log.error("video job %s failed: %s", record.id, message)
-            return
-        self.videos.write(record, data)
-        self.metrics.video_jobs.labels(status="completed").inc()
-        self.metrics.latency.labels(endpoint="videos").observe(time.monotonic() - arrived)
-
-    def video(self, video_id: str) -> dict | JSONResponse:
-        record = self.videos.jobs.get(video_id)
-        if record is None:
-            return _error(404, f"no video job '{video_id}'.", param="video_id")
-        if record.status == "in_progress":
-            record.progress = min(99, int(self.engine.progress * 100))
-        return record.public()
+    def _failure_answer(self, exc: Exception) -> JSONResponse:
+        if isinstance(exc, RequestTimeout):
+            self.metrics.timeouts.labels(endpoint="images").inc()
+            return _error(504, f"the request was stopped: {exc}.", "server_error", code="timeout")
+        if isinstance(exc, WorkersDown):
+            return _error(503, f"the request failed because the sequence-parallel workers failed ({exc}); they are "
+                               "restarted and later requests are served.", "server_error", code="workers_down")
+        if isinstance(exc, Cancelled):
+            self.metrics.cancelled.labels(endpoint="images", reason="shutdown").inc()
+            return _error(503, f"the request was not run: {exc}.", "server_error", code="shutting_down")
+        first = _request_error(exc)
+        if isinstance(first, ValueError):
+            return _error(400, str(first))
+        log.error("request failed on the workers: %s", exc)
+        return _error(500, f"generation failed: {first!r}", "server_error", code="generation_failed")
 
     async def shutdown(self) -> None:
-        dropped = await self.scheduler.close()
-        if self.finishing:
-            await asyncio.wait(set(self.finishing))
+        """Queued requests answered now, the running batch finished or stopped, every job recorded."""
+        try:
+            await asyncio.wait_for(self.scheduler.close(), self.shutdown_timeout_s + 10)
+        except TimeoutError:
+            log.error("the running batch did not stop within %.0f s of the shutdown; the workers are killed",
+                      self.shutdown_timeout_s + 10)
         if self.videos is not None:
-            self.videos.save()
-            counts = {}
-            for job in self.videos.jobs.values():
-                counts[job.status] = counts.get(job.status, 0) + 1
-            (log.warning if dropped else log.info)("video jobs at shutdown: %s (%d cancelled before they ran); "
-                                                   "record in %s", counts, len(dropped), self.videos.dir / "jobs.json")
+            await self.videos.close()
+
+
+def _seed(seed: int | None) -> int:
+    return seed if seed is not None else secrets.randbelow(2**31)
+
+
+def _reason(response: JSONResponse) -> str:
+    code = json.loads(response.body)["error"]["code"]
+    return code if code in ("invalid_json", "over_budget") else "invalid_request"
 
 
 def _png_b64(images) -> list[str]:
@@ -290,24 +292,32 @@ def _png_b64(images) -> list[str]:
     return encoded
 
 
-def _job_error(exc: BaseException) -> tuple[str, str]:
-    if isinstance(exc, Cancelled):
-        return "cancelled", str(exc)
-    if isinstance(exc, WorkersDown):
-        return "workers_down", f"the sequence-parallel workers are down: {exc}"
-    first = _request_error(exc)
-    if isinstance(first, ValueError):
-        return "invalid_request", str(first)
-    return "generation_failed", repr(first) if first is not None else str(exc).splitlines()[0]
-
-
-def create_app(engine: Engine, model_name: str, limits: Limits | None = None, *, video_dir: str | None = None) -> FastAPI:
+def create_app(engine: Engine, model_name: str, limits: Limits | None = None, *, video_dir: str | None = None,
+               api_key: str | None = None, metrics_public: bool = False, request_timeout_s: float | None = 600.0,
+               video_timeout_s: float | None = 3600.0, shutdown_timeout_s: float = 15.0,
+               video_retention_s: float | None = None, video_max_jobs: int | None = None,
+               on_fatal=None) -> FastAPI:
     """The FastAPI app serving ``engine`` as ``model_name``; closes the engine on shutdown.
-    ``video_dir`` keeps a video pipeline's files and ``jobs.json`` (default: a new temporary directory)."""
-    server = _Server(engine, model_name, limits or Limits(), video_dir)
+
+    ``api_key``: every endpoint but ``/health`` (and ``/metrics`` with ``metrics_public``) needs
+    ``Authorization: Bearer <key>``. ``request_timeout_s``: an image request's deadline from its
+    arrival; ``video_timeout_s``: a video job's from its start (None: none). ``video_dir`` keeps a
+    video pipeline's MP4s and job records across restarts (default ``meshsp-videos/<model>`` in the
+    working directory), pruned by ``video_retention_s`` and ``video_max_jobs``. ``on_fatal(why)``:
+    called when the workers cannot be restarted (``serve`` exits non-zero).
+
+    Example::
+
+        app = create_app(Engine("tiny-qwen-image"), "tiny-qwen-image", api_key="a-long-secret")
+    """
+    limits = limits or Limits()
+    server = _Server(engine, model_name, limits, video_dir=video_dir, request_timeout_s=request_timeout_s,
+                     video_timeout_s=video_timeout_s, shutdown_timeout_s=shutdown_timeout_s,
+                     video_retention_s=video_retention_s, video_max_jobs=video_max_jobs, on_fatal=on_fatal)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
+        server.loop = asyncio.get_running_loop()
         server.scheduler.start()
         yield
         await server.shutdown()
@@ -315,45 +325,26 @@ def create_app(engine: Engine, model_name: str, limits: Limits | None = None, *,
 
     app = FastAPI(title="meshsp", lifespan=lifespan)
     app.state.server = server
+    open_paths = frozenset({"/health", "/metrics"} if metrics_public else {"/health"})
+    app.add_middleware(Guard, max_body_bytes=limits.max_body_bytes, api_key=api_key, open_paths=open_paths,
+                       on_reject=lambda reason: server.metrics.rejected.labels(reason=reason).inc())
 
     @app.post("/v1/images/generations")
     async def images_generations(request: Request):
-        accepted = await server.accept("images", request, ImageRequest, server.check, time.monotonic())
+        accepted = await server.accept("images", request, ImageRequest, server.check)
         if isinstance(accepted, Response):
             return accepted
-        _, checked = accepted
-        return await server.generate(request, *checked)
+        return await server.generate(request, *accepted[1])
 
-    @app.post("/v1/videos")
-    async def create_video(request: Request):
-        arrived = time.monotonic()
-        accepted = await server.accept("videos", request, VideoRequest, server.check_video, arrived)
-        if isinstance(accepted, Response):
-            return accepted
-        req, checked = accepted
-        return server._answer("videos", JSONResponse(server.create_video(req, *checked)), arrived)
-
-    @app.get("/v1/videos")
-    async def list_videos():
-        if server.videos is None:
-            return _error(400, f"{engine.pipeline_class} makes images; there are no video jobs.")
-        return {"object": "list", "data": [server.video(i) for i in reversed(list(server.videos.jobs))]}
-
-    @app.get("/v1/videos/{video_id}")
-    async def get_video(video_id: str):
-        if server.videos is None:
-            return _error(404, f"no video job '{video_id}': {engine.pipeline_class} makes images.")
-        found = server.video(video_id)
-        return found if isinstance(found, JSONResponse) else JSONResponse(found)
-
-    @app.get("/v1/videos/{video_id}/content")
-    async def video_content(video_id: str):
-        if server.videos is None or video_id not in server.videos.jobs:
-            return _error(404, f"no video job '{video_id}'.", param="video_id")
-        record = server.videos.jobs[video_id]
-        if record.status != "completed":
-            return _error(409, f"video job '{video_id}' is {record.status}; its content exists once it is completed.")
-        return FileResponse(record.file, media_type="video/mp4", filename=f"{video_id}.mp4")
+    if server.videos is not None:
+        server.videos.routes(app)
+    else:
+        @app.api_route("/v1/videos", methods=["GET", "POST"])
+        @app.api_route("/v1/videos/{video_id}", methods=["GET", "DELETE"])
+        @app.get("/v1/videos/{video_id}/content")
+        async def no_videos(video_id: str | None = None):
+            return _error(404 if video_id else 400, f"{engine.pipeline_class} makes images: there are no video jobs; "
+                                                    "use POST /v1/images/generations.")
 
     @app.get("/v1/models")
     async def models():
@@ -366,23 +357,41 @@ def create_app(engine: Engine, model_name: str, limits: Limits | None = None, *,
 
     @app.get("/health")
     async def health():
-        if server.failure is not None:
-            return server.down()
-        cfg = engine.config
-        return {"status": "ok", "model": model_name, "pipeline": engine.pipeline_class, "video": engine.is_video,
-                "mesh": {"cfg": cfg.cfg_degree, "ring": cfg.ring_degree, "ulysses": cfg.ulysses_degree,
-                         "tp": cfg.tensor_parallel_size, "ulysses_mode": cfg.ulysses_mode},
-                "cache": engine.cache, "world_size": cfg.world_size, "launcher": "torchrun" if engine.worker_pids == [] and cfg.world_size > 1
-                else "spawn", "worker_pids": engine.worker_pids, "max_batch_size": server.limits.max_batch_size,
-                "queue_depth": len(server.scheduler.queue)}
+        status, body = server.health()
+        return JSONResponse(body, status_code=status)
 
     return app
 
 
-def serve(engine: Engine, model_name: str, *, host: str = "127.0.0.1", port: int = 8000,
-          limits: Limits | None = None, video_dir: str | None = None) -> None:
-    """Serve until SIGINT/SIGTERM; then the queued video jobs are recorded as cancelled, the running
-    batch finishes and the workers are shut down."""
+def serve(engine: Engine, model_name: str, *, host: str = "127.0.0.1", port: int = 8000, **options) -> int:
+    """Serve until SIGINT/SIGTERM (``options``: those of ``create_app``). Returns the exit code: 0
+    after a shutdown, 1 when the workers failed and could not be restarted (for a supervisor).
+
+    On SIGTERM, queued requests are answered 503 and queued jobs recorded ``cancelled`` at once; the
+    running batch may finish within ``shutdown_timeout_s`` and is then stopped at the next forward;
+    the workers are shut down."""
     import uvicorn
 
-    uvicorn.run(create_app(engine, model_name, limits, video_dir=video_dir), host=host, port=port, log_level="info")
+    fatal: list[str] = []
+
+    class _Uvicorn(uvicorn.Server):
+        def handle_exit(self, sig, frame) -> None:
+            # uvicorn waits for open requests before the app's shutdown runs: answer the queued ones
+            # now, so that a long queue does not outlast the orchestrator's grace period.
+            server = app.state.server
+            if server.loop is not None:
+                server.loop.call_soon_threadsafe(server.scheduler.begin_close)
+            super().handle_exit(sig, frame)
+
+    def on_fatal(why: str) -> None:
+        fatal.append(why)
+        uv.should_exit = True
+
+    app = create_app(engine, model_name, on_fatal=on_fatal, **options)
+    config = uvicorn.Config(app, host=host, port=port, log_level="info",
+                            timeout_graceful_shutdown=int(app.state.server.shutdown_timeout_s) + 15)
+    uv = _Uvicorn(config)
+    uv.run()
+    if fatal:
+        log.error("exiting with status 1: %s", fatal[0])
+    return 1 if fatal else 0

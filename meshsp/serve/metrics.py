@@ -13,7 +13,16 @@
 * ``meshsp_batch_size``: requests per batch, and ``meshsp_batch_images``: images (or videos) per batch;
 * ``meshsp_cache_calls_total`` and ``meshsp_cache_skipped_total``: with ``--cache``, the block calls
   the step cache decided on and those it answered from its cache;
-* ``meshsp_workers_up``: 1 while every rank is alive, 0 after a worker failure.
+* ``meshsp_workers_up``: 1 while every rank is alive, 0 from a worker failure until the workers are
+  restarted (``meshsp_worker_restarts_total``);
+* ``meshsp_timeouts_total{endpoint}``: requests and jobs past their deadline (504, or ``failed`` with
+  code ``timeout``); ``meshsp_cancelled_total{endpoint, reason}``: those nobody waited for any more
+  (``client_closed``, ``deleted``, ``shutdown``); ``meshsp_stopped_batches_total{reason}``: batches
+  stopped between forwards (``timeout``, ``cancelled``);
+* ``meshsp_rejected_total{reason}``: requests refused before they were queued, by reason
+  (``unauthorized``, ``unsupported_media_type``, ``too_large``, ``bad_content_length``,
+  ``invalid_json``, ``invalid_request``, ``over_budget``, ``unavailable``);
+* ``meshsp_storage_errors_total``: failed writes of video files or job records.
 
 Example::
 
@@ -58,6 +67,18 @@ class Metrics:
         self.workers_up = Gauge("meshsp_workers_up", "1 while every rank is alive, 0 after a worker failure.",
                                 registry=r)
         self.workers_up.set(1)
+        self.restarts = Counter("meshsp_worker_restarts", "Times the workers were replaced after a failure.",
+                                registry=r)
+        self.timeouts = Counter("meshsp_timeouts", "Requests and video jobs past their deadline.", ["endpoint"],
+                                registry=r)
+        self.cancelled = Counter("meshsp_cancelled", "Requests and video jobs nobody waited for any more.",
+                                 ["endpoint", "reason"], registry=r)
+        self.stopped_batches = Counter("meshsp_stopped_batches", "Batches stopped between transformer forwards.",
+                                       ["reason"], registry=r)
+        self.rejected = Counter("meshsp_rejected", "Requests refused before they were queued.", ["reason"],
+                                registry=r)
+        self.storage_errors = Counter("meshsp_storage_errors", "Failed writes of video files or job records.",
+                                      registry=r)
 
     def render(self) -> tuple[bytes, str]:
         """The text exposition and its content type."""
