@@ -606,7 +606,8 @@ class Engine:
     def close(self) -> None:
         if self._leading:
             self._leading = False
-            self._send("stop", None)
+            if self._world_failure is None:  # out of step, the others may never read it: torchrun stops them
+                self._send("stop", None)
         if self._pool is not None:
             self._pool.close()
             self._pool = None
