@@ -149,3 +149,23 @@ def test_killed_worker_is_replaced_and_sigterm_cleans_up():
     assert server.process.returncode in (0, -signal.SIGTERM) and "Application shutdown complete" in log, log[-2000:]
     assert "worker failure" in log and "restarted" in log
     assert_gone(pids + new)
+
+
+def test_sigkill_of_the_server_takes_its_workers_with_it():
+    server = _start()
+    pids = httpx.get(f"{server.url}/health").json()["worker_pids"]
+    os.kill(server.process.pid, signal.SIGKILL)
+    server.process.wait()
+    server._log.close()
+    t0 = time.monotonic()
+    while any(_alive(pid) for pid in pids):
+        assert time.monotonic() - t0 < 10, "the workers outlived their killed server"
+        time.sleep(0.1)
+
+
+def _alive(pid: int) -> bool:
+    """Running (a zombie waiting for init to reap it counts as gone)."""
+    try:
+        return pathlib.Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
