@@ -8,7 +8,8 @@ for the one that raised): then the pool stays usable. A rank still running after
 to be blocked in a collective waiting for the rank that raised, which would last until the process
 group's timeout: every worker is killed at once and the pool is marked failed. A rank that dies, or
 a call that exceeds its own timeout (``run(..., timeout=)``, separate from the process group's),
-fails the pool the same way, so a caller never waits for a rank that cannot answer.
+fails the pool the same way, so a caller never waits for a rank that cannot answer. The other way
+round, a worker exits by itself within a second of its caller's death (SIGKILL included).
 
 Example::
 
@@ -24,6 +25,7 @@ import os
 import pickle
 import queue
 import socket
+import threading
 import time
 import traceback
 from collections.abc import Callable
@@ -42,6 +44,8 @@ def report_progress(fraction: float) -> None:
 
 
 _POLL_S = 0.1  # how often a waiting caller looks for dead ranks and expired deadlines
+_PARENT_POLL_S = 0.5  # how often a worker checks that the process that started it is still there
+_ORPHAN_EXIT = 70  # a worker's exit code when it found its parent gone
 
 
 class RankFailure(RuntimeError):
@@ -63,7 +67,25 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(rank, world, port, backend, threads, pg_timeout_s, start_timeout_s, env, tasks, results, progress):
+def _exit_with_parent(parent_pid: int) -> None:
+    """Exit this worker within ``_PARENT_POLL_S`` of its parent's death (SIGKILL included), whatever the
+    main thread is doing: an orphan would wait on its task queue, or in a collective, forever, holding
+    its (GPU) memory. The watcher needs the GIL, which collectives and torch ops release while they run
+    (tested with a rank in a barrier and one computing); a C extension holding it delays the exit.
+    Not ``PR_SET_PDEATHSIG``: it fires when the parent *thread* that started the worker ends, and a pool
+    may be built from a thread that ends before the process (an executor's), which would kill live ranks."""
+
+    def watch() -> None:
+        while os.getppid() == parent_pid:  # a dead parent's children are re-parented: the pid changes
+            time.sleep(_PARENT_POLL_S)
+        os._exit(_ORPHAN_EXIT)
+
+    threading.Thread(target=watch, name="meshsp-parent-watch", daemon=True).start()
+
+
+def _worker(rank, world, parent_pid, port, backend, threads, pg_timeout_s, start_timeout_s, env, tasks, results,
+            progress):
+    _exit_with_parent(parent_pid)
     global _PROGRESS
     _PROGRESS = progress if rank == 0 else None
     os.environ.update(env)
@@ -142,8 +164,8 @@ class WorkerPool:
         self._procs = [
             ctx.Process(
                 target=_worker,
-                args=(r, world_size, port, backend, threads, pg_timeout_s, start_timeout_s, dict(env or {}),
-                      self._tasks[r], self._results, self._progress),
+                args=(r, world_size, os.getpid(), port, backend, threads, pg_timeout_s, start_timeout_s,
+                      dict(env or {}), self._tasks[r], self._results, self._progress),
                 daemon=True,
             )
             for r in range(world_size)
