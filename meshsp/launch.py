@@ -8,7 +8,9 @@ for the one that raised): then the pool stays usable. A rank still running after
 to be blocked in a collective waiting for the rank that raised, which would last until the process
 group's timeout: every worker is killed at once and the pool is marked failed. A rank that dies, or
 a call that exceeds its own timeout (``run(..., timeout=)``, separate from the process group's),
-fails the pool the same way, so a caller never waits for a rank that cannot answer.
+fails the pool the same way, so a caller never waits for a rank that cannot answer. The other way
+round, a worker exits by itself within a second of its caller's death (SIGKILL included), and the
+workers listen on loopback only: the pool is one node.
 
 Example::
 
@@ -21,9 +23,11 @@ from __future__ import annotations
 import datetime
 import multiprocessing as mp
 import os
+import pathlib
 import pickle
 import queue
 import socket
+import threading
 import time
 import traceback
 from collections.abc import Callable
@@ -49,6 +53,8 @@ def stop_requested() -> bool:
 
 
 _POLL_S = 0.1  # how often a waiting caller looks for dead ranks and expired deadlines
+_PARENT_POLL_S = 0.5  # how often a worker checks that the process that started it is still there
+_ORPHAN_EXIT = 70  # a worker's exit code when it found its parent gone
 
 
 class RankFailure(RuntimeError):
@@ -70,7 +76,65 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(rank, world, port, backend, threads, pg_timeout_s, start_timeout_s, env, tasks, results, progress, stop):
+def _loopback_ifname() -> str:
+    """The loopback interface's name: the one Linux flags IFF_LOOPBACK, else (no /sys) the first "lo*"."""
+    names = [name for _, name in socket.if_nameindex()]
+    for name in names:
+        try:
+            if int(pathlib.Path(f"/sys/class/net/{name}/flags").read_text(), 16) & 0x8:  # IFF_LOOPBACK
+                return name
+        except (OSError, ValueError):
+            pass
+    for name in names:
+        if name.startswith("lo"):
+            return name
+    raise RuntimeError(f"no loopback interface among {names}; name the interface for the workers' sockets "
+                       "with GLOO_SOCKET_IFNAME (and NCCL_SOCKET_IFNAME for nccl) in WorkerPool(env=)")
+
+
+def _worker_env(env: dict[str, str] | None) -> dict[str, str]:
+    """``env`` for the workers, with gloo's and NCCL's sockets on loopback unless the caller's environment
+    or ``env`` names an interface. Left alone, gloo listens on the address the host name resolves to and
+    NCCL on a non-loopback interface, both reachable from other hosts."""
+    env = dict(env or {})
+    unset = [var for var in ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME") if var not in env and var not in os.environ]
+    if unset:
+        env.update(dict.fromkeys(unset, _loopback_ifname()))
+    return env
+
+
+def _exit_with_parent(parent_pid: int) -> None:
+    """Exit this worker within ``_PARENT_POLL_S`` of its parent's death (SIGKILL included), whatever the
+    main thread is doing: an orphan would wait on its task queue, or in a collective, forever, holding
+    its (GPU) memory. The watcher needs the GIL, which collectives and torch ops release while they run
+    (tested with a rank in a barrier and one computing); a C extension holding it delays the exit.
+    Not ``PR_SET_PDEATHSIG``: it fires when the parent *thread* that started the worker ends, and a pool
+    may be built from a thread that ends before the process (an executor's), which would kill live ranks."""
+
+    def watch() -> None:
+        while os.getppid() == parent_pid:  # a dead parent's children are re-parented: the pid changes
+            time.sleep(_PARENT_POLL_S)
+        os._exit(_ORPHAN_EXIT)
+
+    threading.Thread(target=watch, name="meshsp-parent-watch", daemon=True).start()
+
+
+def _store(rank: int, world: int, port: int, timeout: datetime.timedelta):
+    """The rendezvous store, served by rank 0 on loopback only: given "127.0.0.1", TCPStore's server
+    listens on the wildcard address (all interfaces), so rank 0 binds the socket itself and hands it over."""
+    import torch.distributed as dist
+
+    listen_fd = None
+    if rank == 0:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.bind(("127.0.0.1", port))
+        listen_fd = sock.detach()  # the store closes it
+    return dist.TCPStore("127.0.0.1", port, world, is_master=rank == 0, timeout=timeout, master_listen_fd=listen_fd)
+
+
+def _worker(rank, world, parent_pid, port, backend, threads, pg_timeout_s, start_timeout_s, env, tasks, results,
+            progress, stop):
+    _exit_with_parent(parent_pid)
     global _PROGRESS, _STOP
     _PROGRESS, _STOP = (progress, stop) if rank == 0 else (None, None)
     os.environ.update(env)
@@ -83,8 +147,7 @@ def _worker(rank, world, port, backend, threads, pg_timeout_s, start_timeout_s, 
     if backend == "nccl":
         torch.cuda.set_device(rank)  # one GPU per rank: the parent checked the count (check_gpus)
     # The rendezvous waits for the slowest rank to start (start_timeout_s); collectives get pg_timeout_s.
-    store = dist.TCPStore("127.0.0.1", port, world, is_master=rank == 0,
-                          timeout=datetime.timedelta(seconds=max(start_timeout_s, pg_timeout_s)))
+    store = _store(rank, world, port, datetime.timedelta(seconds=max(start_timeout_s, pg_timeout_s)))
     dist.init_process_group(backend, store=store, rank=rank, world_size=world,
                             timeout=datetime.timedelta(seconds=pg_timeout_s))
     results.put((rank, "ready", ("ok", None)))
@@ -146,12 +209,12 @@ class WorkerPool:
         self._calls = 0
         self._failure: str | None = None
         self._closed = False
-        port = free_port()
+        port, worker_env = free_port(), _worker_env(env)
         self._procs = [
             ctx.Process(
                 target=_worker,
-                args=(r, world_size, port, backend, threads, pg_timeout_s, start_timeout_s, dict(env or {}),
-                      self._tasks[r], self._results, self._progress, self._stop),
+                args=(r, world_size, os.getpid(), port, backend, threads, pg_timeout_s, start_timeout_s,
+                      worker_env, self._tasks[r], self._results, self._progress, self._stop),
                 daemon=True,
             )
             for r in range(world_size)
