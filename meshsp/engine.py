@@ -34,6 +34,7 @@ from meshsp.cache import BATCH_WIDE_CACHES, check_batching
 from meshsp.config import ParallelConfig
 from meshsp.launch import RankFailure, WorkerPool
 from meshsp.loading import Stages, load_kwargs, load_pipeline, offload, rank_device, weights_info
+from meshsp.vae.noise import noise_per_request
 
 __all__ = ["BATCH_WIDE_CACHES", "DTYPES", "Engine", "SamplingParams", "batch_key", "resolve_dtype", "resolve_model"]
 
@@ -272,10 +273,14 @@ class _Runner:
         self.progress_sink(0.0)
         self.stages.reset()
         # Noise a model draws from the global generator (LTX-Video's decoder) is drawn alike on every
-        # rank and as one process with the same seed draws it.
+        # rank and as one process with the same seed draws it; in a batch, each request's decode
+        # draws it from its own seed (meshsp.vae.noise_per_request).
         torch.manual_seed(requests[0][1].seed)
+        seeds = [params.seed for _, params in requests]
+        sizes = [len(texts) * params.num_images_per_prompt for texts, params in requests]
         t0 = time.perf_counter()
-        out = self.pipe(**kwargs)
+        with noise_per_request(getattr(self.pipe, "vae", None), seeds, sizes):
+            out = self.pipe(**kwargs)
         seconds = time.perf_counter() - t0
         if _rank() != 0:
             return None

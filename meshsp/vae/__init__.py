@@ -29,6 +29,11 @@ and every rank decodes its band. Styles on the decoder's modules keep that exact
 * ``BandNoise`` on LTX-Video's noise-injecting blocks: each rank draws the whole frame's noise and
   keeps its band's rows.
 
+That noise comes from the global generator, once for a whole batch; ``noise_per_request`` (for the
+engine's batches) decodes a batch one request at a time, each after seeding the global generator
+with the request's seed, so a request's video does not depend on its batch mates. Each slice is a
+split decode of its own.
+
 ``parallelize_vae(vae, mesh)`` applies ``vae_plan(vae)``; ``parallelize_module(vae, mesh,
 vae_plan(vae))`` does the same. Supported: ``AutoencoderKL`` (Flux, SD3), ``AutoencoderKLFlux2``,
 and the video VAEs ``AutoencoderKLWan``, ``AutoencoderKLQwenImage``, ``AutoencoderKLHunyuanVideo``,
@@ -55,10 +60,11 @@ encode=False)`` leaves it whole.
 from meshsp.vae.attention import FrameCausalAttention
 from meshsp.vae.bands import Bands, SplitBands
 from meshsp.vae.halo import HaloConv, HaloDownConv, HaloPadConv
-from meshsp.vae.noise import BandNoise
+from meshsp.vae.noise import GLOBAL_NOISE_DECODERS, BandNoise, draws_global_noise, noise_per_request
 from meshsp.vae.norms import BandGroupNorm
 from meshsp.vae.plan import VaePlan, parallelize_vae, vae_plan
 from meshsp.vae.tiles import DistributedTiles
 
-__all__ = ["BandGroupNorm", "BandNoise", "Bands", "DistributedTiles", "FrameCausalAttention", "HaloConv",
-           "HaloDownConv", "HaloPadConv", "SplitBands", "VaePlan", "parallelize_vae", "vae_plan"]
+__all__ = ["GLOBAL_NOISE_DECODERS", "BandGroupNorm", "BandNoise", "Bands", "DistributedTiles", "FrameCausalAttention",
+           "HaloConv", "HaloDownConv", "HaloPadConv", "SplitBands", "VaePlan", "draws_global_noise",
+           "noise_per_request", "parallelize_vae", "vae_plan"]
