@@ -212,6 +212,7 @@ class VideoStore:
         self.update(job, status="completed", file=str(self.video_path(job.id)), progress=100)
 
     def get(self, job_id: str) -> VideoJob | None:
+        """The job ``job_id``, or None if there is none (never was, deleted or pruned)."""
         return self.jobs.get(job_id)
 
     def delete(self, job_id: str) -> VideoJob | None:
@@ -395,7 +396,7 @@ class VideoStore:
                 job = _job_from_record(json.loads(path.read_bytes()))
                 if job.id != path.stem:
                     raise ValueError(f"its id '{job.id}' is not its file name")
-            except (OSError, ValueError) as exc:
+            except (OSError, ValueError, TypeError) as exc:
                 self._set_aside(path, exc)
                 continue
             found[job.id] = job
@@ -409,15 +410,15 @@ class VideoStore:
         try:
             entries = json.loads(legacy.read_bytes())
             if not isinstance(entries, list):
-                raise ValueError("it is not a list of jobs")
-        except (OSError, ValueError) as exc:
+                raise TypeError("it is not a list of jobs")
+        except (OSError, ValueError, TypeError) as exc:
             self._set_aside(legacy, exc)
             return
         migrated = []
         for n, entry in enumerate(entries):
             try:
                 job = _job_from_record(entry)
-            except ValueError as exc:
+            except (ValueError, TypeError) as exc:
                 log.warning("skipping job %d of %s: %s", n, legacy, exc)
                 continue
             if job.id not in found:  # else its own record was written later
@@ -469,19 +470,16 @@ def _finished_at(job: VideoJob) -> float:
 
 
 def _job_from_record(record) -> VideoJob:
-    """A job from a record's JSON; ValueError if it is not one."""
+    """A job from a record's JSON; TypeError or ValueError if it is not one."""
     if not isinstance(record, dict):
-        raise ValueError(f"a job record is a JSON object, not {type(record).__name__}")
-    try:
-        job = VideoJob(**{name: record[name] for name in _FIELDS if name in record})
-    except TypeError as exc:  # a required field is missing
-        raise ValueError(str(exc)) from None
+        raise TypeError(f"a job record is a JSON object, not {type(record).__name__}")
+    job = VideoJob(**{name: record[name] for name in _FIELDS if name in record})  # TypeError: a field missing
     if not isinstance(job.id, str) or job.status not in STATUSES:
         raise ValueError(f"bad id {job.id!r} or status {job.status!r}")
     number = (int, float)
     if not isinstance(job.created_at, number) or not isinstance(job.seq, int) or \
             not isinstance(job.completed_at, (*number, type(None))):
-        raise ValueError(f"bad created_at {job.created_at!r}, completed_at {job.completed_at!r} or seq {job.seq!r}")
+        raise TypeError(f"bad created_at {job.created_at!r}, completed_at {job.completed_at!r} or seq {job.seq!r}")
     return job
 
 
