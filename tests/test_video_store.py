@@ -4,6 +4,7 @@ deletion and pages; write errors that never reach the caller; 20,000 jobs."""
 
 import asyncio
 import json
+import logging
 import os
 import shutil
 import threading
@@ -41,10 +42,10 @@ def held_writer(monkeypatch):
     release = threading.Event()
     write = videos._atomic_write
 
-    def held(path, data):
+    def held(path, data, **kwargs):
         if threading.current_thread().name == "meshsp-videos":
             assert release.wait(10), "the test never released the writer"
-        write(path, data)
+        write(path, data, **kwargs)
 
     monkeypatch.setattr(videos, "_atomic_write", held)
     return release
@@ -102,9 +103,9 @@ def test_writes_are_off_the_caller_thread_and_in_order(stores, monkeypatch):
     job = store.create(**FIELDS)
     written, write = [], videos._atomic_write
 
-    def recording(path, data):
+    def recording(path, data, **kwargs):
         written.append((threading.current_thread(), json.loads(data)["progress"]))
-        write(path, data)
+        write(path, data, **kwargs)
 
     monkeypatch.setattr(videos, "_atomic_write", recording)
     for progress in range(1, 301):
@@ -126,6 +127,23 @@ def test_the_caller_never_waits_for_the_disk(stores, held_writer):
     held_writer.set()
     flush(store)
     assert on_disk(store, job.id)["progress"] == 10
+
+
+def test_a_cancelled_flush_leaves_the_writer_running(stores, held_writer, caplog):
+    store = stores()
+    job = store.create(**FIELDS)
+
+    async def cancel_then_flush():
+        waiting = asyncio.ensure_future(store.flush())
+        await asyncio.sleep(0.05)
+        waiting.cancel()
+        held_writer.set()
+        store.update(job, progress=33)
+        await asyncio.wait_for(store.flush(), 10)
+
+    asyncio.run(cancel_then_flush())
+    assert on_disk(store, job.id)["progress"] == 33
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
 
 
 def test_public_shows_the_api_fields_only(stores):
@@ -211,6 +229,12 @@ def test_the_older_single_file_record_is_migrated_once(stores, tmp_path):
     assert sorted(p.stem for p in store.records.glob("*.json")) == ["video_old0", "video_old1", "video_old2"]
     store = restart(store, stores)
     assert list(store.jobs) == ["video_old0", "video_old1", "video_old2"]
+
+
+def test_an_unreadable_older_record_is_moved_aside(stores, tmp_path):
+    (tmp_path / "jobs.json").write_text("[{truncated")
+    assert stores().jobs == {}
+    assert not (tmp_path / "jobs.json").exists() and (tmp_path / "jobs.json.corrupt").exists()
 
 
 # -- pruning, deletion, pages -------------------------------------------------------------------

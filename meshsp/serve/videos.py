@@ -143,6 +143,7 @@ class VideoStore:
         self._wake = threading.Event()
         self._writer = threading.Thread(target=self._drain, name="meshsp-videos", daemon=True)
         self._closed = False
+        self._unsynced: set[Path] = set()  # directories with renames or removals not yet synced
         self.records.mkdir(parents=True, exist_ok=True)
         self._writer.start()
         self._load()
@@ -293,7 +294,7 @@ class VideoStore:
         """Wait until every write queued so far is done (or has failed and been logged)."""
         if not self._closed:
             done = Future()
-            self._submit(done.set_result, None)
+            self._submit(self._flushed, done)
             await asyncio.wrap_future(done)
 
     def close(self) -> None:
@@ -309,6 +310,7 @@ class VideoStore:
     def _submit(self, fn: Callable, *args) -> None:
         if self._closed:
             fn(*args)
+            self._sync_dirs()
             return
         # A deque and an event rather than an executor: no future per write, and a busy writer is
         # not woken again, so the event loop hands the GIL over less often.
@@ -322,11 +324,23 @@ class VideoStore:
             while self._todo:
                 work = self._todo.popleft()
                 if work is None:
+                    self._sync_dirs()
                     return
                 try:
                     work[0](*work[1])
-                except Exception:  # e.g. a flush() whose waiter was cancelled; the writer must go on
+                except Exception:  # the writer must go on
                     log.exception("video store: a queued write failed")
+            # One directory sync for the whole batch rather than one per record.
+            self._sync_dirs()
+
+    def _sync_dirs(self) -> None:
+        while self._unsynced:
+            _sync_dir(self._unsynced.pop())
+
+    def _flushed(self, done: Future) -> None:
+        self._sync_dirs()
+        if done.set_running_or_notify_cancel():  # False: the waiter was cancelled
+            done.set_result(None)
 
     def _queue_write(self, job: VideoJob) -> None:
         snapshot = dict(vars(job))
@@ -345,12 +359,15 @@ class VideoStore:
             snapshot = self._dirty.pop(job_id, None)
         if snapshot is not None:  # None: deleted since
             data = json.dumps(snapshot).encode()
-            self._attempt(f"write the record of {job_id}", _atomic_write, self.records / f"{job_id}.json", data)
+            self._attempt(f"write the record of {job_id}", _atomic_write, self.records / f"{job_id}.json", data,
+                          sync_dir=False)
+            self._unsynced.add(self.records)
 
     def _remove_files(self, job_id: str, file: str | None) -> None:
         paths = {self.records / f"{job_id}.json", self.video_path(job_id), *([Path(file)] if file else [])}
         for path in paths:
             self._attempt(f"remove {path}", path.unlink, missing_ok=True)
+            self._unsynced.add(path.parent)
 
     def _attempt(self, what: str, fn: Callable, *args, **kwargs) -> None:
         """Run one write; log, count and remember a failure instead of raising it."""
@@ -483,24 +500,32 @@ def _job_from_record(record) -> VideoJob:
     return job
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    """Write ``path`` whole or not at all: a temporary file in its directory, fsynced, renamed."""
+def _atomic_write(path: Path, data: bytes, *, sync_dir: bool = True) -> None:
+    """Write ``path`` whole or not at all: a temporary file in its directory, fsynced, renamed. The
+    rename lasts through a power loss once the directory is synced (now, or later by the caller)."""
     tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
     try:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
-    # The rename lasts through a power loss only once the directory is on disk too. Some file
-    # systems refuse to fsync a directory; the rename is still atomic there.
+    if sync_dir:
+        _sync_dir(path.parent)
+
+
+def _sync_dir(directory: Path) -> None:
+    # Some file systems refuse to fsync a directory; the renames in it are still atomic there.
     with contextlib.suppress(OSError):
-        fd = os.open(path.parent, os.O_RDONLY)
+        fd = os.open(directory, os.O_RDONLY)
         try:
             os.fsync(fd)
         finally:
