@@ -105,7 +105,7 @@ class VideoStore:
     Memory changes at once; each write goes to one writer thread, so the writes of a job keep their
     order and the caller never waits for the disk. A failed write is logged, counted in
     ``write_errors`` and kept in ``last_error`` (cleared by the next write that succeeds); it never
-    raises into the caller. At start the store loads every record: jobs that were still queued or
+    raises into the caller, and is retried after a later write succeeds and at ``flush()``. At start the store loads every record: jobs that were still queued or
     running fail as ``interrupted``, completed jobs whose MP4 is gone fail as ``file_missing``.
     Finished jobs older than ``retention_s`` seconds, and the oldest beyond ``max_jobs`` finished
     ones, are pruned with their files (at start and whenever a job finishes).
@@ -144,6 +144,7 @@ class VideoStore:
         self._writer = threading.Thread(target=self._drain, name="meshsp-videos", daemon=True)
         self._closed = False
         self._unsynced: set[Path] = set()  # directories with renames or removals not yet synced
+        self._failed: dict[str, tuple] = {}  # job id -> its newest write that failed, to retry
         self.records.mkdir(parents=True, exist_ok=True)
         self._writer.start()
         self._load()
@@ -291,7 +292,8 @@ class VideoStore:
         return None
 
     async def flush(self) -> None:
-        """Wait until every write queued so far is done (or has failed and been logged)."""
+        """Wait until every write queued so far is done (or has failed and been logged), retrying the
+        writes that failed before."""
         if not self._closed:
             done = Future()
             self._submit(self._flushed, done)
@@ -338,6 +340,7 @@ class VideoStore:
             _sync_dir(self._unsynced.pop())
 
     def _flushed(self, done: Future) -> None:
+        self._retry_failed()
         self._sync_dirs()
         if done.set_running_or_notify_cancel():  # False: the waiter was cancelled
             done.set_result(None)
@@ -358,32 +361,59 @@ class VideoStore:
         with self._lock:
             snapshot = self._dirty.pop(job_id, None)
         if snapshot is not None:  # None: deleted since
-            data = json.dumps(snapshot).encode()
-            self._attempt(f"write the record of {job_id}", _atomic_write, self.records / f"{job_id}.json", data,
-                          sync_dir=False)
-            self._unsynced.add(self.records)
+            self._run(job_id, "write the record of", self._write_record, snapshot)
 
     def _remove_files(self, job_id: str, file: str | None) -> None:
-        paths = {self.records / f"{job_id}.json", self.video_path(job_id), *([Path(file)] if file else [])}
-        for path in paths:
-            self._attempt(f"remove {path}", path.unlink, missing_ok=True)
+        self._run(job_id, "remove the files of", self._unlink, job_id, file)
+
+    def _write_record(self, snapshot: dict) -> None:
+        _atomic_write(self.records / f"{snapshot['id']}.json", json.dumps(snapshot).encode(), sync_dir=False)
+        self._unsynced.add(self.records)
+
+    def _unlink(self, job_id: str, file: str | None) -> None:
+        for path in {self.records / f"{job_id}.json", self.video_path(job_id), *([Path(file)] if file else [])}:
+            path.unlink(missing_ok=True)
             self._unsynced.add(path.parent)
 
-    def _attempt(self, what: str, fn: Callable, *args, **kwargs) -> None:
-        """Run one write; log, count and remember a failure instead of raising it."""
+    def _run(self, job_id: str, what: str, fn: Callable, *args) -> None:
+        """One write for ``job_id``; once one succeeds, the disk takes writes again: retry the failed."""
+        if not self._attempt(f"{what} {job_id}", fn, *args):
+            self._failed[job_id] = (what, fn, args)  # supersedes the job's older failed write
+            return
+        self._failed.pop(job_id, None)
+        self._retry_failed()
+
+    def _retry_failed(self) -> None:
+        while self._failed:
+            job_id, (what, fn, args) = next(iter(self._failed.items()))
+            if not self._superseded(job_id, fn) and not self._attempt(f"{what} {job_id}", fn, *args):
+                return
+            del self._failed[job_id]
+
+    def _superseded(self, job_id: str, fn: Callable) -> bool:
+        """Whether a failed record write must not be retried: a newer one is queued, or the job is
+        gone (writing it would bring it back)."""
+        if fn != self._write_record:
+            return False
+        with self._lock:
+            return job_id in self._dirty or job_id not in self.jobs
+
+    def _attempt(self, what: str, fn: Callable, *args) -> bool:
+        """Run one write; log, count and remember a failure instead of raising it. True if it worked."""
         try:
             try:
-                fn(*args, **kwargs)
+                fn(*args)
             except FileNotFoundError:
                 # The directory was removed under the server: make it again and retry once.
                 self.records.mkdir(parents=True, exist_ok=True)
-                fn(*args, **kwargs)
+                fn(*args)
         except Exception as exc:  # the writer thread has no caller to raise to
             self.write_errors += 1
             self.last_error = f"could not {what}: {exc}"
             log.error("video store: %s", self.last_error, exc_info=not isinstance(exc, OSError))
-        else:
-            self.last_error = None
+            return False
+        self.last_error = None
+        return True
 
     # -- loading ---------------------------------------------------------------------------------
 
