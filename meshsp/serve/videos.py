@@ -5,7 +5,8 @@ A job is OpenAI's video object: ``id``, ``object: "video"``, ``model``, ``status
 ``in_progress``, ``completed``, ``failed``), ``progress`` (0-100, after each denoising step),
 ``created_at`` / ``completed_at``, ``size``, ``seconds`` and ``error`` (``{"code", "message"}``), plus
 ``num_frames`` and ``fps``. A job cancelled before it ran (its server stopped) is ``failed`` with
-error code ``cancelled``. Videos are encoded as H.264 MP4 with PyAV (FFmpeg's libraries).
+error code ``cancelled``; one still queued or running when its server died is ``interrupted`` at the
+next start, and a completed one whose MP4 is gone ``file_missing``. Videos are encoded as H.264 MP4 with PyAV (FFmpeg's libraries).
 
 On disk (``VideoStore``)::
 
