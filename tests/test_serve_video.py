@@ -1,5 +1,6 @@
-"""Video jobs on a real server (tiny Wan, Ulysses 2): create, poll, download the MP4; bad bodies;
-a killed worker; SIGTERM with jobs still queued."""
+"""Video jobs on a real server (tiny Wan, Ulysses 2): create, poll, list a page at a time, delete,
+download the MP4; bad bodies; the video timeout; a directory that cannot be written; a killed
+worker; SIGTERM with jobs still queued, SIGKILL mid-job, and restarts on the same directory."""
 
 import io
 import json
@@ -20,9 +21,18 @@ MODEL = "tiny-wan"
 JOB = {"prompt": "a boat on a lake", "size": "64x48", "num_frames": 5, "num_inference_steps": 2, "seed": 3}
 
 
-def video_server(video_dir: pathlib.Path) -> ServerProcess:
+LONG = dict(JOB, num_inference_steps=400, size="256x256")  # only a deadline or a stop ends it in time
+
+
+def video_server(video_dir: pathlib.Path, *extra: str) -> ServerProcess:
     return start_server([MODEL, "--usp", "2", "--ulysses-mode", "advanced_uaa", "--max-size", "256", "--max-steps",
-                         "40", "--max-frames", "17", "--max-batch-size", "2", "--video-dir", str(video_dir)])
+                         "400", "--max-frames", "17", "--max-batch-size", "2", "--video-dir", str(video_dir),
+                         "--video-timeout", "8", *extra])
+
+
+def records(directory: pathlib.Path) -> dict[str, dict]:
+    """The job records the server wrote, by id."""
+    return {p.stem: json.loads(p.read_text()) for p in (directory / "jobs").glob("video_*.json")}
 
 
 @pytest.fixture(scope="module")
@@ -63,8 +73,10 @@ def test_job_lifecycle_and_mp4(server):
     decoded = frames(content.content)
     assert len(decoded) == 5 and decoded[0].shape == (48, 64, 3)
     assert [j["id"] for j in httpx.get(f"{url}/v1/videos").json()["data"]][0] == job["id"]
-    record = {j["id"]: j for j in json.loads((directory / "jobs.json").read_text())}
-    assert record[job["id"]]["status"] == "completed"
+    deadline = time.monotonic() + 10  # written off the event loop: a moment later
+    while records(directory).get(job["id"], {}).get("status") != "completed":
+        assert time.monotonic() < deadline, records(directory).get(job["id"])
+        time.sleep(0.05)
 
 
 def test_same_seed_same_video_batched_or_alone(server):
@@ -103,9 +115,13 @@ def test_progress_while_running(server):
     (dict(JOB, num_frames=None, seconds="2"), 400, "would have 29 frames"),
     (dict(JOB, seconds="0.5"), 400, "not both"),
     (dict(JOB, size="65x48"), 400, "multiples of 16"),
-    (dict(JOB, num_inference_steps=41), 400, "between 1 and 40"),
+    (dict(JOB, num_inference_steps=401), 400, "between 1 and 400"),
     (dict(JOB, fps=0), 400, "invalid 'fps'"),
     (dict(JOB, seconds=4), 400, "invalid 'seconds'"),
+    (dict(JOB, num_frames=None, seconds="0"), 400, "less than one frame"),
+    (dict(JOB, num_frames=None, seconds="9" * 400), 400, "invalid 'seconds'"),
+    (dict(JOB, num_frames=None, seconds="1e3"), 400, "invalid 'seconds'"),
+    (dict(JOB, user="u" * 300), 400, "invalid 'user'"),
     (dict(JOB, model="sora-2"), 404, "does not exist"),
     (dict(JOB, quality="hd"), 400, "invalid 'quality'"),
 ], ids=lambda v: str(v)[:20])
@@ -132,47 +148,130 @@ def test_unknown_ids_and_image_endpoint(server):
     assert resp.status_code == 400 and "/v1/videos" in resp.json()["error"]["message"]
 
 
-def test_sigterm_records_queued_jobs_cancelled(tmp_path):
-    server = video_server(tmp_path)
-    url = server.url
+def test_list_pages_and_delete(server):
+    url, directory = server
+    ids = [httpx.post(f"{url}/v1/videos", json=dict(JOB, seed=20 + s)).json()["id"] for s in range(3)]
+    for i in ids:
+        assert wait(url, i)["status"] == "completed"
+    first = httpx.get(f"{url}/v1/videos", params={"limit": 2}).json()
+    assert [j["id"] for j in first["data"]] == ids[::-1][:2] and first["has_more"]
+    assert first["first_id"] == ids[2] and first["last_id"] == ids[1]
+    rest = httpx.get(f"{url}/v1/videos", params={"limit": 1, "after": first["last_id"]}).json()
+    assert [j["id"] for j in rest["data"]] == [ids[0]]
+    oldest = httpx.get(f"{url}/v1/videos", params={"limit": 100, "order": "asc"}).json()["data"]
+    assert [j["id"] for j in oldest][-3:] == ids
+    for bad in ({"limit": 0}, {"limit": 101}, {"limit": "x"}, {"order": "up"}, {"after": "video_nope"}):
+        assert httpx.get(f"{url}/v1/videos", params=bad).status_code == 400, bad
+    deleted = httpx.delete(f"{url}/v1/videos/{ids[0]}")
+    assert deleted.json() == {"id": ids[0], "object": "video.deleted", "deleted": True}
+    assert httpx.get(f"{url}/v1/videos/{ids[0]}").status_code == 404
+    assert httpx.get(f"{url}/v1/videos/{ids[0]}/content").status_code == 404
+    assert httpx.delete(f"{url}/v1/videos/{ids[0]}").status_code == 404
+    deadline = time.monotonic() + 10
+    while (directory / f"{ids[0]}.mp4").exists() or ids[0] in records(directory):
+        assert time.monotonic() < deadline, "the deleted job's files remain"
+        time.sleep(0.05)
+
+
+def test_deleting_a_running_job_stops_it(server):
+    url, _ = server
+    job = httpx.post(f"{url}/v1/videos", json=LONG).json()["id"]
+    queued = httpx.post(f"{url}/v1/videos", json=dict(JOB, size="48x64")).json()["id"]  # not LONG's batch
+    while httpx.get(f"{url}/v1/videos/{job}").json()["status"] == "queued":
+        time.sleep(0.05)
+    t0 = time.monotonic()
+    assert httpx.delete(f"{url}/v1/videos/{job}").json()["deleted"]
+    assert wait(url, queued)["status"] == "completed" and time.monotonic() - t0 < 6  # LONG was stopped
+    assert "cancelled" in httpx.get(f"{url}/metrics").text
+
+
+def test_a_job_past_the_video_timeout_fails_and_the_server_serves_on(server):
+    url, _ = server
     pids = httpx.get(f"{url}/health").json()["worker_pids"]
-    ids = [httpx.post(f"{url}/v1/videos", json=dict(JOB, seed=s, num_inference_steps=40, size="128x128")).json()["id"]
-           for s in range(4)]  # one batch of 2 runs, the other 2 wait
+    late = wait(url, httpx.post(f"{url}/v1/videos", json=LONG).json()["id"])
+    assert late["status"] == "failed" and late["error"]["code"] == "timeout", late
+    assert httpx.get(f"{url}/health").json()["worker_pids"] == pids
+    assert wait(url, httpx.post(f"{url}/v1/videos", json=JOB).json()["id"])["status"] == "completed"
+
+
+def test_a_directory_that_cannot_be_written(server):
+    url, directory = server
+    moved = directory.with_name(directory.name + "-moved")
+    directory.rename(moved)
+    directory.write_text("not a directory")  # neither the MP4 nor the records can be written
+    try:
+        job = wait(url, httpx.post(f"{url}/v1/videos", json=JOB).json()["id"])
+        assert job["status"] == "failed" and job["error"]["code"] == "storage_error", job
+        health = httpx.get(f"{url}/health")
+        assert health.status_code == 503 and "cannot be written" in health.json()["error"]
+    finally:
+        directory.unlink()
+        moved.rename(directory)
+    assert httpx.get(f"{url}/health").status_code == 200
+    assert wait(url, httpx.post(f"{url}/v1/videos", json=JOB).json()["id"])["status"] == "completed"
+
+
+def _running(url: str, body: dict) -> str:
+    job = httpx.post(f"{url}/v1/videos", json=body).json()["id"]
     deadline = time.monotonic() + 60
-    while httpx.get(f"{url}/v1/videos/{ids[0]}").json()["status"] == "queued":
+    while httpx.get(f"{url}/v1/videos/{job}").json()["status"] == "queued":
         assert time.monotonic() < deadline
         time.sleep(0.05)
+    return job
+
+
+def test_sigterm_sigkill_and_restarts_keep_every_job(tmp_path):
+    server = video_server(tmp_path, "--shutdown-timeout", "3")
+    url = server.url
+    pids = httpx.get(f"{url}/health").json()["worker_pids"]
+    done = wait(url, httpx.post(f"{url}/v1/videos", json=JOB).json()["id"])["id"]
+    running = _running(url, LONG)
+    queued = [httpx.post(f"{url}/v1/videos", json=dict(JOB, seed=s, size="48x64")).json()["id"] for s in range(3)]
+    t0 = time.monotonic()
     log = server.stop()
+    assert time.monotonic() - t0 < 3 + 15, "SIGTERM took longer than the shutdown timeout allows"
     assert server.process.returncode in (0, -signal.SIGTERM) and "Application shutdown complete" in log, log[-2000:]
-    record = {j["id"]: j for j in json.loads((tmp_path / "jobs.json").read_text())}
-    # The running batch (the first job, maybe the second) finished; every other one is recorded cancelled.
-    statuses = [record[i]["status"] for i in ids]
-    assert statuses[0] == "completed" and statuses[-1] == "failed", record
-    for i in ids:
-        job = record[i]
-        if job["status"] == "completed":
-            assert pathlib.Path(job["file"]).stat().st_size > 0
-        else:
-            assert job["status"] == "failed" and job["error"]["code"] == "cancelled", job
-    assert "cancelled before they ran" in log
+    saved = records(tmp_path)
+    assert saved[done]["status"] == "completed" and pathlib.Path(saved[done]["file"]).stat().st_size > 0
+    for job in (running, *queued):  # the running one was stopped 3 s in, the queued ones at once
+        assert saved[job]["status"] == "failed" and saved[job]["error"]["code"] == "cancelled", saved[job]
     assert_gone(pids)
 
+    # A new server on the same directory keeps every job; SIGKILL it mid-job.
+    server = video_server(tmp_path)
+    url = server.url
+    listed = {j["id"]: j for j in httpx.get(f"{url}/v1/videos", params={"limit": 100}).json()["data"]}
+    assert set(listed) >= {done, running, *queued} and listed[done]["status"] == "completed"
+    assert httpx.get(f"{url}/v1/videos/{done}/content").status_code == 200
+    pids = httpx.get(f"{url}/health").json()["worker_pids"]
+    killed = _running(url, LONG)
+    os.kill(server.process.pid, signal.SIGKILL)
+    server.process.wait()
+    server._log.close()
 
-def test_dead_worker_fails_running_and_later_jobs(tmp_path):
+    server = video_server(tmp_path)
+    url = server.url
+    job = httpx.get(f"{url}/v1/videos/{killed}").json()
+    assert job["status"] == "failed" and job["error"]["code"] == "interrupted", job
+    assert httpx.get(f"{url}/v1/videos/{done}/content").status_code == 200
+    for pid in pids:  # the killed server's workers went with it
+        assert not pathlib.Path(f"/proc/{pid}").exists() or \
+            pathlib.Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    server.stop()
+
+
+def test_dead_worker_fails_the_running_job_and_is_replaced(tmp_path):
     server = video_server(tmp_path)
     url = server.url
     pids = httpx.get(f"{url}/health").json()["worker_pids"]
-    running = httpx.post(f"{url}/v1/videos", json=dict(JOB, num_inference_steps=40, size="128x128")).json()["id"]
+    running = _running(url, dict(LONG, num_inference_steps=40, size="128x128"))
     queued = httpx.post(f"{url}/v1/videos", json=dict(JOB, num_inference_steps=3)).json()["id"]
-    while httpx.get(f"{url}/v1/videos/{running}").json()["status"] == "queued":
-        time.sleep(0.05)
     os.kill(pids[1], signal.SIGKILL)
-    for job_id in (running, queued):
-        job = wait(url, job_id, timeout=90)
-        assert job["status"] == "failed" and job["error"]["code"] == "workers_down", job
-        assert "died" in job["error"]["message"]
-    later = httpx.post(f"{url}/v1/videos", json=JOB)
-    assert later.status_code == 503 and "died" in later.json()["error"]["message"]
-    assert httpx.get(f"{url}/health").status_code == 503
+    job = wait(url, running, timeout=90)
+    assert job["status"] == "failed" and job["error"]["code"] == "workers_down" and "died" in job["error"]["message"]
+    assert wait(url, queued, timeout=120)["status"] == "completed"  # run by the new workers
+    assert httpx.get(f"{url}/health").status_code == 200
+    new = httpx.get(f"{url}/health").json()["worker_pids"]
+    assert new != pids
     server.stop()
-    assert_gone(pids)
+    assert_gone(pids + new)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import fcntl
+import io
 import logging
 import os
 import re
@@ -26,14 +27,36 @@ from pathlib import Path
 
 from fastapi import FastAPI, Request
 from fastapi.responses import FileResponse, JSONResponse
+from pydantic import BaseModel, ConfigDict, Field
 
 from meshsp.engine import SamplingParams
 from meshsp.serve.scheduler import Cancelled, Job, RequestTimeout, WorkersDown
-from meshsp.serve.videos import VideoJob, VideoRequest, VideoStore, encode_mp4
+from meshsp.serve.videos import VideoJob, VideoStore
 
-__all__ = ["VideoService", "default_video_dir"]
+__all__ = ["VideoRequest", "VideoService", "default_video_dir", "encode_mp4"]
 
 log = logging.getLogger(__name__)
+
+
+class VideoRequest(BaseModel):
+    """OpenAI's video request (``prompt``, ``model``, ``size``, ``seconds``) plus ``num_frames``,
+    ``fps``, ``num_inference_steps``, ``seed``, ``negative_prompt`` and ``guidance_scale``. Strict
+    types, as for images."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    prompt: str = Field(min_length=1, max_length=4000)
+    model: str | None = Field(default=None, max_length=256)
+    size: str | None = Field(default=None, max_length=16)
+    # At most 4 digits and 3 decimals: a float of 400 digits would overflow the frame count.
+    seconds: str | None = Field(default=None, pattern=r"^\d{1,4}(\.\d{1,3})?$")
+    num_frames: int | None = Field(default=None, ge=1, le=100_000)
+    fps: int = Field(default=16, ge=1, le=60)
+    num_inference_steps: int | None = Field(default=None, ge=1, le=100_000)
+    seed: int | None = Field(default=None, ge=0, lt=2**63)
+    negative_prompt: str | None = Field(default=None, max_length=4000)
+    guidance_scale: float | None = Field(default=None, ge=0, le=100)
+    user: str | None = Field(default=None, max_length=256)
 
 
 def default_video_dir(model_name: str) -> Path:
@@ -125,6 +148,8 @@ class VideoService:
             frames = (await job.future)[0]
             data = await asyncio.to_thread(encode_mp4, frames, record.fps)
             await asyncio.to_thread(self.store.write_video, record, data)
+            if record.id in self.store.jobs:
+                self.store.complete(record)
         except BaseException as exc:
             if record.id not in self.store.jobs:  # deleted: nothing to record
                 return
@@ -140,7 +165,6 @@ class VideoService:
             return
         finally:
             self.pending.pop(record.id, None)
-        self.store.update(record, status="completed", progress=100)
         metrics.video_jobs.labels(status="completed").inc()
         metrics.latency.labels(endpoint="videos").observe(time.monotonic() - job.arrived)
 
@@ -235,3 +259,22 @@ def _job_error(exc: BaseException) -> tuple[str, str]:
     if isinstance(first, ValueError):
         return "invalid_request", str(first)
     return "generation_failed", repr(first) if first is not None else str(exc).splitlines()[0]
+
+
+def encode_mp4(frames, fps: int) -> bytes:
+    """PIL frames -> H.264 MP4 bytes (yuv420p, so width and height must be even)."""
+    import av
+    import numpy as np
+
+    width, height = frames[0].size
+    if width % 2 or height % 2:
+        raise ValueError(f"H.264 needs an even width and height; got {width}x{height}.")
+    buf = io.BytesIO()
+    with av.open(buf, "w", format="mp4") as container:
+        stream = container.add_stream("libx264", rate=fps)
+        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+        for frame in frames:
+            image = av.VideoFrame.from_ndarray(np.asarray(frame.convert("RGB")), format="rgb24")
+            container.mux(stream.encode(image))
+        container.mux(stream.encode())
+    return buf.getvalue()

@@ -1,12 +1,12 @@
-"""Video jobs: ``POST /v1/videos`` creates one, ``GET /v1/videos/{id}`` polls it,
-``GET /v1/videos/{id}/content`` returns the MP4.
+"""The video job store: every job of a video server, in memory and durably on disk (the endpoints:
+``meshsp.serve.video_api``).
 
 A job is OpenAI's video object: ``id``, ``object: "video"``, ``model``, ``status`` (``queued``,
 ``in_progress``, ``completed``, ``failed``), ``progress`` (0-100, after each denoising step),
 ``created_at`` / ``completed_at``, ``size``, ``seconds`` and ``error`` (``{"code", "message"}``), plus
 ``num_frames`` and ``fps``. A job cancelled before it ran (its server stopped) is ``failed`` with
 error code ``cancelled``; one still queued or running when its server died is ``interrupted`` at the
-next start, and a completed one whose MP4 is gone ``file_missing``. Videos are encoded as H.264 MP4 with PyAV (FFmpeg's libraries).
+next start, and a completed one whose MP4 is gone ``file_missing``.
 
 On disk (``VideoStore``)::
 
@@ -24,7 +24,6 @@ from __future__ import annotations
 import asyncio
 import bisect
 import contextlib
-import io
 import json
 import logging
 import os
@@ -37,35 +36,13 @@ from concurrent.futures import Future
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field
-
-__all__ = ["VideoJob", "VideoRequest", "VideoStore", "encode_mp4"]
+__all__ = ["VideoJob", "VideoStore"]
 
 log = logging.getLogger(__name__)
 
 FINISHED = ("completed", "failed")
 STATUSES = ("queued", "in_progress", *FINISHED)
 INTERRUPTED = {"code": "interrupted", "message": "the server stopped before the job finished"}
-
-
-class VideoRequest(BaseModel):
-    """OpenAI's video request (``prompt``, ``model``, ``size``, ``seconds``) plus ``num_frames``,
-    ``fps``, ``num_inference_steps``, ``seed``, ``negative_prompt`` and ``guidance_scale``. Strict
-    types, as for images."""
-
-    model_config = ConfigDict(extra="forbid", strict=True)
-
-    prompt: str = Field(min_length=1, max_length=4000)
-    model: str | None = None
-    size: str | None = None
-    seconds: str | None = Field(default=None, pattern=r"^\d+(\.\d+)?$")
-    num_frames: int | None = Field(default=None, ge=1)
-    fps: int = Field(default=16, ge=1, le=60)
-    num_inference_steps: int | None = Field(default=None, ge=1)
-    seed: int | None = Field(default=None, ge=0, lt=2**63)
-    negative_prompt: str | None = Field(default=None, max_length=4000)
-    guidance_scale: float | None = Field(default=None, ge=0, le=100)
-    user: str | None = None
 
 
 @dataclass
@@ -569,22 +546,3 @@ def _check_limits(retention_s: float | None, max_jobs: int | None) -> None:
         raise ValueError(f"retention_s must be a number of seconds > 0, or None to keep jobs; got {retention_s!r}.")
     if max_jobs is not None and (isinstance(max_jobs, bool) or not isinstance(max_jobs, int) or max_jobs < 1):
         raise ValueError(f"max_jobs must be an integer >= 1, or None for no limit; got {max_jobs!r}.")
-
-
-def encode_mp4(frames, fps: int) -> bytes:
-    """PIL frames -> H.264 MP4 bytes (yuv420p, so width and height must be even)."""
-    import av
-    import numpy as np
-
-    width, height = frames[0].size
-    if width % 2 or height % 2:
-        raise ValueError(f"H.264 needs an even width and height; got {width}x{height}.")
-    buf = io.BytesIO()
-    with av.open(buf, "w", format="mp4") as container:
-        stream = container.add_stream("libx264", rate=fps)
-        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
-        for frame in frames:
-            image = av.VideoFrame.from_ndarray(np.asarray(frame.convert("RGB")), format="rgb24")
-            container.mux(stream.encode(image))
-        container.mux(stream.encode())
-    return buf.getvalue()
