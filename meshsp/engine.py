@@ -486,8 +486,8 @@ class Engine:
             if self._leading:
                 self._send("generate", batch)
                 result = self._generate_checked_in(batch, should_stop)
-            else:
-                result = self._runner.generate(batch, should_stop)
+            else:  # one process, or an SPMD script: rank 0 decides for every rank (meshsp.stop)
+                result = self._runner.generate(batch, should_stop if _rank() == 0 else None)
         if result is None:
             return None
         outputs, self.last_seconds, self.last_stages, self.last_cache = result

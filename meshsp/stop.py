@@ -2,11 +2,11 @@
 
 A generation cannot be interrupted inside a forward: the ranks meet in collectives there, and a rank
 that left would leave the others waiting. So a call is stopped only *between* transformer forwards.
-Before each forward of the pipeline's transformers, rank 0 asks ``should_stop()`` (its deadline has
-passed, or someone asked it to stop) and the answer is all-reduced (max) over every rank of the call
-on a gloo group of its own: every rank sees the same answer at the same forward, and every rank
-raises ``CallStopped`` there. Only rank 0's clock and flags count, so ranks on other nodes need not
-agree on the time. Every rank runs the same number of forwards (their collectives match), so the
+Before each forward of the pipeline's transformers, each rank asks its ``should_stop()`` (its
+deadline has passed, or someone asked it to stop) and the answers are all-reduced (max) over every
+rank of the call on a gloo group of its own: every rank sees the same answer at the same forward,
+and every rank raises ``CallStopped`` there. The engine gives a ``should_stop`` to rank 0 only
+(spawned workers, a torchrun server), so ranks on other nodes need not agree on the time. Every rank runs the same number of forwards (their collectives match), so the
 vote is always answered. It costs one 4-byte all-reduce per forward.
 
 What stops this way: the denoising loop, at its next forward. What does not: text encoding before

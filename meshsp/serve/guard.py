@@ -16,10 +16,13 @@ The guard is a plain ASGI class, not Starlette's ``BaseHTTPMiddleware``, which r
 streams of its own and has kept the client's ``http.disconnect`` from it: the server drops a queued
 request whose client left, so the app must see that message.
 
+``meshsp.serve.create_app`` puts it around the server's app (``--api-key``, ``--max-body-bytes``);
+around any other ASGI app it works the same.
+
 Example::
 
-    app = Guard(create_app(engine, "qwen-image"), api_key=api_key_from(args.api_key),
-                max_body_bytes=1_048_576, on_reject=lambda reason: rejected.labels(reason=reason).inc())
+    app = Guard(my_asgi_app, api_key=api_key_from(args.api_key), max_body_bytes=1_048_576,
+                on_reject=lambda reason: rejected.labels(reason=reason).inc())
     uvicorn.run(app, host="127.0.0.1", port=8000)
 """
 
