@@ -80,8 +80,8 @@ def test_the_mesh_device_follows_a_gloo_backend_on_a_gpu_host(pools):
 
 def test_request_timeout_flag():
     parse = build_parser().parse_args
-    for command in (["generate"], ["serve", "tiny-flux"]):
-        assert parallel_config(parse(command)).request_timeout_s == 3600
+    for command, default in ((["generate"], 3600), (["serve", "tiny-flux"], 600)):
+        assert parallel_config(parse(command)).request_timeout_s == default
         assert parallel_config(parse([*command, "--request-timeout", "none"])).request_timeout_s is None
         config = parallel_config(parse([*command, "--request-timeout", "7200", "--timeout", "60"]))
         assert (config.request_timeout_s, config.timeout_s) == (7200, 60)

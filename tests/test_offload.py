@@ -187,6 +187,6 @@ def test_cpu_offload_flag_reaches_the_engine(monkeypatch, capsys, tmp_path):
             seen.update(kwargs)
 
     monkeypatch.setattr(meshsp.engine, "Engine", FakeEngine)
-    monkeypatch.setattr(meshsp.serve, "serve", lambda *args, **kwargs: None)
+    monkeypatch.setattr(meshsp.serve, "serve", lambda *args, **kwargs: 0)
     assert main(["serve", "tiny-flux", "--cpu-offload"]) == 0
     assert seen["cpu_offload"] is True

@@ -22,7 +22,7 @@ class StandIn:
     def info(self) -> dict:
         return {"pipeline": "StandIn", "video": False, "size_multiple": 16, "vae_ranks": 2, "frame_multiple": 1}
 
-    def generate(self, requests):
+    def generate(self, requests, should_stop=None):
         seed = requests[0][1].seed
         if seed == 1:
             raise ValueError(f"refused alike on rank {dist.get_rank()}")
