@@ -502,8 +502,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="on SIGTERM, how long the running batch may take to finish before it is stopped "
                           "(queued requests are answered at once; default 15)")
     srv.add_argument("--api-key", default=None,
-                     help=f"every endpoint but /health needs 'Authorization: Bearer <key>' (default: the "
-                          f"MESHSP_API_KEY environment variable; none: open)")
+                     help="every endpoint but /health needs 'Authorization: Bearer <key>' (default: the "
+                          "MESHSP_API_KEY environment variable; none: open)")
     srv.add_argument("--metrics-public", action="store_true", help="/metrics answers without the API key")
     srv.add_argument("--max-body-bytes", type=int, default=1 << 20,
                      help="largest request body, in bytes (413 above it; default 1 MiB)")

@@ -220,11 +220,29 @@ def _running(url: str, body: dict) -> str:
     return job
 
 
-def test_sigterm_sigkill_and_restarts_keep_every_job(tmp_path):
+def test_sigkill_sigterm_and_restarts_keep_every_job(tmp_path):
+    server = video_server(tmp_path)
+    url = server.url
+    done = wait(url, httpx.post(f"{url}/v1/videos", json=JOB).json()["id"])["id"]
+    pids = httpx.get(f"{url}/health").json()["worker_pids"]
+    killed = _running(url, LONG)
+    os.kill(server.process.pid, signal.SIGKILL)
+    server.process.wait()
+    server._log.close()
+
+    # A new server on the same directory keeps every job: the killed one is interrupted.
     server = video_server(tmp_path, "--shutdown-timeout", "3")
     url = server.url
+    job = httpx.get(f"{url}/v1/videos/{killed}").json()
+    assert job["status"] == "failed" and job["error"]["code"] == "interrupted", job
+    assert httpx.get(f"{url}/v1/videos/{done}").json()["status"] == "completed"
+    assert httpx.get(f"{url}/v1/videos/{done}/content").status_code == 200
+    for pid in pids:  # the killed server's workers went with it
+        assert not pathlib.Path(f"/proc/{pid}").exists() or \
+            pathlib.Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+
+    # SIGTERM: the queued jobs are cancelled at once, the running one after --shutdown-timeout.
     pids = httpx.get(f"{url}/health").json()["worker_pids"]
-    done = wait(url, httpx.post(f"{url}/v1/videos", json=JOB).json()["id"])["id"]
     running = _running(url, LONG)
     queued = [httpx.post(f"{url}/v1/videos", json=dict(JOB, seed=s, size="48x64")).json()["id"] for s in range(3)]
     t0 = time.monotonic()
@@ -233,36 +251,15 @@ def test_sigterm_sigkill_and_restarts_keep_every_job(tmp_path):
     assert server.process.returncode in (0, -signal.SIGTERM) and "Application shutdown complete" in log, log[-2000:]
     saved = records(tmp_path)
     assert saved[done]["status"] == "completed" and pathlib.Path(saved[done]["file"]).stat().st_size > 0
-    for job in (running, *queued):  # the running one was stopped 3 s in, the queued ones at once
+    for job in (running, *queued):
         assert saved[job]["status"] == "failed" and saved[job]["error"]["code"] == "cancelled", saved[job]
+    assert saved[killed]["error"]["code"] == "interrupted"
     assert_gone(pids)
 
-    # A new server on the same directory keeps every job; SIGKILL it mid-job.
-    server = video_server(tmp_path)
-    url = server.url
-    listed = {j["id"]: j for j in httpx.get(f"{url}/v1/videos", params={"limit": 100}).json()["data"]}
-    assert set(listed) >= {done, running, *queued} and listed[done]["status"] == "completed"
-    assert httpx.get(f"{url}/v1/videos/{done}/content").status_code == 200
-    pids = httpx.get(f"{url}/health").json()["worker_pids"]
-    killed = _running(url, LONG)
-    os.kill(server.process.pid, signal.SIGKILL)
-    server.process.wait()
-    server._log.close()
 
-    server = video_server(tmp_path)
-    url = server.url
-    job = httpx.get(f"{url}/v1/videos/{killed}").json()
-    assert job["status"] == "failed" and job["error"]["code"] == "interrupted", job
-    assert httpx.get(f"{url}/v1/videos/{done}/content").status_code == 200
-    for pid in pids:  # the killed server's workers went with it
-        assert not pathlib.Path(f"/proc/{pid}").exists() or \
-            pathlib.Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
-    server.stop()
-
-
-def test_dead_worker_fails_the_running_job_and_is_replaced(tmp_path):
-    server = video_server(tmp_path)
-    url = server.url
+def test_dead_worker_fails_the_running_job_and_is_replaced(server):
+    # Last of the module's server: its workers are replaced.
+    url, _ = server
     pids = httpx.get(f"{url}/health").json()["worker_pids"]
     running = _running(url, dict(LONG, num_inference_steps=40, size="128x128"))
     queued = httpx.post(f"{url}/v1/videos", json=dict(JOB, num_inference_steps=3)).json()["id"]
@@ -271,7 +268,5 @@ def test_dead_worker_fails_the_running_job_and_is_replaced(tmp_path):
     assert job["status"] == "failed" and job["error"]["code"] == "workers_down" and "died" in job["error"]["message"]
     assert wait(url, queued, timeout=120)["status"] == "completed"  # run by the new workers
     assert httpx.get(f"{url}/health").status_code == 200
-    new = httpx.get(f"{url}/health").json()["worker_pids"]
-    assert new != pids
-    server.stop()
-    assert_gone(pids + new)
+    assert httpx.get(f"{url}/health").json()["worker_pids"] != pids
+    assert_gone(pids)
