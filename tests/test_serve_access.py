@@ -74,6 +74,8 @@ ABUSE = [
     ("n of 1e400", JSON, b'{"prompt": "a cat", "n": 1e400}', 400),
     ("nested 20000 deep", JSON, b'{"prompt": "a cat", "user": ' + b"[" * 20000 + b"]" * 20000 + b"}", 400),
     ("not UTF-8", JSON, b'{"prompt": "\xff\xfe"}', 400),
+    ("NaN", JSON, b'{"prompt": "a cat", "guidance_scale": NaN}', 400),
+    ("PUT", JSON, None, 405),
     ("empty", JSON, b"", 400),
     ("a list", JSON, b"[1, 2]", 400),
 ]
@@ -81,7 +83,8 @@ ABUSE = [
 
 @pytest.mark.parametrize("headers, content, status", [a[1:] for a in ABUSE], ids=[a[0] for a in ABUSE])
 def test_abusive_bodies_get_a_4xx(server, headers, content, status):
-    response = post(server.url, content, headers)
+    response = (httpx.put(f"{server.url}/v1/images/generations", json=BODY, headers=headers) if content is None
+                else post(server.url, content, headers))
     assert response.status_code == status, response.text[:500]
     assert response.json()["error"]["message"]
 

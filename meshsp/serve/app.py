@@ -29,6 +29,7 @@ from typing import Literal
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from meshsp.engine import Engine, SamplingParams
 from meshsp.launch import RankFailure
@@ -96,8 +97,8 @@ async def _body(request: Request, model: type[BaseModel]) -> BaseModel | JSONRes
     """The request's JSON body validated as ``model``, or the 400 that says what is wrong (the guard
     has bounded its size and checked its content type)."""
     try:
-        body = json.loads(await request.body())
-    except (ValueError, RecursionError) as exc:  # bad bytes, digits past int's limit, deep nesting
+        body = json.loads(await request.body(), parse_constant=_not_json)
+    except (ValueError, RecursionError) as exc:  # bad bytes, digits past int's limit, NaN, deep nesting
         why = "nested too deeply" if isinstance(exc, RecursionError) else "not valid JSON"
         return _error(400, f"the request body is {why}.", code="invalid_json")
     if not isinstance(body, dict):
@@ -109,6 +110,10 @@ async def _body(request: Request, model: type[BaseModel]) -> BaseModel | JSONRes
         return _error(400, message, param=param)
     except RecursionError:
         return _error(400, "the request body is nested too deeply.", code="invalid_json")
+
+
+def _not_json(name: str):
+    raise ValueError(f"{name} is not JSON")  # Python's parser takes NaN and Infinity; JSON has neither
 
 
 def _request_error(exc: BaseException) -> BaseException | None:
@@ -325,6 +330,10 @@ def create_app(engine: Engine, model_name: str, limits: Limits | None = None, *,
 
     app = FastAPI(title="meshsp", lifespan=lifespan)
     app.state.server = server
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException):  # 404, 405: OpenAI's error format too
+        return _error(exc.status_code, f"{request.method} {request.url.path}: {exc.detail}")
     open_paths = frozenset({"/health", "/metrics"} if metrics_public else {"/health"})
     app.add_middleware(Guard, max_body_bytes=limits.max_body_bytes, api_key=api_key, open_paths=open_paths,
                        on_reject=lambda reason: server.metrics.rejected.labels(reason=reason).inc())
