@@ -1,6 +1,7 @@
 """Shared multi-rank pools: gloo ranks are started once per session and reused by every test."""
 
 import os
+import pathlib
 
 import pytest
 
@@ -14,6 +15,15 @@ def assert_gone(pids) -> None:
     for pid in pids:
         with pytest.raises(ProcessLookupError):
             os.kill(pid, 0)
+
+
+def running(pid: int) -> bool:
+    """Not gone and not a zombie (an orphan's new parent, init or a subreaper, may not reap it at once)."""
+    try:
+        status = pathlib.Path(f"/proc/{pid}/status").read_text()
+    except FileNotFoundError:
+        return False
+    return "State:\tZ" not in status
 
 
 @pytest.fixture(scope="session")

@@ -12,7 +12,7 @@ import textwrap
 import time
 
 import pytest
-from conftest import assert_gone
+from conftest import assert_gone, running
 
 import launch_pool_tasks
 from meshsp.launch import WorkerPool, _loopback_ifname, _worker_env
@@ -39,15 +39,6 @@ PARENT = textwrap.dedent("""
 """)
 
 
-def _running(pid: int) -> bool:
-    """Not gone and not a zombie (an orphan's parent, init or a subreaper, may not reap it at once)."""
-    try:
-        status = pathlib.Path(f"/proc/{pid}/status").read_text()
-    except FileNotFoundError:
-        return False
-    return "State:\tZ" not in status
-
-
 def _kill_parent_and_time_its_children(mode: str, marks: pathlib.Path) -> float:
     parent = subprocess.Popen([sys.executable, "-c", PARENT, mode, str(marks)], cwd=ROOT, stdout=subprocess.PIPE,
                               text=True)
@@ -61,18 +52,18 @@ def _kill_parent_and_time_its_children(mode: str, marks: pathlib.Path) -> float:
             assert time.monotonic() < deadline and parent.poll() is None, "the ranks never started the call"
             time.sleep(0.05)
         time.sleep(0.5)  # rank 1 in the barrier, rank 0 computing
-        assert all(_running(pid) for pid in children)
+        assert all(running(pid) for pid in children)
         t0 = time.monotonic()
         parent.send_signal(signal.SIGKILL)
         parent.wait()
-        while any(_running(pid) for pid in children):
+        while any(running(pid) for pid in children):
             assert time.monotonic() - t0 < GONE_WITHIN_S, f"children {children} outlived their parent"
             time.sleep(0.05)
         return time.monotonic() - t0
     finally:
         parent.kill()
         parent.wait()
-        for pid in filter(_running, children):  # a failed check leaves no orphan behind
+        for pid in filter(running, children):  # a failed check leaves no orphan behind
             os.kill(pid, signal.SIGKILL)
 
 

@@ -10,6 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
+from conftest import running
 from openai import BadRequestError, NotFoundError, OpenAI
 from PIL import Image
 
@@ -142,14 +143,7 @@ def test_sigkill_of_the_server_takes_its_workers_with_it(started):
     server.process.wait()
     server._log.close()
     t0 = time.monotonic()
-    while any(_alive(pid) for pid in pids):
+    while any(running(pid) for pid in pids):
         assert time.monotonic() - t0 < 10, "the workers outlived their killed server"
         time.sleep(0.1)
 
-
-def _alive(pid: int) -> bool:
-    """Running (a zombie waiting for init to reap it counts as gone)."""
-    try:
-        return pathlib.Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except FileNotFoundError:
-        return False

@@ -13,7 +13,7 @@ import av
 import httpx
 import numpy as np
 import pytest
-from conftest import assert_gone
+from conftest import assert_gone, running
 
 from meshsp.serve.process import ServerProcess, start_server
 
@@ -237,13 +237,11 @@ def test_sigkill_sigterm_and_restarts_keep_every_job(tmp_path):
     assert job["status"] == "failed" and job["error"]["code"] == "interrupted", job
     assert httpx.get(f"{url}/v1/videos/{done}").json()["status"] == "completed"
     assert httpx.get(f"{url}/v1/videos/{done}/content").status_code == 200
-    for pid in pids:  # the killed server's workers went with it
-        assert not pathlib.Path(f"/proc/{pid}").exists() or \
-            pathlib.Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    assert not any(running(pid) for pid in pids)  # the killed server's workers went with it
 
     # SIGTERM: the queued jobs are cancelled at once, the running one after --shutdown-timeout.
     pids = httpx.get(f"{url}/health").json()["worker_pids"]
-    running = _running(url, LONG)
+    long_job = _running(url, LONG)
     queued = [httpx.post(f"{url}/v1/videos", json=dict(JOB, seed=s, size="48x64")).json()["id"] for s in range(3)]
     t0 = time.monotonic()
     log = server.stop()
@@ -251,7 +249,7 @@ def test_sigkill_sigterm_and_restarts_keep_every_job(tmp_path):
     assert server.process.returncode in (0, -signal.SIGTERM) and "Application shutdown complete" in log, log[-2000:]
     saved = records(tmp_path)
     assert saved[done]["status"] == "completed" and pathlib.Path(saved[done]["file"]).stat().st_size > 0
-    for job in (running, *queued):
+    for job in (long_job, *queued):
         assert saved[job]["status"] == "failed" and saved[job]["error"]["code"] == "cancelled", saved[job]
     assert saved[killed]["error"]["code"] == "interrupted"
     assert_gone(pids)

@@ -32,10 +32,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from meshsp.engine import Engine, SamplingParams
-from meshsp.launch import RankFailure
 from meshsp.serve.guard import Guard
 from meshsp.serve.metrics import Metrics
-from meshsp.serve.scheduler import Cancelled, RequestTimeout, Scheduler, WorkersDown
+from meshsp.serve.scheduler import Cancelled, RequestTimeout, Scheduler, WorkersDown, rank_error
 
 __all__ = ["Limits", "create_app", "serve"]
 
@@ -114,14 +113,6 @@ async def _body(request: Request, model: type[BaseModel]) -> BaseModel | JSONRes
 
 def _not_json(name: str):
     raise ValueError(f"{name} is not JSON")  # Python's parser takes NaN and Infinity; JSON has neither
-
-
-def _request_error(exc: BaseException) -> BaseException | None:
-    """The ranks' own exception of a request that failed on them (they are alive): the first rank's
-    from spawned workers (``RankFailure``), the exception itself from an engine in this process."""
-    if isinstance(exc, RankFailure):
-        return exc.exceptions.get(min(exc.exceptions)) if exc.exceptions else None
-    return exc
 
 
 class _Server:
@@ -262,7 +253,7 @@ class _Server:
         if isinstance(exc, Cancelled):
             self.metrics.cancelled.labels(endpoint="images", reason="shutdown").inc()
             return _error(503, f"the request was not run: {exc}.", "server_error", code="shutting_down")
-        first = _request_error(exc)
+        first = rank_error(exc)
         if isinstance(first, ValueError):
             return _error(400, str(first))
         log.error("request failed on the workers: %s", exc)

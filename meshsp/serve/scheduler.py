@@ -44,7 +44,7 @@ from meshsp.launch import RankFailure
 from meshsp.serve.metrics import Metrics
 from meshsp.stop import CallStopped
 
-__all__ = ["Cancelled", "Job", "RequestTimeout", "Scheduler", "WorkersDown", "check_batching"]
+__all__ = ["Cancelled", "Job", "RequestTimeout", "Scheduler", "WorkersDown", "check_batching", "rank_error"]
 
 log = logging.getLogger(__name__)
 
@@ -90,14 +90,20 @@ class Job:
         return self.future.done()
 
 
+def rank_error(exc: BaseException) -> BaseException | None:
+    """The ranks' own exception of a call that failed on them (they are alive): the first rank's from
+    spawned workers (``RankFailure``), the exception itself from an engine in this process."""
+    if isinstance(exc, RankFailure):
+        return exc.exceptions.get(min(exc.exceptions)) if exc.exceptions else None
+    return exc
+
+
 def _stopped(exc: BaseException) -> CallStopped | None:
     """The ``CallStopped`` of a call stopped between forwards (from spawned workers or in-process)."""
-    if isinstance(exc, CallStopped):
-        return exc
-    if isinstance(exc, RankFailure) and not exc.pool_failed:
-        first = exc.exceptions.get(min(exc.exceptions)) if exc.exceptions else None
-        return first if isinstance(first, CallStopped) else None
-    return None
+    if isinstance(exc, RankFailure) and exc.pool_failed:
+        return None
+    first = rank_error(exc)
+    return first if isinstance(first, CallStopped) else None
 
 
 class Scheduler:

@@ -30,7 +30,7 @@ from fastapi.responses import FileResponse, JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from meshsp.engine import SamplingParams
-from meshsp.serve.scheduler import Cancelled, Job, RequestTimeout, WorkersDown
+from meshsp.serve.scheduler import Cancelled, Job, RequestTimeout, WorkersDown, rank_error
 from meshsp.serve.videos import VideoJob, VideoStore
 
 __all__ = ["VideoRequest", "VideoService", "default_video_dir", "encode_mp4"]
@@ -245,8 +245,6 @@ class VideoService:
 
 
 def _job_error(exc: BaseException) -> tuple[str, str]:
-    from meshsp.serve.app import _request_error
-
     if isinstance(exc, RequestTimeout):
         return "timeout", str(exc)
     if isinstance(exc, Cancelled):
@@ -255,7 +253,7 @@ def _job_error(exc: BaseException) -> tuple[str, str]:
         return "workers_down", f"the sequence-parallel workers failed: {exc}"
     if isinstance(exc, OSError):
         return "storage_error", f"the video could not be written: {exc}"
-    first = _request_error(exc)
+    first = rank_error(exc)
     if isinstance(first, ValueError):
         return "invalid_request", str(first)
     return "generation_failed", repr(first) if first is not None else str(exc).splitlines()[0]
